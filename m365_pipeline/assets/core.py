@@ -1,0 +1,242 @@
+"""Core layer: license rules, per-user license classification, and normalized users.
+
+Every transform is one set-based SQL statement in DuckDB (``m365_pipeline/sql``);
+Python only wires them to Dagster and reports what they found.
+"""
+
+import pandas as pd
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset,
+    asset_check,
+)
+from dagster_duckdb import DuckDBResource
+
+from m365_pipeline.assets.duck import ensure_schema, last_collected, read_sql, table_result
+from m365_pipeline.license_rules import default_rules_path, load_rules
+
+GROUP = "core"
+RAW = {name: AssetKey(["raw", name]) for name in (
+    "saas_users", "saas_user_subscriptions", "backup_organizations", "backup_tenants", "backup_accounts")}
+EXAMPLES = 10
+
+
+def _schema(*columns: tuple[str, str, str]) -> TableSchema:
+    return TableSchema(columns=[TableColumn(name, kind, description=text) for name, kind, text in columns])
+
+
+LICENSE_RULES_SCHEMA = _schema(
+    ("rule_order", "INTEGER", "Position in the rules file; the first matching rule decides."),
+    ("rule_id", "VARCHAR", "Stable rule name, referenced by core.license_assignments."),
+    ("applies_to", "VARCHAR", "m365 (is it an M365 license?) or email (is it an ES license?)."),
+    ("effect", "VARCHAR", "require (must match), include (any may match) or exclude (must not match)."),
+    ("field", "VARCHAR", "vendor or license_name."),
+    ("match", "VARCHAR", "contains or glob (* = any text); always case-insensitive."),
+    ("pattern", "VARCHAR", "The pattern as written in the rules file."),
+    ("like_pattern", "VARCHAR", "The pattern as the SQL LIKE DuckDB evaluates."),
+    ("description", "VARCHAR", "Why the rule exists."),
+)
+LICENSE_ASSIGNMENTS_SCHEMA = _schema(
+    ("user_principal_name", "VARCHAR", "The user's key: trimmed, lower-cased UPN."),
+    ("license_name", "VARCHAR", "applicationName, or name when empty; one spelling per case-insensitive name."),
+    ("vendor", "VARCHAR", "Vendor as source S reports it."),
+    ("is_m365_license", "BOOLEAN", "Contract rule 4."),
+    ("is_email_license", "BOOLEAN", "Contract rule 5 (an Exchange mailbox license)."),
+    ("m365_rule", "VARCHAR", "rule_id that decided is_m365_license."),
+    ("email_rule", "VARCHAR", "rule_id that decided is_email_license; null when no include pattern matched."),
+)
+USERS_SCHEMA = _schema(
+    ("user_principal_name", "VARCHAR", "The user's key: trimmed, lower-cased UPN."),
+    ("organization_name", "VARCHAR", "Organization (contract rule 3); null when unassigned."),
+    ("organization_source", "VARCHAR", "backup_account, domain, or null."),
+    ("display_name", "VARCHAR", "Source S displayName, else source B name, else the UPN."),
+    ("licenses", "VARCHAR", "Distinct M365 license names, sorted, joined with ', '."),
+    ("m365_licensed", "BOOLEAN", "Holds at least one M365 license."),
+    ("has_email_license", "BOOLEAN", "Holds at least one email (ES) license."),
+    ("classification_source", "VARCHAR", "saas when source S knows the user, else backup (stand-in)."),
+    ("known_to_saas", "BOOLEAN", "Source S lists the user."),
+    ("known_to_backup", "BOOLEAN", "Source B has an m365 mailbox for the user."),
+    ("account_organizations", "INTEGER", "Organizations holding a mailbox for this UPN."),
+    ("published", "BOOLEAN", "Served by the API: has an organization and an M365 license."),
+)
+
+
+def _asset_metadata(table: str, schema: TableSchema) -> dict[str, object]:
+    return {"dagster/table_name": table, "dagster/column_schema": schema}
+
+
+@asset(
+    key=["core", "license_rules"], group_name=GROUP, kinds={"duckdb", "csv"},
+    metadata=_asset_metadata("core.license_rules", LICENSE_RULES_SCHEMA),
+)
+def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one classification rule from the package's editable license_rules.csv.
+
+    Analysts join core.license_assignments.m365_rule / email_rule to rule_id to see why
+    a license was (not) counted.
+    """
+    path = default_rules_path()
+    rules = load_rules(path)
+    with duckdb.get_connection() as conn:
+        ensure_schema(conn, "core")
+        frame = pd.DataFrame([rule.as_row() for rule in rules])
+        conn.register("rules_frame", frame)
+        conn.execute("""
+            CREATE OR REPLACE TABLE core.license_rules AS
+            SELECT rule_order::INTEGER AS rule_order, rule_id, applies_to, effect, field, match, pattern,
+                   like_pattern, description
+            FROM rules_frame ORDER BY rule_order
+        """)
+        conn.unregister("rules_frame")
+        return table_result(conn, "core.license_rules", rules_file=MetadataValue.path(str(path)))
+
+
+@asset(
+    key=["core", "license_assignments"], group_name=GROUP, kinds={"duckdb"},
+    deps=[RAW["saas_users"], RAW["saas_user_subscriptions"], license_rules],
+    metadata=_asset_metadata("core.license_assignments", LICENSE_ASSIGNMENTS_SCHEMA),
+)
+def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one user holding one distinct license (names equal ignoring case count once).
+
+    Says whether it is an M365 license and an email (ES) license, and which rule decided.
+    Also maintains core.license_catalog, every license name ever seen, for the new-license check.
+    """
+    with duckdb.get_connection() as conn:
+        conn.execute(read_sql("core_license_assignments.sql"))
+        _update_license_catalog(conn)
+        stats = conn.execute("""
+            SELECT count(DISTINCT lower(license_name)), count(*) FILTER (WHERE is_m365_license),
+                   count(*) FILTER (WHERE is_email_license)
+            FROM core.license_assignments
+        """).fetchone()
+        return table_result(
+            conn, "core.license_assignments",
+            preview_sql="""
+                SELECT license_name, any_value(vendor) AS vendor, bool_or(is_m365_license) AS m365,
+                       bool_or(is_email_license) AS email, any_value(m365_rule) AS m365_rule,
+                       any_value(email_rule) AS email_rule, count(*) AS users
+                FROM core.license_assignments GROUP BY license_name ORDER BY users DESC, license_name LIMIT 25
+            """,
+            distinct_licenses=stats[0], m365_assignments=stats[1], email_assignments=stats[2],
+        )
+
+
+def _update_license_catalog(conn) -> None:
+    """Remember every license name and when it was first seen, across runs."""
+    conn.execute("""
+        CREATE TABLE IF NOT EXISTS core.license_catalog (
+            license_key VARCHAR PRIMARY KEY, license_name VARCHAR, is_m365_license BOOLEAN,
+            is_email_license BOOLEAN, first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ)
+    """)
+    seen_at = last_collected(conn)
+    conn.execute("""
+        INSERT INTO core.license_catalog AS c
+        SELECT lower(license_name), min(license_name), bool_or(is_m365_license), bool_or(is_email_license),
+               $1::TIMESTAMPTZ, $1::TIMESTAMPTZ
+        FROM core.license_assignments GROUP BY lower(license_name)
+        ON CONFLICT (license_key) DO UPDATE SET
+            last_seen = excluded.last_seen, is_m365_license = excluded.is_m365_license,
+            is_email_license = excluded.is_email_license,
+            first_seen = least(c.first_seen, excluded.first_seen)
+    """, [seen_at])
+
+
+@asset(
+    key=["core", "users"], group_name=GROUP, kinds={"duckdb"},
+    deps=[RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"], RAW["saas_users"],
+          license_assignments],
+    metadata=_asset_metadata("core.users", USERS_SCHEMA),
+)
+def users(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one person, keyed by trimmed lower-cased UPN, merged from both sources.
+
+    Carries the organization (or null when unassigned), display name, M365 licenses, whether
+    the user is M365-licensed and an ES user, which source decided, and whether it is published.
+    """
+    with duckdb.get_connection() as conn:
+        conn.execute(read_sql("core_users.sql"))
+        counts = conn.execute("""
+            SELECT count(*) FILTER (WHERE published), count(*) FILTER (WHERE organization_name IS NULL),
+                   count(*) FILTER (WHERE classification_source = 'backup')
+            FROM core.users
+        """).fetchone()
+        return table_result(
+            conn, "core.users",
+            preview_sql="SELECT * FROM core.users WHERE published LIMIT 10",
+            published_users=counts[0], unassigned_users=counts[1], classified_by_backup=counts[2],
+        )
+
+
+def _examples(conn, sql: str) -> str:
+    rows = conn.execute(sql).fetchall()
+    return ", ".join(str(row[0]) for row in rows)
+
+
+@asset_check(asset=users, description="Users no organization claims (not published). A human should look.")
+def unassigned_users(context: AssetCheckExecutionContext, duckdb: DuckDBResource) -> AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        count = conn.execute("SELECT count(*) FROM core.users WHERE organization_name IS NULL").fetchone()[0]
+        licensed = conn.execute(
+            "SELECT count(*) FROM core.users WHERE organization_name IS NULL AND m365_licensed").fetchone()[0]
+        examples = _examples(conn, f"""
+            SELECT user_principal_name FROM core.users WHERE organization_name IS NULL
+            ORDER BY m365_licensed DESC, user_principal_name LIMIT {EXAMPLES}""")
+    return AssetCheckResult(
+        passed=count == 0, severity=AssetCheckSeverity.WARN,
+        description=None if count == 0 else (
+            f"{count} users belong to no organization ({licensed} of them M365-licensed) and are not published: "
+            "their domain is owned by no organization or by several."),
+        metadata={"unassigned_users": count, "unassigned_licensed_users": licensed, "examples": examples},
+    )
+
+
+@asset_check(asset=users, description="UPNs with mailboxes in several organizations (assigned to one).")
+def upn_in_several_organizations(context: AssetCheckExecutionContext, duckdb: DuckDBResource) -> AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        count = conn.execute("SELECT count(*) FROM core.users WHERE account_organizations > 1").fetchone()[0]
+        examples = _examples(conn, f"""
+            SELECT user_principal_name || ' -> ' || organization_name FROM core.users
+            WHERE account_organizations > 1 ORDER BY user_principal_name LIMIT {EXAMPLES}""")
+    return AssetCheckResult(
+        passed=count == 0, severity=AssetCheckSeverity.WARN,
+        description=None if count == 0 else (
+            f"{count} UPNs have mailboxes in several organizations; each was assigned to the organization "
+            "whose tenant has its domain, else the first by name."),
+        metadata={"upns": count, "examples": examples},
+    )
+
+
+@asset_check(asset=license_assignments,
+             description="License names seen for the first time tonight: do the rules classify them right?")
+def new_license_names(context: AssetCheckExecutionContext, duckdb: DuckDBResource) -> AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        now = last_collected(conn)
+        earlier = conn.execute("SELECT count(*) FROM core.license_catalog WHERE first_seen < $1",
+                               [now]).fetchone()[0]
+        new = conn.execute("""
+            SELECT license_name, is_m365_license, is_email_license FROM core.license_catalog
+            WHERE first_seen = $1 ORDER BY lower(license_name), license_name""", [now]).fetchall()
+    if earlier == 0:  # the first run ever: everything is new, nothing to flag
+        return AssetCheckResult(passed=True, metadata={"new_license_names": 0, "first_run": True})
+    listing = "\n".join(f"| {name} | {m365} | {email} |" for name, m365, email in new)
+    return AssetCheckResult(
+        passed=not new, severity=AssetCheckSeverity.WARN,
+        description=None if not new else f"{len(new)} license names never seen before; check license_rules.csv.",
+        metadata={
+            "new_license_names": len(new),
+            "names": MetadataValue.md("| license | M365 | email |\n|---|---|---|\n" + listing if new else "_none_"),
+        },
+    )
+
+
+core_assets = [license_rules, license_assignments, users]
+core_checks = [unassigned_users, upn_in_several_organizations, new_license_names]

@@ -1,0 +1,205 @@
+"""Marts layer: the per-organization summary the dashboard shows, and its nightly history.
+
+Two blocking checks guard the summary: the contract's invariants (rule 8), and a
+plausibility check that stops an outage masquerading as data (no organizations, or far
+fewer than the last good night) from reaching the published layer.
+"""
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    ConfigurableResource,
+    MaterializeResult,
+    TableColumn,
+    TableSchema,
+    asset,
+    asset_check,
+)
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from m365_pipeline.assets.core import _asset_metadata, _schema, users
+from m365_pipeline.assets.duck import ensure_schema, last_collected, read_sql, table_result
+
+GROUP = "marts"
+
+SUMMARY_SCHEMA = _schema(
+    ("organization_name", "VARCHAR", "Organization exactly as source B names it."),
+    ("es_user_count", "BIGINT", "Published users with an email (ES) license."),
+    ("m365_licensed_user_count", "BIGINT", "Published users (any M365 license)."),
+    ("last_collected", "TIMESTAMPTZ", "When this run's vendor pulls started (UTC)."),
+)
+HISTORY_SCHEMA = TableSchema(columns=[
+    TableColumn("collection_date", "DATE", description="UTC date of last_collected; one set of rows per date."),
+    *SUMMARY_SCHEMA.columns,
+])
+
+
+class PublishPolicy(ConfigurableResource):
+    """How much worse than the last good night a pull may look before it is held back.
+
+    A real drop (a customer leaving) is published by re-running with a looser policy
+    from the Dagster launchpad, e.g. ``max_drop_fraction: 1.0``.
+    """
+
+    min_organizations: int = Field(default=1, ge=0, description="Fewer organizations than this is a broken pull.")
+    max_drop_fraction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Largest tolerated fall in organizations or licensed users versus the last good night.",
+    )
+
+
+@asset(
+    key=["marts", "org_summary"], group_name=GROUP, kinds={"duckdb"},
+    deps=[users, AssetKey(["raw", "backup_organizations"])],
+    metadata=_asset_metadata("marts.org_summary", SUMMARY_SCHEMA),
+)
+def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one organization with its ES-user and M365-licensed-user counts.
+
+    Every organization source B knows appears, also with zero users; last_collected is when
+    the run's pulls started.
+    """
+    with duckdb.get_connection() as conn:
+        ensure_schema(conn, "marts")
+        collected = last_collected(conn)
+        conn.execute(read_sql("marts_org_summary.sql"), [collected])
+        totals = conn.execute("""
+            SELECT count(*), coalesce(sum(es_user_count), 0), coalesce(sum(m365_licensed_user_count), 0)
+            FROM marts.org_summary""").fetchone()
+        return table_result(
+            conn, "marts.org_summary",
+            preview_sql="SELECT * EXCLUDE (last_collected) FROM marts.org_summary LIMIT 20",
+            total_organizations=totals[0], total_es_users=int(totals[1]),
+            total_m365_licensed_users=int(totals[2]),
+            last_collected=collected.isoformat() if collected else "never",
+        )
+
+
+@asset(
+    key=["marts", "org_summary_history"], group_name=GROUP, kinds={"duckdb"}, deps=[org_summary],
+    metadata=_asset_metadata("marts.org_summary_history", HISTORY_SCHEMA),
+)
+def org_summary_history(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one organization on one collection date. Re-running a day replaces that day.
+
+    The vendors only ever show today; this table is the only trend there is.
+    """
+    with duckdb.get_connection() as conn:
+        conn.execute("""
+            CREATE TABLE IF NOT EXISTS marts.org_summary_history (
+                collection_date DATE NOT NULL, organization_name VARCHAR NOT NULL,
+                es_user_count BIGINT NOT NULL, m365_licensed_user_count BIGINT NOT NULL,
+                last_collected TIMESTAMPTZ,
+                PRIMARY KEY (collection_date, organization_name))
+        """)
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            day = conn.execute("""
+                SELECT (min(last_collected) AT TIME ZONE 'UTC')::DATE FROM marts.org_summary""").fetchone()[0]
+            conn.execute("DELETE FROM marts.org_summary_history WHERE collection_date = $1", [day])
+            conn.execute("""
+                INSERT INTO marts.org_summary_history
+                SELECT $1, organization_name, es_user_count, m365_licensed_user_count, last_collected
+                FROM marts.org_summary""", [day])
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+        dates = conn.execute("SELECT count(DISTINCT collection_date) FROM marts.org_summary_history").fetchone()[0]
+        return table_result(
+            conn, "marts.org_summary_history",
+            preview_sql="""
+                SELECT collection_date, count(*) AS organizations, sum(es_user_count) AS es_users,
+                       sum(m365_licensed_user_count) AS m365_licensed_users
+                FROM marts.org_summary_history GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
+            collection_date=str(day), dates_kept=dates,
+        )
+
+
+INVARIANT_SQL = {
+    "every organization of source B appears exactly once": """
+        SELECT count(*) FROM (
+            SELECT organization_name FROM (SELECT DISTINCT organization_name FROM raw.backup_organizations)
+            FULL OUTER JOIN (SELECT organization_name, count(*) AS n FROM marts.org_summary GROUP BY 1)
+            USING (organization_name)
+            WHERE n IS DISTINCT FROM 1)""",
+    "es_user_count never exceeds m365_licensed_user_count": """
+        SELECT count(*) FROM marts.org_summary WHERE es_user_count > m365_licensed_user_count OR es_user_count < 0""",
+    "each organization's counts equal its published users": """
+        SELECT count(*) FROM marts.org_summary AS s
+        LEFT JOIN (SELECT organization_name, count(*) AS m365, count(*) FILTER (WHERE has_email_license) AS es
+                   FROM core.users WHERE published GROUP BY 1) AS u USING (organization_name)
+        WHERE s.m365_licensed_user_count <> coalesce(u.m365, 0) OR s.es_user_count <> coalesce(u.es, 0)""",
+    "every published user belongs to a summarised organization": """
+        SELECT count(*) FROM core.users AS u
+        WHERE u.published AND u.organization_name NOT IN (SELECT organization_name FROM marts.org_summary)""",
+}
+
+
+@asset_check(asset=org_summary, blocking=True,
+             description="Contract rule 8: counts are consistent with the published users. Blocks publishing.")
+def contract_invariants(context: AssetCheckExecutionContext, duckdb: DuckDBResource) -> AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        broken = {name: conn.execute(sql).fetchone()[0] for name, sql in INVARIANT_SQL.items()}
+    failed = {name: n for name, n in broken.items() if n}
+    return AssetCheckResult(
+        passed=not failed, severity=AssetCheckSeverity.ERROR,
+        description=None if not failed else "Broken: " + "; ".join(f"{k} ({v} rows)" for k, v in failed.items()),
+        metadata={name: n for name, n in broken.items()},
+    )
+
+
+@asset_check(asset=org_summary, blocking=True,
+             description="Stops a broken pull (no organizations, or far fewer than the last good night) "
+                         "from replacing good data.")
+def pull_is_plausible(
+    context: AssetCheckExecutionContext, duckdb: DuckDBResource, publish_policy: PublishPolicy
+) -> AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        orgs, licensed, collected = conn.execute("""
+            SELECT count(*), coalesce(sum(m365_licensed_user_count), 0), min(last_collected)
+            FROM marts.org_summary""").fetchone()
+        previous = conn.execute("""
+            SELECT count(*), coalesce(sum(m365_licensed_user_count), 0), max(last_collected)
+            FROM marts.org_summary_history
+            WHERE collection_date = (SELECT max(collection_date) FROM marts.org_summary_history
+                                     WHERE last_collected < $1)""", [collected]).fetchone() \
+            if _has_history(conn) and collected is not None else (0, 0, None)
+    problems = verdict(orgs, licensed, previous[0], previous[1], publish_policy)
+    return AssetCheckResult(
+        passed=not problems, severity=AssetCheckSeverity.ERROR,
+        description="; ".join(problems) + ". The previous data stays published." if problems else None,
+        metadata={
+            "organizations": orgs, "m365_licensed_users": int(licensed),
+            "previous_organizations": previous[0], "previous_m365_licensed_users": int(previous[1]),
+            "previous_collected": str(previous[2]) if previous[2] else "none",
+            "max_drop_fraction": publish_policy.max_drop_fraction,
+        },
+    )
+
+
+def verdict(orgs: int, licensed: int, prev_orgs: int, prev_licensed: int, policy: PublishPolicy) -> list[str]:
+    """Why tonight's numbers look like an outage rather than data (empty list: they look fine)."""
+    problems = []
+    if orgs < policy.min_organizations:
+        problems.append(f"only {orgs} organizations (at least {policy.min_organizations} expected)")
+    floor = 1 - policy.max_drop_fraction
+    if prev_orgs and orgs < prev_orgs * floor:
+        problems.append(f"organizations fell from {prev_orgs} to {orgs}")
+    if prev_licensed and licensed < prev_licensed * floor:
+        problems.append(f"M365-licensed users fell from {prev_licensed} to {licensed}")
+    return problems
+
+
+def _has_history(conn) -> bool:
+    return bool(conn.execute("""
+        SELECT count(*) FROM information_schema.tables
+        WHERE table_schema = 'marts' AND table_name = 'org_summary_history'""").fetchone()[0])
+
+
+marts_assets = [org_summary, org_summary_history]
+marts_checks = [contract_invariants, pull_is_plausible]

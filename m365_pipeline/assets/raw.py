@@ -1,0 +1,369 @@
+"""Raw layer: the two vendors' records as they came, one table per endpoint.
+
+Vendor fields are kept (snake_cased), credentials are dropped, ``collected_at`` is
+added, and each table is replaced whole per run. A source that is not configured is
+skipped: its tables are emptied, never left stale.
+"""
+
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from m365_pipeline.assets.duck import ensure_schema, markdown_preview
+from m365_pipeline.assets.staging import Column, RawTable, StagingFile
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.resources.http import CallStats, Page, VendorError, run_concurrently
+
+GROUP = "raw"
+NEITHER_CONFIGURED = (
+    "No vendor source is configured, so there is nothing to pull. Set SAAS_API_BASE_URL and "
+    "SAAS_API_TOKEN (source S) and/or BACKUP_API_BASE_URL, BACKUP_RESELLER_TOKEN and "
+    "BACKUP_ADMIN_TOKEN (source B), in the environment or in a .env file. To try the pipeline "
+    "without a vendor account, start the simulator (`m365-simulate`) and export the variables "
+    "it prints."
+)
+
+_V = "VARCHAR"
+_B = "BOOLEAN"
+_N = "DOUBLE"
+_I = "BIGINT"
+_J = "JSON"
+
+SAAS_USERS = RawTable("raw", "saas_users", "one user as source S lists it (GET /users)", (
+    Column("id", _V, "Source S user id."),
+    Column("username", _V, "Sign-in name; the user's UPN when not empty."),
+    Column("email", _V, "Email address; the UPN when username is empty."),
+    Column("displayName", _V, "Display name."),
+    Column("country", _V, "Country."),
+    Column("department", _V, "Department."),
+    Column("status", _V, "Vendor status, e.g. Active."),
+    Column("isEnabled", _B, "Account enabled."),
+    Column("isInReview", _B, "Flagged for review."),
+    Column("isOnline", _B, "Online."),
+    Column("isQualified", _B, "Qualified."),
+    Column("licenseCount", _I, "Licenses the vendor counts for the user."),
+    Column("potentialSavings", _N, "Vendor's potential savings estimate."),
+    Column("userCostPerMonth", _N, "Vendor's monthly cost estimate."),
+    Column("createdDate", _V, "Created (ISO 8601 as sent)."),
+    Column("lastActive", _V, "Last active (ISO 8601 as sent)."),
+    Column("discoveryTypes", _J, "Discovery types object as sent."),
+))
+
+SAAS_USER_SUBSCRIPTIONS = RawTable(
+    "raw", "saas_user_subscriptions",
+    "one subscription held by one source S user (GET /users/{id}/subscriptions)", (
+        Column("user_id", _V, "Source S user id the subscription belongs to."),
+        Column("id", _V, "Subscription id."),
+        Column("applicationId", _V, "Application id."),
+        Column("applicationName", _V, "Application (license) name; `name` stands in when empty."),
+        Column("name", _V, "Subscription name."),
+        Column("vendor", _V, "Vendor, e.g. Microsoft Corporation."),
+        Column("vendorId", _V, "Vendor id."),
+        Column("discoverySource", _V, "How the vendor discovered it."),
+        Column("discoveryType", _I, "Discovery type code."),
+        Column("firstDiscovered", _V, "First discovered (ISO 8601 as sent)."),
+        Column("lastActivity", _V, "Last activity (ISO 8601 as sent)."),
+        Column("potentialSavings", _N, "Potential savings estimate."),
+        Column("totalCostPerMonth", _N, "Monthly cost estimate."),
+    ),
+)
+
+BACKUP_ORGANIZATIONS = RawTable(
+    "raw", "backup_organizations",
+    "one organization owner of source B (GET /users joined with GET /users/{id}); tokens removed", (
+        Column("id", _V, "Owner id, e.g. 26561-14."),
+        Column("organization_name", _V, "Organization name exactly as the vendor gives it."),
+        Column("organization_id", _V, "Vendor organization id."),
+        Column("email", _V, "Owner email."),
+        Column("plan_id", _V, "Plan id."),
+        Column("external_id", _V, "External id."),
+        Column("notification_email", _J, "Notification addresses."),
+        Column("is_business", _B, "Business account."),
+        Column("admin", _B, "Admin."),
+        Column("customer_deactivated", _B, "Customer deactivated."),
+        Column("login_disabled", _B, "Login disabled."),
+        Column("flg_suspended", _B, "Suspended."),
+        Column("archive", _B, "Archiver product."),
+        Column("auto_license", _B, "Auto-license new mailboxes."),
+        Column("seats_used", _I, "Seats used."),
+        Column("seats_available", _I, "Seats available."),
+        Column("active_seats", _I, "Active seats."),
+        Column("deactivated_seats", _I, "Deactivated seats."),
+        Column("required_seats", _I, "Required seats."),
+        Column("paid_shared_mailboxes", _I, "Paid shared mailboxes."),
+        Column("free_shared_mailboxes", _I, "Free shared mailboxes."),
+        Column("storage_used", _N, "Storage used."),
+        Column("storage_available", _N, "Storage available."),
+        Column("backup_summary", _J, "Backup summary as sent."),
+    ),
+)
+
+BACKUP_TENANTS = RawTable(
+    "raw", "backup_tenants", "one tenant (backup domain) of one owner (GET /users/{id}/tenants)", (
+        Column("owner_id", _V, "Owner id the tenant was listed under."),
+        Column("id", _V, "Tenant id."),
+        Column("organization_id", _V, "Vendor organization id."),
+        Column("domain", _V, "Tenant domain."),
+        Column("type", _V, "m365 or gws (Google Workspace, never counted)."),
+        Column("status", _I, "Vendor status code (7 = completed)."),
+        Column("total_users", _I, "Users the vendor counts in the tenant."),
+        Column("created_at", _V, "Created (ISO 8601 as sent)."),
+        Column("updated_at", _V, "Updated (ISO 8601 as sent)."),
+    ),
+)
+
+BACKUP_ACCOUNTS = RawTable(
+    "raw", "backup_accounts",
+    "one mailbox or public folder of one tenant (GET /users/{id}/tenants/{tenant_id}/accounts)", (
+        Column("owner_id", _V, "Owner id."),
+        Column("tenant_id", _V, "Tenant id."),
+        Column("upn", _V, "User principal name as sent (not normalised)."),
+        Column("email", _V, "Email address."),
+        Column("name", _V, "Display name."),
+        Column("mailbox", _B, "true = mailbox, false = public folder."),
+        Column("licensed", _B, "true = licensed, null = unlicensed."),
+        Column("status", _V, "Backup status: active, available, excluded."),
+        Column("type", _V, "Tenant type of the account: m365 or gws."),
+        Column("tenant_status", _V, "GWS tenant status; null for M365."),
+        Column("created_at", _V, "Created (ISO 8601 as sent)."),
+        Column("updated_at", _V, "Updated (ISO 8601 as sent)."),
+    ),
+)
+
+
+def _asset_kwargs(table: RawTable) -> dict[str, Any]:
+    return {
+        "key_prefix": [table.schema],
+        "name": table.name,
+        "group_name": GROUP,
+        "kinds": {"duckdb"},
+        "description": f"One row = {table.row_means}.",
+        "metadata": {
+            "dagster/column_schema": table.column_schema(),
+            "dagster/table_name": table.qualified,
+        },
+    }
+
+
+class _Progress:
+    """Logs long pulls every few seconds so a watcher sees them move."""
+
+    def __init__(self, context: AssetExecutionContext, what: str, total: int, stats: CallStats,
+                 every_s: float = 5.0):
+        self.context, self.what, self.total, self.stats, self.every_s = context, what, total, stats, every_s
+        self._last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if done == self.total or now - self._last >= self.every_s:
+            self._last = now
+            pct = 100 * done / self.total if self.total else 100
+            self.context.log.info(
+                f"{self.what}: {done:,}/{self.total:,} ({pct:.0f}%), {self.stats.calls:,} calls, "
+                f"{self.stats.retries:,} retries, {self.stats.calls / max(self.stats.elapsed_s, 1e-9):.0f} calls/s"
+            )
+
+
+def _land(
+    context: AssetExecutionContext,
+    duckdb: DuckDBResource,
+    table: RawTable,
+    pull: Callable[[StagingFile], CallStats] | None,
+    skipped_because: str = "",
+) -> MaterializeResult:
+    """Run ``pull`` into a staging file, then swap the table in one statement."""
+    collected_at = datetime.now(UTC).replace(microsecond=0)
+    staging_dir = Path(duckdb.database).parent / ".staging"
+    metadata: dict[str, Any] = {}
+    with StagingFile(staging_dir, table) as staging:
+        if pull is None:
+            context.log.warning(f"{table.qualified}: {skipped_because}; the table is emptied, not left stale.")
+            metadata["skipped"] = skipped_because
+        else:
+            try:
+                stats = pull(staging)
+            except VendorError as exc:
+                raise Failure(description=f"{table.qualified}: {exc}") from None
+            metadata.update(stats.as_metadata())
+        with duckdb.get_connection() as conn:
+            ensure_schema(conn, table.schema)
+            try:
+                rows = staging.load(conn, collected_at)
+            except VendorError as exc:
+                raise Failure(description=f"{table.qualified}: {exc}") from None
+            preview = markdown_preview(conn, f"SELECT * EXCLUDE (collected_at) FROM {table.qualified} LIMIT 5")
+    context.log.info(f"{table.qualified}: {rows:,} rows landed")
+    return MaterializeResult(metadata={
+        "dagster/row_count": rows,
+        "collected_at": collected_at.isoformat().replace("+00:00", "Z"),
+        **metadata,
+        "preview": MetadataValue.md(preview),
+    })
+
+
+def _column_values(duckdb: DuckDBResource, sql: str) -> list[tuple[Any, ...]]:
+    with duckdb.get_connection() as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _require_some_source(saas: SaasApiResource, backup: BackupApiResource) -> None:
+    if not saas.is_configured and not backup.is_configured:
+        raise Failure(description=NEITHER_CONFIGURED)
+
+
+@asset(**_asset_kwargs(SAAS_USERS))
+def saas_users(
+    context: AssetExecutionContext, saas: SaasApiResource, backup: BackupApiResource, duckdb: DuckDBResource
+) -> MaterializeResult:
+    _require_some_source(saas, backup)
+    if not saas.is_configured:
+        return _land(context, duckdb, SAAS_USERS, None, "source S skipped: SAAS_API_BASE_URL is not set")
+
+    def pull(staging: StagingFile) -> CallStats:
+        with saas.client() as client:
+            for origin, items in client.user_pages():
+                staging.add(items, origin=origin)
+                context.log.debug(f"{origin.describe()}: {len(items)} users")
+            return client.stats
+
+    return _land(context, duckdb, SAAS_USERS, pull)
+
+
+@asset(deps=[saas_users], **_asset_kwargs(SAAS_USER_SUBSCRIPTIONS))
+def saas_user_subscriptions(
+    context: AssetExecutionContext, saas: SaasApiResource, duckdb: DuckDBResource
+) -> MaterializeResult:
+    if not saas.is_configured:
+        return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, None,
+                     "source S skipped: SAAS_API_BASE_URL is not set")
+    user_ids = [row[0] for row in _column_values(duckdb, "SELECT DISTINCT id FROM raw.saas_users ORDER BY id")]
+
+    def pull(staging: StagingFile) -> CallStats:
+        with saas.client() as client:
+            progress = _Progress(context, "subscriptions", len(user_ids), client.stats)
+
+            def keep(user_id: str, pages: list[Page]) -> None:
+                for origin, items in pages:
+                    staging.add(items, origin=origin, user_id=user_id)
+
+            run_concurrently(user_ids, client.subscription_pages, workers=saas.concurrency,
+                             on_result=_counting(keep, progress))
+            return client.stats
+
+    return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, pull)
+
+
+@asset(**_asset_kwargs(BACKUP_ORGANIZATIONS))
+def backup_organizations(
+    context: AssetExecutionContext, saas: SaasApiResource, backup: BackupApiResource, duckdb: DuckDBResource
+) -> MaterializeResult:
+    _require_some_source(saas, backup)
+    if not backup.is_configured:
+        return _land(context, duckdb, BACKUP_ORGANIZATIONS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
+
+    def pull(staging: StagingFile) -> CallStats:
+        with backup.client() as client:
+            _, owners = client.owners()
+            progress = _Progress(context, "organization owners", len(owners), client.stats)
+
+            def keep(owner: dict[str, Any], page: Page) -> None:
+                origin, (detail,) = page
+                staging.add([{**owner, **detail}], origin=origin)
+
+            run_concurrently(owners, lambda owner: client.owner_detail(owner["id"]),
+                             workers=backup.concurrency, on_result=_counting(keep, progress))
+            return client.stats
+
+    return _land(context, duckdb, BACKUP_ORGANIZATIONS, pull)
+
+
+def _owner_tokens(client: Any) -> dict[str, str]:
+    """Owner id -> its authentication token, fetched fresh (tokens are never stored)."""
+    _, owners = client.owners()
+    return {str(owner["id"]): str(owner["authentication_token"]) for owner in owners}
+
+
+@asset(deps=[backup_organizations], **_asset_kwargs(BACKUP_TENANTS))
+def backup_tenants(
+    context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
+) -> MaterializeResult:
+    if not backup.is_configured:
+        return _land(context, duckdb, BACKUP_TENANTS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
+    owner_ids = [row[0] for row in _column_values(duckdb, "SELECT id FROM raw.backup_organizations ORDER BY id")]
+
+    def pull(staging: StagingFile) -> CallStats:
+        with backup.client() as client:
+            tokens = _owner_tokens(client)
+            progress = _Progress(context, "owners' tenants", len(owner_ids), client.stats)
+
+            def fetch(owner_id: str) -> list[Page]:
+                return client.tenant_pages(owner_id, _token_for(tokens, owner_id))
+
+            def keep(owner_id: str, pages: list[Page]) -> None:
+                for origin, items in pages:
+                    staging.add(items, origin=origin, owner_id=owner_id)
+
+            run_concurrently(owner_ids, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
+            return client.stats
+
+    return _land(context, duckdb, BACKUP_TENANTS, pull)
+
+
+@asset(deps=[backup_tenants], **_asset_kwargs(BACKUP_ACCOUNTS))
+def backup_accounts(
+    context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
+) -> MaterializeResult:
+    if not backup.is_configured:
+        return _land(context, duckdb, BACKUP_ACCOUNTS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
+    tenants = _column_values(duckdb, "SELECT owner_id, id, type FROM raw.backup_tenants ORDER BY owner_id, id")
+
+    def pull(staging: StagingFile) -> CallStats:
+        with backup.client() as client:
+            tokens = _owner_tokens(client)
+            progress = _Progress(context, "tenants' mailboxes", len(tenants), client.stats)
+
+            def fetch(tenant: tuple[str, str, str]) -> list[Page]:
+                owner_id, tenant_id, tenant_type = tenant
+                return client.account_pages(owner_id, _token_for(tokens, owner_id), tenant_id, tenant_type)
+
+            def keep(tenant: tuple[str, str, str], pages: list[Page]) -> None:
+                for origin, items in pages:
+                    staging.add(items, origin=origin, owner_id=tenant[0], tenant_id=tenant[1])
+
+            run_concurrently(tenants, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
+            return client.stats
+
+    return _land(context, duckdb, BACKUP_ACCOUNTS, pull)
+
+
+def _token_for(tokens: dict[str, str], owner_id: str) -> str:
+    try:
+        return tokens[owner_id]
+    except KeyError:
+        raise VendorError(
+            f"owner {owner_id} is in raw.backup_organizations but no longer listed by source B GET /users; "
+            "re-run from raw.backup_organizations"
+        ) from None
+
+
+def _counting(keep: Callable[[Any, Any], None], progress: _Progress) -> Callable[[Any, Any], None]:
+    done = 0
+
+    def on_result(item: Any, result: Any) -> None:
+        nonlocal done
+        keep(item, result)
+        done += 1
+        progress(done)
+
+    return on_result
+
+
+RAW_TABLES = (SAAS_USERS, SAAS_USER_SUBSCRIPTIONS, BACKUP_ORGANIZATIONS, BACKUP_TENANTS, BACKUP_ACCOUNTS)
+raw_assets = [saas_users, saas_user_subscriptions, backup_organizations, backup_tenants, backup_accounts]
+

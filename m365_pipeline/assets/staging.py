@@ -1,0 +1,139 @@
+"""Land vendor records in DuckDB through a newline-delimited JSON staging file.
+
+Records stream to disk as pages arrive, so memory stays flat however many users an
+MSP has, and DuckDB's JSON reader types and loads the whole file in one statement.
+The table is swapped with ``CREATE OR REPLACE`` only after the pull finished, so a
+failed pull leaves yesterday's raw table untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from dagster import TableColumn, TableSchema
+
+from m365_pipeline.resources.http import Endpoint, MalformedResponseError
+
+# Fields whose values are credentials. They never reach the staging file or a table.
+_TOKEN_FIELD = re.compile(r"token|secret|password", re.IGNORECASE)
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def snake_case(name: str) -> str:
+    """``displayName`` -> ``display_name``; already snake_cased names pass through."""
+    return _CAMEL_BOUNDARY.sub("_", name).replace("-", "_").lower()
+
+
+def is_secret_field(name: str) -> bool:
+    return bool(_TOKEN_FIELD.search(name))
+
+
+def without_secrets(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if not is_secret_field(key)}
+
+
+@dataclass(frozen=True)
+class Column:
+    vendor_key: str
+    sql_type: str
+    description: str
+
+    @property
+    def name(self) -> str:
+        return snake_case(self.vendor_key)
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A raw table: the vendor's fields (snake_cased), our context columns, and ``collected_at``."""
+
+    schema: str
+    name: str
+    row_means: str
+    columns: tuple[Column, ...]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def column_schema(self) -> TableSchema:
+        cols = [TableColumn(c.name, c.sql_type, description=c.description) for c in self.columns]
+        cols.append(TableColumn("collected_at", "TIMESTAMPTZ", description="When this run's pull from the vendor started (UTC)."))
+        return TableSchema(columns=cols)
+
+    def _reader_columns(self) -> str:
+        # Built only from the constants above, never from vendor data.
+        pairs = [f"'{c.vendor_key}': '{c.sql_type}'" for c in self.columns]
+        return "{" + ", ".join(pairs) + "}"
+
+    def _select_list(self) -> str:
+        return ", ".join(f'"{c.vendor_key}" AS {c.name}' for c in self.columns)
+
+    def load_sql(self) -> str:
+        return (
+            f"CREATE OR REPLACE TABLE {self.qualified} AS "
+            f"SELECT {self._select_list()}, ?::TIMESTAMPTZ AS collected_at "
+            f"FROM read_json(?, format = 'newline_delimited', columns = {self._reader_columns()})"
+        )
+
+
+class StagingFile:
+    """Append-only JSONL file of one pull; each line remembers the endpoint and page it came from."""
+
+    def __init__(self, directory: Path, table: RawTable):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{table.qualified}.{os.getpid()}.jsonl"
+        self.table = table
+        self.rows = 0
+        self._handle = self.path.open("w", encoding="utf-8")
+
+    def add(self, records: Iterable[Mapping[str, Any]], *, origin: Endpoint, **context: Any) -> None:
+        write = self._handle.write
+        where = origin.describe()
+        for record in records:
+            line = {**without_secrets(record), **context, "_origin": where}
+            write(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+            write("\n")
+            self.rows += 1
+
+    def load(self, conn: duckdb.DuckDBPyConnection, collected_at: datetime) -> int:
+        """Replace the table with this file's rows in one statement; return the row count."""
+        self._handle.close()
+        try:
+            conn.execute(self.table.load_sql(), [collected_at, str(self.path)])
+        except duckdb.Error as exc:
+            raise MalformedResponseError(self._explain(exc)) from None
+        return self.rows
+
+    def discard(self) -> None:
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+    def _explain(self, exc: duckdb.Error) -> str:
+        """Name the vendor endpoint and page behind a record DuckDB could not type."""
+        text = str(exc).splitlines()[0]
+        match = re.search(r"line (\d+)", text)
+        origin = ""
+        if match:
+            wanted = int(match.group(1))
+            with self.path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if number == wanted:
+                        origin = f" from {json.loads(line).get('_origin')}"
+                        break
+        detail = text.split(":", 1)[-1].split(" in file ")[0].strip()
+        return f"a record{origin} does not match the documented types of {self.table.qualified}: {detail}"
+
+    def __enter__(self) -> StagingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()

@@ -1,0 +1,110 @@
+"""Source B: the M365 backup sub-reseller API (owners, organizations, tenants, mailboxes)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import Field
+
+from m365_pipeline.resources.base import VendorApiResource
+from m365_pipeline.resources.http import (
+    Endpoint,
+    HttpSettings,
+    MalformedResponseError,
+    Page,
+    VendorClient,
+    VendorError,
+    validate_base_url,
+)
+from m365_pipeline.resources.paging import backup_pages, require_fields
+
+SOURCE = "source B (M365 backup reseller API)"
+OWNER_REQUIRED = ("id", "authentication_token")
+OWNER_DETAIL_REQUIRED = ("id", "organization_name")
+TENANT_REQUIRED = ("id", "type", "domain")
+ACCOUNT_REQUIRED = ("upn", "mailbox")
+
+
+class BackupClient(VendorClient):
+    """Owners come from the admin token; each owner's tenants and mailboxes need its own token."""
+
+    source_name = SOURCE
+    auth_variables = "BACKUP_RESELLER_TOKEN and BACKUP_ADMIN_TOKEN"
+
+    def __init__(
+        self, base_url: str, reseller_token: str, admin_token: str, settings: HttpSettings, per_page: int = 100
+    ):
+        super().__init__(base_url, {"X-Reseller-Token": reseller_token}, settings)
+        self._admin = {"X-Access-Token": admin_token}
+        self.per_page = per_page
+
+    def owners(self) -> Page:
+        """Every organization owner, each carrying the ``authentication_token`` for its own calls."""
+        body = self.get_json("/users", headers=self._admin)
+        endpoint = Endpoint(self.source_name, "/users")
+        if not isinstance(body, list):
+            raise MalformedResponseError(f"{endpoint.describe()}: expected a list of owners")
+        return endpoint, require_fields(body, OWNER_REQUIRED, endpoint)
+
+    def owner_detail(self, owner_id: str) -> Page:
+        """The owner's full record; the only place ``organization_name`` appears."""
+        path = f"/users/{_segment(owner_id)}"
+        body = self.get_json(path, headers=self._admin)
+        endpoint = Endpoint(self.source_name, path)
+        return endpoint, require_fields([body], OWNER_DETAIL_REQUIRED, endpoint)
+
+    def _collection(
+        self, path: str, token: str, params: dict[str, Any], required: tuple[str, ...]
+    ) -> list[Page]:
+        headers = {"X-Access-Token": token}
+
+        def fetch(page: int) -> Any:
+            return self.get_json(
+                path, params={**params, "page": page, "per_page": self.per_page}, headers=headers, page=page
+            )
+
+        def where(page: int) -> Endpoint:
+            return Endpoint(self.source_name, path, page)
+
+        return [(where(page), require_fields(data, required, where(page)))
+                for page, data in backup_pages(fetch, where)]
+
+    def tenant_pages(self, owner_id: str, owner_token: str) -> list[Page]:
+        path = f"/users/{_segment(owner_id)}/tenants"
+        return self._collection(path, owner_token, {}, TENANT_REQUIRED)
+
+    def account_pages(self, owner_id: str, owner_token: str, tenant_id: Any, tenant_type: str) -> list[Page]:
+        # The vendor answers 401 when `type` differs from the tenant's own type.
+        path = f"/users/{_segment(owner_id)}/tenants/{_segment(tenant_id)}/accounts"
+        return self._collection(path, owner_token, {"type": tenant_type}, ACCOUNT_REQUIRED)
+
+
+def _segment(value: Any) -> str:
+    return quote(str(value), safe="")
+
+
+class BackupApiResource(VendorApiResource):
+    """Source B. Unset ``base_url`` means the source is skipped for the run."""
+
+    base_url: str | None = Field(default=None, description="BACKUP_API_BASE_URL, e.g. https://host/api")
+    reseller_token: str | None = Field(default=None, description="BACKUP_RESELLER_TOKEN (X-Reseller-Token).")
+    admin_token: str | None = Field(default=None, description="BACKUP_ADMIN_TOKEN (X-Access-Token for GET /users).")
+    per_page: int = Field(default=100, ge=1, le=100, description="Items per page (the vendor's maximum is 100).")
+
+    @property
+    def is_configured(self) -> bool:
+        return bool(self.base_url and self.base_url.strip())
+
+    def client(self) -> BackupClient:
+        if not self.is_configured:
+            raise VendorError(
+                "source B is not configured: set BACKUP_API_BASE_URL, BACKUP_RESELLER_TOKEN and BACKUP_ADMIN_TOKEN"
+            )
+        missing = [name for name, value in (("BACKUP_RESELLER_TOKEN", self.reseller_token),
+                                            ("BACKUP_ADMIN_TOKEN", self.admin_token)) if not value]
+        if missing:
+            raise VendorError(f"BACKUP_API_BASE_URL is set but {' and '.join(missing)} is empty")
+        base_url = validate_base_url(self.base_url or "", "BACKUP_API_BASE_URL")
+        return BackupClient(base_url, self.reseller_token or "", self.admin_token or "",
+                            self.http_settings(), self.per_page)

@@ -1,0 +1,30 @@
+"""Settings every vendor resource shares: timeouts, retries, pool size."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from m365_pipeline.resources.http import HttpSettings
+
+
+class VendorApiResource(ConfigurableResource):
+    """Connection behaviour common to both sources. Defaults suit the real vendors."""
+
+    timeout_s: float = Field(default=30.0, gt=0, description="Per-call connect and read timeout, seconds.")
+    max_retries: int = Field(
+        default=5, ge=0, le=20,
+        description="Retries per call on connection errors, 429 and 5xx (exponential backoff, Retry-After honoured).",
+    )
+    backoff_factor: float = Field(default=0.5, ge=0, description="urllib3 backoff factor, seconds.")
+    retry_after_max_s: int = Field(default=120, ge=0, description="Longest Retry-After we wait for.")
+    concurrency: int = Field(default=16, ge=1, le=128, description="Concurrent per-user / per-owner calls.")
+
+    def http_settings(self) -> HttpSettings:
+        return HttpSettings(
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_factor=self.backoff_factor,
+            retry_after_max_s=self.retry_after_max_s,
+            pool_size=self.concurrency,
+        )

@@ -1,0 +1,75 @@
+"""Source S: the SaaS-management "consolidated view" API (users and their subscriptions)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import Field
+
+from m365_pipeline.resources.base import VendorApiResource
+from m365_pipeline.resources.http import (
+    Endpoint,
+    HttpSettings,
+    Page,
+    VendorClient,
+    VendorError,
+    validate_base_url,
+)
+from m365_pipeline.resources.paging import require_fields, saas_pages
+
+SOURCE = "source S (SaaS management API)"
+USER_REQUIRED = ("id",)
+SUBSCRIPTION_REQUIRED = ("id",)
+
+
+class SaasClient(VendorClient):
+    """Pages through ``/users`` and each user's ``/users/{id}/subscriptions``."""
+
+    source_name = SOURCE
+    auth_variables = "SAAS_API_TOKEN"
+
+    def __init__(self, base_url: str, token: str, settings: HttpSettings, page_size: int = 1000):
+        super().__init__(base_url, {"Authorization": f"Bearer {token}"}, settings)
+        self.page_size = page_size
+
+    def _collection(self, path: str, required: tuple[str, ...]) -> Iterator[Page]:
+        def fetch(page_number: int) -> Any:
+            return self.get_json(
+                path, params={"page_size": self.page_size, "page_number": page_number}, page=page_number
+            )
+
+        def where(page_number: int) -> Endpoint:
+            return Endpoint(self.source_name, path, page_number)
+
+        for page_number, items in saas_pages(fetch, where):
+            yield where(page_number), require_fields(items, required, where(page_number))
+
+    def user_pages(self) -> Iterator[Page]:
+        return self._collection("/users", USER_REQUIRED)
+
+    def subscription_pages(self, user_id: str) -> list[Page]:
+        """Every page of one user's subscriptions (usually one)."""
+        path = f"/users/{quote(str(user_id), safe='')}/subscriptions"
+        return list(self._collection(path, SUBSCRIPTION_REQUIRED))
+
+
+class SaasApiResource(VendorApiResource):
+    """Source S. Unset ``base_url`` means the source is skipped for the run."""
+
+    base_url: str | None = Field(default=None, description="SAAS_API_BASE_URL, e.g. https://host/api/saas/consolidated-view/v1")
+    token: str | None = Field(default=None, description="SAAS_API_TOKEN, sent as a Bearer token.")
+    page_size: int = Field(default=1000, ge=1, le=1000, description="Items per page (the vendor's maximum is 1000).")
+
+    @property
+    def is_configured(self) -> bool:
+        return bool(self.base_url and self.base_url.strip())
+
+    def client(self) -> SaasClient:
+        if not self.is_configured:
+            raise VendorError("source S is not configured: set SAAS_API_BASE_URL and SAAS_API_TOKEN")
+        if not self.token:
+            raise VendorError("SAAS_API_BASE_URL is set but SAAS_API_TOKEN is empty: set the source S token")
+        base_url = validate_base_url(self.base_url or "", "SAAS_API_BASE_URL")
+        return SaasClient(base_url, self.token, self.http_settings(), self.page_size)

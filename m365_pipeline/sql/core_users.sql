@@ -1,0 +1,109 @@
+-- core.users: one row per user, keyed by the trimmed, lower-cased UPN. Contract rules 2, 3, 6, 7.
+CREATE OR REPLACE TABLE core.users AS
+WITH owners AS (
+    SELECT id AS owner_id, organization_name FROM raw.backup_organizations
+),
+m365_tenants AS (
+    SELECT t.owner_id, t.id AS tenant_id, lower(trim(t.domain)) AS domain, o.organization_name
+    FROM raw.backup_tenants AS t
+    JOIN owners AS o ON o.owner_id = t.owner_id
+    WHERE t.type = 'm365'
+),
+-- Rule 2: mailboxes of m365 tenants; public folders (mailbox false) and GWS never count.
+accounts AS (
+    SELECT lower(trim(a.upn)) AS upn,
+           nullif(trim(a.name), '') AS name,
+           coalesce(a.licensed, false) AS licensed,
+           m.organization_name,
+           m.domain AS tenant_domain
+    FROM raw.backup_accounts AS a
+    JOIN m365_tenants AS m ON m.owner_id = a.owner_id AND m.tenant_id = a.tenant_id
+    WHERE a.mailbox AND nullif(trim(a.upn), '') IS NOT NULL
+),
+-- Rule 3: an organization owns its m365 tenants' domains and its mailboxes' UPN domains.
+domain_owners AS (
+    SELECT domain, organization_name FROM m365_tenants WHERE domain <> ''
+    UNION
+    SELECT regexp_extract(upn, '@([^@]+)$', 1), organization_name FROM accounts
+),
+sole_domain_owner AS (
+    SELECT domain, min(organization_name) AS organization_name
+    FROM domain_owners
+    WHERE domain <> ''
+    GROUP BY domain
+    HAVING count(*) = 1
+),
+account_orgs AS (
+    SELECT upn, organization_name,
+           bool_or(tenant_domain = regexp_extract(upn, '@([^@]+)$', 1)) AS tenant_has_domain
+    FROM accounts
+    GROUP BY upn, organization_name
+),
+account_ranked AS (
+    SELECT *,
+           count(*) OVER (PARTITION BY upn) AS n_orgs,
+           sum(tenant_has_domain::INTEGER) OVER (PARTITION BY upn) AS n_with_domain
+    FROM account_orgs
+),
+-- Several organizations: the one whose m365 tenant has the UPN's domain, else the first by name.
+account_choice AS (
+    SELECT upn, organization_name, n_orgs
+    FROM account_ranked
+    QUALIFY row_number() OVER (
+        PARTITION BY upn
+        ORDER BY (n_with_domain = 1 AND tenant_has_domain) DESC, lower(organization_name), organization_name
+    ) = 1
+),
+account_summary AS (
+    SELECT upn,
+           bool_or(licensed) AS licensed,
+           first(name ORDER BY lower(name), name) FILTER (WHERE name IS NOT NULL) AS name
+    FROM accounts
+    GROUP BY upn
+),
+saas AS (
+    SELECT lower(trim(coalesce(nullif(trim(username), ''), email))) AS upn,
+           first(trim(display_name) ORDER BY lower(trim(display_name)), trim(display_name))
+               FILTER (WHERE nullif(trim(display_name), '') IS NOT NULL) AS display_name
+    FROM raw.saas_users
+    WHERE nullif(trim(coalesce(nullif(trim(username), ''), email)), '') IS NOT NULL
+    GROUP BY 1
+),
+licenses AS (
+    SELECT user_principal_name AS upn,
+           coalesce(string_agg(license_name, ', ' ORDER BY lower(license_name), license_name)
+                        FILTER (WHERE is_m365_license), '') AS licenses,
+           bool_or(is_m365_license) AS m365,
+           bool_or(is_email_license) AS email
+    FROM core.license_assignments
+    GROUP BY user_principal_name
+),
+keys AS (
+    SELECT upn FROM accounts UNION SELECT upn FROM saas
+),
+resolved AS (
+    SELECT k.upn AS user_principal_name,
+           coalesce(c.organization_name, d.organization_name) AS organization_name,
+           CASE WHEN c.organization_name IS NOT NULL THEN 'backup_account'
+                WHEN d.organization_name IS NOT NULL THEN 'domain' END AS organization_source,
+           coalesce(s.display_name, b.name, k.upn) AS display_name,
+           coalesce(l.licenses, '') AS licenses,
+           -- Rule 6: source S decides for every user it knows; source B stands in otherwise.
+           CASE WHEN s.upn IS NOT NULL THEN coalesce(l.m365, false) ELSE coalesce(b.licensed, false) END
+               AS m365_licensed,
+           CASE WHEN s.upn IS NOT NULL THEN coalesce(l.email, false) ELSE coalesce(b.licensed, false) END
+               AS has_email_license,
+           CASE WHEN s.upn IS NOT NULL THEN 'saas' ELSE 'backup' END AS classification_source,
+           s.upn IS NOT NULL AS known_to_saas,
+           b.upn IS NOT NULL AS known_to_backup,
+           coalesce(c.n_orgs, 0)::INTEGER AS account_organizations
+    FROM keys AS k
+    LEFT JOIN account_choice AS c ON c.upn = k.upn
+    LEFT JOIN sole_domain_owner AS d ON d.domain = regexp_extract(k.upn, '@([^@]+)$', 1)
+    LEFT JOIN account_summary AS b ON b.upn = k.upn
+    LEFT JOIN saas AS s ON s.upn = k.upn
+    LEFT JOIN licenses AS l ON l.upn = k.upn
+)
+SELECT *, organization_name IS NOT NULL AND m365_licensed AS published
+FROM resolved
+ORDER BY organization_name NULLS LAST, user_principal_name;
