@@ -14,8 +14,7 @@ accounts AS (
     SELECT lower(trim(a.upn)) AS upn,
            nullif(trim(a.name), '') AS name,
            coalesce(a.licensed, false) AS licensed,
-           m.organization_name,
-           m.domain AS tenant_domain
+           m.organization_name
     FROM raw.backup_accounts AS a
     JOIN m365_tenants AS m ON m.owner_id = a.owner_id AND m.tenant_id = a.tenant_id
     WHERE a.mailbox AND nullif(trim(a.upn), '') IS NOT NULL
@@ -33,11 +32,15 @@ sole_domain_owner AS (
     GROUP BY domain
     HAVING count(*) = 1
 ),
+-- Whether the organization has an m365 tenant with the UPN's own domain (any of its tenants).
+org_tenant_domains AS (
+    SELECT DISTINCT organization_name, domain FROM m365_tenants
+),
 account_orgs AS (
-    SELECT upn, organization_name,
-           bool_or(tenant_domain = regexp_extract(upn, '@([^@]+)$', 1)) AS tenant_has_domain
-    FROM accounts
-    GROUP BY upn, organization_name
+    SELECT DISTINCT a.upn, a.organization_name, d.domain IS NOT NULL AS tenant_has_domain
+    FROM accounts AS a
+    LEFT JOIN org_tenant_domains AS d
+        ON d.organization_name = a.organization_name AND d.domain = regexp_extract(a.upn, '@([^@]+)$', 1)
 ),
 account_ranked AS (
     SELECT *,
