@@ -6,6 +6,7 @@ from dagster import Definitions, in_process_executor
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import core_assets, core_checks
+from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import PublishPolicy, marts_assets, marts_checks
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
@@ -16,7 +17,7 @@ DATA_DIR = data_dir()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 defs = Definitions(
-    assets=[*raw_assets, *core_assets, *marts_assets],
+    assets=[*raw_assets, *core_assets, *marts_assets, *export_assets],
     asset_checks=[*core_checks, *marts_checks],
     resources={
         "saas": SaasApiResource(

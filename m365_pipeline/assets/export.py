@@ -1,0 +1,158 @@
+"""Export layer: every response the M365 Usage Dashboard API can give, written as files.
+
+The files form one published version (see ``m365_pipeline/publishing.py``): built in a
+private directory and made current in one atomic step, so ``m365-serve`` answers from the
+last good version until a complete new one exists.
+"""
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from m365_pipeline.assets.core import users
+from m365_pipeline.assets.marts import org_summary
+from m365_pipeline.publishing import (
+    CONTENT_TYPES,
+    SORT_FIELDS,
+    VersionWriter,
+    export_dir,
+    export_file_name,
+    iso_z,
+    json_bytes,
+)
+
+GROUP = "export"
+USER_FIELDS = ("user_principal_name", "display_name", "licenses", "has_email_license")
+EXPORT_COLUMNS = "organization_name, user_principal_name, display_name, licenses, has_email_license"
+# Contract rule 9: "case-insensitively" = lower-cased string, then the string itself.
+EXPORT_ORDER = {
+    "organization_name": "lower(organization_name), organization_name, user_principal_name",
+    "user_principal_name": "lower(user_principal_name), user_principal_name, lower(organization_name), "
+                           "organization_name",
+    "display_name": "lower(display_name), display_name, lower(organization_name), organization_name, "
+                    "user_principal_name",
+}
+SUMMARY_SQL = """
+    SELECT organization_name, es_user_count, m365_licensed_user_count, last_collected
+    FROM marts.org_summary ORDER BY lower(organization_name), organization_name
+"""
+
+
+def _sql_path(path: Path) -> str:
+    # COPY takes no parameter for its target; the path is ours (data dir + generated version id).
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+@asset(
+    key=["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
+    description=(
+        "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
+        "export in JSON and CSV for each sort), published atomically under <data dir>/export/current."
+    ),
+)
+def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    root = export_dir(Path(duckdb.database).parent)
+    writer = VersionWriter(root)
+    try:
+        with duckdb.get_connection() as conn:
+            started = time.perf_counter()
+            organizations = conn.execute(SUMMARY_SQL).fetchall()
+            query_time_ms = int((time.perf_counter() - started) * 1000)
+            stamps = [row[3] for row in organizations if row[3] is not None]
+            last_collected = iso_z(min(stamps)) if stamps else None
+            totals = _write_summary(writer, organizations, last_collected, query_time_ms)
+            published_users = _write_users_files(conn, writer, [row[0] for row in organizations])
+            for sort in SORT_FIELDS:
+                _write_exports(conn, writer, sort, published_users, last_collected)
+        writer.commit({"last_collected": last_collected, "totals": totals})
+    except BaseException:
+        writer.abandon()
+        raise
+    context.log.info(f"published version {writer.version_id} to {root / 'current'}")
+    size = sum((writer.path / entry["path"]).stat().st_size for entry in writer.files.values())
+    return MaterializeResult(metadata={
+        "dagster/row_count": published_users,
+        "version": writer.version_id,
+        "path": MetadataValue.path(str(writer.path)),
+        "files": len(writer.files),
+        "bytes": size,
+        "last_collected": last_collected or "never",
+        "query_time_ms": query_time_ms,
+        **totals,
+        "preview": MetadataValue.md(_preview(organizations)),
+    })
+
+
+def _write_summary(writer: VersionWriter, organizations: list[tuple], last_collected: str | None,
+                   query_time_ms: int) -> dict[str, int]:
+    totals = {
+        "total_organizations": len(organizations),
+        "total_es_users": int(sum(row[1] for row in organizations)),
+        "total_m365_licensed_users": int(sum(row[2] for row in organizations)),
+    }
+    body = {
+        "status": "success",
+        "organizations": [
+            {"organization_name": name, "es_user_count": int(es), "m365_licensed_user_count": int(m365)}
+            for name, es, m365, _ in organizations
+        ],
+        "totals": totals,
+        "last_collected": last_collected,
+        "metadata": {"query_time_ms": query_time_ms},
+    }
+    writer.write_bytes("summary", "summary.json", json_bytes(body), CONTENT_TYPES["json"])
+    return totals
+
+
+def _write_users_files(conn, writer: VersionWriter, organization_names: list[str]) -> int:
+    """One file per organization (also for those without users); returns the published user count."""
+    cursor = conn.execute("""
+        SELECT organization_name, user_principal_name, display_name, licenses, has_email_license
+        FROM core.users WHERE published
+        ORDER BY organization_name, user_principal_name""")
+    grouped: dict[str, list[dict]] = {}
+    total = 0
+    while batch := cursor.fetchmany(50_000):
+        for organization, *fields in batch:
+            grouped.setdefault(organization, []).append(dict(zip(USER_FIELDS, fields, strict=True)))
+            total += 1
+    for name in organization_names:
+        rows = grouped.pop(name, [])
+        writer.add_organization(name, json_bytes(
+            {"status": "success", "organization": name, "users": rows, "total_users": len(rows)}))
+    if grouped:  # the blocking invariant check makes this unreachable; never publish it silently
+        raise RuntimeError(f"published users of {len(grouped)} organizations missing from the summary")
+    return total
+
+
+def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_collected: str | None) -> None:
+    """CSV and JSON straight from DuckDB's writers (RFC 4180 quoting, JSON escaping)."""
+    select = f"SELECT {EXPORT_COLUMNS} FROM core.users WHERE published ORDER BY {EXPORT_ORDER[sort]}"
+    csv_path = writer.adopt(f"export:csv:{sort}", export_file_name(sort, "csv"), CONTENT_TYPES["csv"])
+    conn.execute(f"COPY ({select}) TO {_sql_path(csv_path)} (FORMAT csv, HEADER true, QUOTE '\"', ESCAPE '\"')")
+
+    json_path = writer.adopt(f"export:json:{sort}", export_file_name(sort, "json"), CONTENT_TYPES["json"])
+    array_path = json_path.with_suffix(".array")
+    conn.execute(f"COPY ({select}) TO {_sql_path(array_path)} (FORMAT json, ARRAY true)")
+    with json_path.open("wb") as out, array_path.open("rb") as array:
+        out.write(b'{"status":"success","data":')
+        while chunk := array.read(1 << 20):
+            out.write(chunk)
+        out.write(b',"total_records":' + str(records).encode() + b',"last_collected":'
+                  + json_bytes(last_collected) + b"}")
+    array_path.unlink()
+
+
+def _preview(organizations: list[tuple]) -> str:
+    lines = ["| organization | ES users | M365 licensed |", "|---|---:|---:|"]
+    for name, es, m365, _ in organizations[:15]:
+        cell = str(name).replace("|", "\\|")
+        lines.append(f"| {cell} | {es} | {m365} |")
+    return "\n".join(lines)
+
+
+export_assets = [dashboard_api]
+__all__ = ["export_assets", "datetime"]

@@ -1,0 +1,234 @@
+"""Published versions of the Dashboard API: written whole, swapped in one step, read consistently.
+
+Layout under ``<data dir>/export``::
+
+    current -> versions/20261123T230004Z-1a2b3c4d    (a symlink, replaced atomically)
+    versions/<id>/manifest.json                       (written last: a version without it is unfinished)
+    versions/<id>/summary.json, users/<hash>.json, export/<sort>.<json|csv>, and .gz twins
+
+File names never come from organization names: a users file is named by a hash of the name,
+and the manifest maps exact names to files. A reader resolves ``current`` once per request and
+reads everything from that version, so it sees the old version or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+CURRENT = "current"
+VERSIONS = "versions"
+KEEP_VERSIONS = 3  # current + two older ones, so in-flight reads of a replaced version finish
+GZIP_MIN_BYTES = 1024
+SORT_FIELDS = ("organization_name", "user_principal_name", "display_name")
+FORMATS = ("json", "csv")
+CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8"}
+
+
+def export_dir(data_dir: Path) -> Path:
+    return data_dir / "export"
+
+
+def users_file_name(organization_name: str) -> str:
+    """A fixed-length, filesystem-safe name derived from the exact organization name."""
+    digest = hashlib.sha256(organization_name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"users/{digest[:40]}.json"
+
+
+def export_file_name(sort: str, fmt: str) -> str:
+    return f"export/{sort}.{fmt}"
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def http_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def iso_z(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class VersionWriter:
+    """Builds one version in a private directory; ``commit`` makes it current atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+        self.published_at = datetime.now(UTC).replace(microsecond=0)
+        self.version_id = f"{self.published_at.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+        self.path = root / VERSIONS / self.version_id
+        self.path.mkdir()
+        self.files: dict[str, dict[str, Any]] = {}
+        self.organizations: dict[str, str] = {}
+
+    def write_bytes(self, key: str, relative: str, body: bytes, content_type: str) -> None:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+        self.files[key] = {"path": relative, "content_type": content_type}
+
+    def adopt(self, key: str, relative: str, content_type: str) -> Path:
+        """Register a file something else (DuckDB's COPY) writes at the returned path."""
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.files[key] = {"path": relative, "content_type": content_type}
+        return target
+
+    def add_organization(self, name: str, body: bytes) -> None:
+        relative = users_file_name(name)
+        self.write_bytes(f"users:{relative}", relative, body, CONTENT_TYPES["json"])
+        self.organizations[name] = f"users:{relative}"
+
+    def _finish_file(self, entry: dict[str, Any]) -> None:
+        """Hash for the ETag, and a gzip twin for large files, made once here rather than per request."""
+        source = self.path / entry["path"]
+        digest = hashlib.sha256()
+        size = 0
+        gz_path = source.with_name(source.name + ".gz")
+        compress = source.stat().st_size >= GZIP_MIN_BYTES
+        with source.open("rb") as raw, (gzip.GzipFile(gz_path, "wb", compresslevel=6, mtime=0)
+                                        if compress else _NullWriter()) as gz:
+            while chunk := raw.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                gz.write(chunk)
+        entry["size"] = size
+        entry["etag"] = f'"{digest.hexdigest()[:32]}"'
+        if compress:
+            entry["gzip_path"] = entry["path"] + ".gz"
+            entry["gzip_size"] = gz_path.stat().st_size
+
+    def commit(self, metadata: dict[str, Any], workers: int = 2) -> Path:
+        """Finish every file, write the manifest, and swap ``current`` to this version."""
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib and hashlib release the GIL
+            list(pool.map(self._finish_file, self.files.values()))
+        manifest = {
+            "version": self.version_id,
+            "published_at": iso_z(self.published_at),
+            "last_modified": http_timestamp(self.published_at),
+            **metadata,
+            "files": self.files,
+            "organizations": self.organizations,
+        }
+        os.sync()  # every file durable before the manifest says the version is complete
+        (self.path / MANIFEST).write_bytes(json_bytes(manifest))
+        _fsync_file(self.path / MANIFEST)
+        link = self.root / CURRENT
+        staging_link = self.root / f".{CURRENT}.{self.version_id}"
+        staging_link.symlink_to(Path(VERSIONS) / self.version_id)
+        os.replace(staging_link, link)  # atomic on POSIX: readers see old or new
+        _fsync_dir(self.root)
+        prune_versions(self.root)
+        return self.path
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _NullWriter:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def __enter__(self) -> _NullWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_version_dir(root: Path) -> Path | None:
+    link = root / CURRENT
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    path = (root / target).resolve()
+    return path if (path / MANIFEST).is_file() else None
+
+
+def prune_versions(root: Path, keep: int = KEEP_VERSIONS) -> list[str]:
+    """Delete unfinished versions and all but the newest ``keep`` finished ones; never ``current``."""
+    versions = root / VERSIONS
+    current = current_version_dir(root)
+    finished, removed = [], []
+    for entry in sorted(versions.iterdir()) if versions.is_dir() else []:
+        if current is not None and entry.resolve() == current:
+            continue
+        if (entry / MANIFEST).is_file():
+            finished.append(entry)
+        elif time.time() - entry.stat().st_mtime > 60:  # unfinished and not being written right now
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    for entry in finished[: max(0, len(finished) - (keep - 1))]:
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    for stale_link in root.glob(f".{CURRENT}.*"):
+        stale_link.unlink(missing_ok=True)
+    return removed
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    path: Path
+    content_type: str
+    etag: str
+    size: int
+    gzip_path: Path | None
+    gzip_size: int | None
+
+
+class PublishedVersion:
+    """A finished version as the server reads it: the manifest, loaded once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        manifest = json.loads((path / MANIFEST).read_bytes())
+        self.version = manifest["version"]
+        self.last_modified: str = manifest["last_modified"]
+        self.published_at = datetime.strptime(manifest["published_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        self.files = {key: self._file(entry) for key, entry in manifest["files"].items()}
+        self.organizations: dict[str, str] = manifest["organizations"]
+
+    def _file(self, entry: dict[str, Any]) -> PublishedFile:
+        gz = entry.get("gzip_path")
+        return PublishedFile(
+            path=self.path / entry["path"], content_type=entry["content_type"], etag=entry["etag"],
+            size=entry["size"], gzip_path=self.path / gz if gz else None, gzip_size=entry.get("gzip_size"),
+        )
+
+    def summary(self) -> PublishedFile:
+        return self.files["summary"]
+
+    def users(self, organization_name: str) -> PublishedFile | None:
+        key = self.organizations.get(organization_name)
+        return self.files[key] if key else None
+
+    def export(self, sort: str, fmt: str) -> PublishedFile:
+        return self.files[f"export:{fmt}:{sort}"]

@@ -1,0 +1,310 @@
+"""The M365 Usage Dashboard API over the published files, as an RSGI application for granian.
+
+All request logic lives in ``Dashboard.respond`` (plain Python, no I/O beyond reading the
+published version); ``Dashboard.__rsgi__`` only moves bytes. Answers come from precomputed
+files: nothing is queried or compressed per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from m365_pipeline.publishing import (
+    CURRENT,
+    FORMATS,
+    SORT_FIELDS,
+    PublishedFile,
+    PublishedVersion,
+    current_version_dir,
+    export_dir,
+    http_timestamp,
+)
+
+API_PREFIX = "/api/m365/"
+ALLOWED_METHODS = "GET, HEAD, OPTIONS"
+MAX_QUERY_LENGTH = 8192
+MAX_QUERY_FIELDS = 16
+MEMORY_CACHE_BYTES = 64 << 20  # small files are served from memory, large ones by sendfile
+MEMORY_FILE_LIMIT = 4 << 20
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+}
+BASE_HEADERS = (
+    ("access-control-allow-origin", "*"),
+    ("access-control-expose-headers", "ETag, Last-Modified, Content-Disposition"),
+    ("x-content-type-options", "nosniff"),
+)
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    file: Path | None = None  # large bodies go out with sendfile instead of through Python
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or []
+
+
+def error_response(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> Response:
+    body = json.dumps({"status": "error", "error": message}, ensure_ascii=False).encode("utf-8")
+    return Response(status, [*BASE_HEADERS, ("content-type", "application/json"),
+                             ("cache-control", "no-store"), *(extra or [])], body)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """RFC 9110 content negotiation for one coding: gzip (or *) with a non-zero q-value."""
+    if not accept_encoding:
+        return False
+    explicit: float | None = None
+    wildcard: float | None = None
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        coding = coding.strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            explicit = quality
+        elif coding == "*":
+            wildcard = quality
+    chosen = explicit if explicit is not None else wildcard
+    return bool(chosen and chosen > 0)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    if if_none_match.strip() == "*":
+        return True
+    return any(candidate.strip().removeprefix("W/") == etag for candidate in if_none_match.split(","))
+
+
+def not_modified_since(if_modified_since: str, last_modified: datetime) -> bool:
+    try:
+        since = parsedate_to_datetime(if_modified_since)
+    except (TypeError, ValueError, IndexError):
+        return False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return last_modified <= since
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """Form-style decoding (%XX and + for space); each parameter at most once."""
+    if len(query_string) > MAX_QUERY_LENGTH:
+        raise HttpError(414, f"query string longer than {MAX_QUERY_LENGTH} characters")
+    try:
+        parsed = parse_qs(query_string, keep_blank_values=True, encoding="utf-8", errors="strict",
+                          max_num_fields=MAX_QUERY_FIELDS)
+    except UnicodeDecodeError:
+        raise HttpError(400, "query string is not valid UTF-8") from None
+    except ValueError:
+        raise HttpError(400, f"more than {MAX_QUERY_FIELDS} query parameters") from None
+    repeated = sorted(name for name, values in parsed.items() if len(values) > 1)
+    if repeated:
+        raise HttpError(400, f"parameter given more than once: {', '.join(repeated)[:100]}")
+    return {name: values[0] for name, values in parsed.items()}
+
+
+class _ByteCache:
+    """Bytes of small published files, least recently used out first."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self._items: OrderedDict[Path, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> bytes:
+        with self._lock:
+            body = self._items.get(path)
+            if body is not None:
+                self._items.move_to_end(path)
+                return body
+        body = path.read_bytes()
+        with self._lock:
+            if path not in self._items:
+                self._items[path] = body
+                self.used += len(body)
+            while self.used > self.budget and len(self._items) > 1:
+                _, evicted = self._items.popitem(last=False)
+                self.used -= len(evicted)
+        return body
+
+
+class Dashboard:
+    """Answers every documented path from the current published version."""
+
+    def __init__(self, data_dir: Path):
+        self.export_root = export_dir(data_dir)
+        self._lock = threading.Lock()
+        self._target: str | None = None
+        self._version: PublishedVersion | None = None
+        self._cache = _ByteCache(MEMORY_CACHE_BYTES)
+        self._static = self._load_static()
+
+    # -- published data -------------------------------------------------------------------
+    def current(self) -> PublishedVersion | None:
+        """The version ``current`` points at now; re-read only when the link changes."""
+        try:
+            target = os.readlink(self.export_root / CURRENT)
+        except OSError:
+            return None
+        if target != self._target:
+            with self._lock:
+                if target != self._target:
+                    path = current_version_dir(self.export_root)
+                    self._version = PublishedVersion(path) if path else None
+                    self._target = target
+                    self._cache = _ByteCache(MEMORY_CACHE_BYTES)
+        return self._version
+
+    # -- request handling -----------------------------------------------------------------
+    def respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
+        try:
+            if method == "OPTIONS":
+                return self._preflight(headers)
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, f"method {method[:20]} is not allowed; use GET",
+                                [("allow", ALLOWED_METHODS)])
+            if path in self._static:
+                return self._conditional(headers, *self._static[path])
+            if not path.startswith(API_PREFIX):
+                raise HttpError(404, "not found")
+            endpoint = path[len(API_PREFIX):]
+            if endpoint not in ("summary", "users", "export"):
+                raise HttpError(404, "not found")
+            params = parse_query(query_string)
+            version = self.current()
+            if version is None:
+                raise HttpError(404, "no data available: nothing has been published yet "
+                                     "(run the pipeline, e.g. `make demo`)")
+            published, disposition = self._route(endpoint, params, version)
+            return self._published(headers, published, version, disposition)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message, exc.headers)
+
+    def _route(self, endpoint: str, params: dict[str, str], version: PublishedVersion
+               ) -> tuple[PublishedFile, str | None]:
+        if endpoint == "summary":
+            return version.summary(), None
+        if endpoint == "users":
+            org = params.get("org")
+            if not org:
+                raise HttpError(400, "missing required parameter: org")
+            published = version.users(org)
+            if published is None:
+                raise HttpError(404, f"organization not found: {org[:200]}")
+            return published, None
+        fmt = params.get("format", "json")
+        sort = params.get("sort", "organization_name")
+        if fmt not in FORMATS:
+            raise HttpError(400, f"unknown format {fmt[:40]!r}; use one of: {', '.join(FORMATS)}")
+        if sort not in SORT_FIELDS:
+            raise HttpError(400, f"unknown sort {sort[:40]!r}; use one of: {', '.join(SORT_FIELDS)}")
+        disposition = None
+        if fmt == "csv":
+            day = version.published_at.strftime("%Y-%m-%d")
+            disposition = f'attachment; filename="m365-users-{day}.csv"'
+        return version.export(sort, fmt), disposition
+
+    def _published(self, headers: Any, published: PublishedFile, version: PublishedVersion,
+                   disposition: str | None) -> Response:
+        validators = [("etag", published.etag), ("last-modified", version.last_modified)]
+        common = [*BASE_HEADERS, ("cache-control", "no-cache"), ("vary", "Accept-Encoding"), *validators]
+        if self._fresh(headers, published.etag, version.published_at):
+            return Response(304, common)
+        out = [*common, ("content-type", published.content_type)]
+        if disposition:
+            out.append(("content-disposition", disposition))
+        path, size = published.path, published.size
+        if published.gzip_path is not None and accepts_gzip(headers.get("accept-encoding")):
+            path, size = published.gzip_path, published.gzip_size or 0
+            out.append(("content-encoding", "gzip"))
+        if size > MEMORY_FILE_LIMIT:
+            return Response(200, out, file=path)
+        return Response(200, out, self._cache.get(path))
+
+    @staticmethod
+    def _fresh(headers: Any, etag: str, last_modified: datetime) -> bool:
+        if_none_match = headers.get("if-none-match")
+        if if_none_match is not None:
+            return etag_matches(if_none_match, etag)
+        since = headers.get("if-modified-since")
+        return since is not None and not_modified_since(since, last_modified)
+
+    def _conditional(self, headers: Any, body: bytes, content_type: str, etag: str, modified: datetime
+                     ) -> Response:
+        common = [*BASE_HEADERS, ("cache-control", "no-cache"), ("etag", etag),
+                  ("last-modified", http_timestamp(modified)), ("content-security-policy", PAGE_CSP)]
+        if self._fresh(headers, etag, modified):
+            return Response(304, common)
+        return Response(200, [*common, ("content-type", content_type)], body)
+
+    @staticmethod
+    def _preflight(headers: Any) -> Response:
+        requested = headers.get("access-control-request-headers") or ""
+        allowed = ", ".join(h.strip() for h in requested.split(",")
+                            if h.strip() and all(c.isalnum() or c in "-_" for c in h.strip()))[:500]
+        out = [*BASE_HEADERS, ("access-control-allow-methods", ALLOWED_METHODS), ("allow", ALLOWED_METHODS),
+               ("access-control-max-age", "86400")]
+        if allowed:
+            out.append(("access-control-allow-headers", allowed))
+        return Response(204, out)
+
+    @staticmethod
+    def _load_static() -> dict[str, tuple[bytes, str, str, datetime]]:
+        import hashlib
+
+        package = resources.files("m365_pipeline.server").joinpath("static")
+        started = datetime.now(UTC).replace(microsecond=0)
+        loaded = {}
+        for route, (name, content_type) in STATIC_FILES.items():
+            resource = package.joinpath(name)
+            if resource.is_file():
+                body = resource.read_bytes()
+                etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+                loaded[route] = (body, content_type, etag, started)
+        return loaded
+
+    # -- RSGI -------------------------------------------------------------------------------
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.proto != "http":
+            return
+        response = self.respond(scope.method, scope.path, scope.query_string, scope.headers)
+        if scope.method == "HEAD" or response.status in (204, 304):
+            length = response.file.stat().st_size if response.file else len(response.body)
+            headers = response.headers if response.status in (204, 304) else \
+                [*response.headers, ("content-length", str(length))]
+            protocol.response_empty(response.status, headers)
+        elif response.file is not None:
+            protocol.response_file(response.status, response.headers, str(response.file))
+        else:
+            protocol.response_bytes(response.status, response.headers, response.body)
+
+
+def create_app() -> Dashboard:
+    """granian factory: the data directory comes from M365_DATA_DIR (set by ``m365-serve``)."""
+    return Dashboard(Path(os.environ.get("M365_DATA_DIR", "data")).resolve())
