@@ -16,7 +16,10 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m m365_pipeline.demo
+	$(BIN)/python -m m365_pipeline.demo demo
+
+dev: $(STAMP)
+	$(BIN)/python -m m365_pipeline.demo dev
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -5,15 +5,17 @@ private directory and made current in one atomic step, so ``m365-serve`` answers
 last good version until a complete new one exists.
 """
 
+import os
 import time
-from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, FreshnessPolicy, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
-from m365_pipeline.assets.marts import org_summary
+from m365_pipeline.assets.marts import org_summary, org_summary_history
+from m365_pipeline.settings import ANALYTICS_FILE
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     SORT_FIELDS,
@@ -25,6 +27,8 @@ from m365_pipeline.publishing import (
 )
 
 GROUP = "export"
+# Published data turns red in the UI when the nightly 23:00 run has not succeeded for over a day.
+NIGHTLY_FRESHNESS = FreshnessPolicy.time_window(fail_window=timedelta(hours=25), warn_window=timedelta(hours=24))
 USER_FIELDS = ("user_principal_name", "display_name", "licenses", "has_email_license")
 EXPORT_COLUMNS = "organization_name, user_principal_name, display_name, licenses, has_email_license"
 # Contract rule 9: "case-insensitively" = lower-cased string, then the string itself.
@@ -48,6 +52,7 @@ def _sql_path(path: Path) -> str:
 
 @asset(
     key=["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
+    freshness_policy=NIGHTLY_FRESHNESS,
     description=(
         "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
         "export in JSON and CSV for each sort), published atomically under <data dir>/export/current."
@@ -154,5 +159,38 @@ def _preview(organizations: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-export_assets = [dashboard_api]
-__all__ = ["export_assets", "datetime"]
+@asset(
+    key=["export", "analytics_db"], group_name=GROUP, kinds={"duckdb"},
+    deps=[dashboard_api, org_summary_history], freshness_policy=NIGHTLY_FRESHNESS,
+    description=(
+        "analytics.duckdb: the file analysts open (duckdb -readonly data/analytics.duckdb). Same schemas and "
+        "tables as the pipeline's working file, replaced atomically after each successful run, so an open "
+        "analyst session never blocks the night and always sees one consistent snapshot."
+    ),
+)
+def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    source = Path(duckdb.database)
+    target = source.with_name(ANALYTICS_FILE)
+    for stale in source.parent.glob(f".{ANALYTICS_FILE}.*.tmp*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    temporary = source.with_name(f".{ANALYTICS_FILE}.{os.getpid()}.tmp")
+    with duckdb.get_connection() as conn:
+        source_name = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(f"ATTACH {_sql_path(temporary)} AS analytics_copy")
+        try:
+            conn.execute(f'COPY FROM DATABASE "{source_name}" TO analytics_copy')
+        finally:
+            conn.execute("DETACH analytics_copy")
+        tables = conn.execute("""
+            SELECT table_schema || '.' || table_name FROM information_schema.tables
+            WHERE table_catalog = current_database() ORDER BY 1""").fetchall()
+    os.replace(temporary, target)  # readers holding the old file keep their snapshot
+    return MaterializeResult(metadata={
+        "path": MetadataValue.path(str(target)),
+        "bytes": target.stat().st_size,
+        "tables": MetadataValue.md("\n".join(f"- `{name}`" for (name,) in tables)),
+        "open_with": f"duckdb -readonly {target}",
+    })
+
+
+export_assets = [dashboard_api, analytics_db]

@@ -189,14 +189,15 @@ def _land(
             try:
                 stats = pull(staging)
             except VendorError as exc:
-                raise Failure(description=f"{table.qualified}: {exc}") from None
+                # Only an outage is worth the job's retry policy; bad credentials or data are not.
+                raise Failure(description=f"{table.qualified}: {exc}", allow_retries=exc.transient) from None
             metadata.update(stats.as_metadata())
         with duckdb.get_connection() as conn:
             ensure_schema(conn, table.schema)
             try:
                 rows = staging.load(conn, collected_at)
             except VendorError as exc:
-                raise Failure(description=f"{table.qualified}: {exc}") from None
+                raise Failure(description=f"{table.qualified}: {exc}", allow_retries=False) from None
             preview = markdown_preview(conn, f"SELECT * EXCLUDE (collected_at) FROM {table.qualified} LIMIT 5")
     context.log.info(f"{table.qualified}: {rows:,} rows landed")
     return MaterializeResult(metadata={
@@ -214,7 +215,7 @@ def _column_values(duckdb: DuckDBResource, sql: str) -> list[tuple[Any, ...]]:
 
 def _require_some_source(saas: SaasApiResource, backup: BackupApiResource) -> None:
     if not saas.is_configured and not backup.is_configured:
-        raise Failure(description=NEITHER_CONFIGURED)
+        raise Failure(description=NEITHER_CONFIGURED, allow_retries=False)
 
 
 @asset(**_asset_kwargs(SAAS_USERS))

@@ -29,14 +29,26 @@ R = TypeVar("R")
 
 
 class VendorError(RuntimeError):
-    """A vendor call failed in a way retries could not fix. The message is safe to log."""
+    """A vendor call failed in a way retries could not fix. The message is safe to log.
+
+    ``transient`` says whether trying the whole step again later may help (an outage) or not
+    (bad credentials, bad configuration, malformed data).
+    """
+
+    transient = False
 
 
 class VendorAuthError(VendorError):
     """The vendor rejected our credentials (401/403)."""
 
 
-class VendorUnreachableError(VendorError):
+class VendorUnavailableError(VendorError):
+    """Timeouts, 429 and 5xx that outlasted our retries: the vendor may be back later."""
+
+    transient = True
+
+
+class VendorUnreachableError(VendorUnavailableError):
     """The vendor host could not be reached at all."""
 
 
@@ -184,7 +196,7 @@ class VendorClient:
         except requests.exceptions.ConnectionError as exc:
             self.stats.record(retries=self.settings.max_retries, page=False)
             if _is_timeout(exc):
-                raise VendorError(
+                raise VendorUnavailableError(
                     f"{where.describe()} timed out after {self.settings.max_retries + 1} attempts "
                     f"of {self.settings.timeout_s:g} s each"
                 ) from None
@@ -194,7 +206,7 @@ class VendorClient:
             ) from None
         except requests.exceptions.Timeout:
             self.stats.record(retries=self.settings.max_retries, page=False)
-            raise VendorError(
+            raise VendorUnavailableError(
                 f"{where.describe()} timed out after {self.settings.max_retries + 1} attempts "
                 f"of {self.settings.timeout_s:g} s each"
             ) from None
@@ -211,8 +223,9 @@ class VendorClient:
                 f"check {self.auth_variables}"
             )
         if not 200 <= status < 300:
-            hint = f" after {retries} retries" if status in RETRY_STATUSES else ""
-            raise VendorError(
+            transient = status in RETRY_STATUSES
+            hint = f" after {retries} retries" if transient else ""
+            raise (VendorUnavailableError if transient else VendorError)(
                 f"{where.describe()} answered HTTP {status}{hint}: {_safe_excerpt(response)}"
             )
         try:

@@ -1,0 +1,186 @@
+"""``make demo`` and ``make dev``: the whole product on this machine with no vendor account.
+
+demo: start the simulator, run the ``nightly_refresh`` job once, serve the API and dashboard.
+dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
+Ctrl-C stops every process this started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+DAGSTER_YAML = """\
+# Project-local Dagster instance for `make demo` / `make dev` (DAGSTER_HOME was unset).
+telemetry:
+  enabled: false
+run_retries:
+  enabled: true
+"""
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int) -> int:
+    if port_is_free(preferred):
+        return preferred
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_environment(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    if not env.get("DAGSTER_HOME"):
+        home = root / ".dagster_home"
+        home.mkdir(exist_ok=True)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text(DAGSTER_YAML)
+        env["DAGSTER_HOME"] = str(home)
+    env.setdefault("M365_DATA_DIR", str(root / "data"))
+    env["DAGSTER_DISABLE_TELEMETRY"] = "1"
+    return env
+
+
+class Children:
+    """Processes started here; all are stopped on exit, Ctrl-C or SIGTERM."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+        # Own process group, so Ctrl-C in the terminal reaches us once and we stop them in order.
+        proc = subprocess.Popen(args, env=env, start_new_session=True, **kwargs)
+        self.processes.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                say(f"{name} did not stop in 15 s; killing it")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def start_simulator(children: Children, env: dict[str, str]) -> dict[str, str]:
+    port = free_port(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
+    proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port)], env,
+                          stdout=subprocess.PIPE, text=True)
+    variables: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].strip().partition("=")
+            variables[name] = shlex.split(value)[0] if value else ""
+        elif line.startswith("#"):
+            say(f"simulator: {line.lstrip('# ').strip()}")
+            break
+    if proc.poll() is not None or "SAAS_API_BASE_URL" not in variables:
+        raise SystemExit("[demo] the simulator did not start; see its message above")
+    return variables
+
+
+def run_pipeline_once(env: dict[str, str]) -> None:
+    """Run the nightly job in this process, recorded in the Dagster instance `make dev` shows."""
+    os.environ.update(env)
+    from dagster import DagsterInstance
+
+    from m365_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("nightly_refresh")
+    started = time.monotonic()
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+    if not result.success:
+        raise SystemExit("[demo] the pipeline run failed; open `make dev` to see why (the run is in its history)")
+    say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
+
+
+def demo(root: Path, env: dict[str, str], children: Children) -> None:
+    if not port_is_free(5400):
+        raise SystemExit("[demo] port 5400 is in use (another `make demo`?); stop it first")
+    env.update(start_simulator(children, env))
+    run_pipeline_once(env)
+    data_dir = Path(env["M365_DATA_DIR"])
+    children.start("m365-serve", [str(BIN / "m365-serve"), "--port", "5400", "--data-dir", str(data_dir),
+                                  "--no-access-log"], env)
+    time.sleep(1.0)
+    print(f"""
+  M365 Usage Dashboard   http://127.0.0.1:5400/
+  API                    http://127.0.0.1:5400/api/m365/summary
+                         http://127.0.0.1:5400/api/m365/users?org=<name>
+                         http://127.0.0.1:5400/api/m365/export?format=csv
+  DuckDB (analysts)      duckdb -readonly {data_dir / 'analytics.duckdb'}
+  DuckDB (pipeline)      {data_dir / 'm365.duckdb'}
+  Dagster UI             make dev   (then http://127.0.0.1:3000)
+  Vendor simulator       {env['SAAS_API_BASE_URL']} and {env['BACKUP_API_BASE_URL']}
+
+  Ctrl-C stops everything this started.
+""", flush=True)
+
+
+def dev(root: Path, env: dict[str, str], children: Children) -> None:
+    env.update(start_simulator(children, env))
+    port = env.get("M365_DAGSTER_PORT", "3000")
+    say(f"Dagster UI on http://127.0.0.1:{port} (workspace.yaml); Ctrl-C stops it and the simulator")
+    children.start("dagster dev", [str(BIN / "dagster"), "dev", "-w", str(root / "workspace.yaml"),
+                                   "-h", "127.0.0.1", "-p", port], env, cwd=root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m365_pipeline.demo", description=__doc__)
+    parser.add_argument("mode", nargs="?", choices=["demo", "dev"], default="demo")
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    env = prepare_environment(root)
+    children = Children()
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        (demo if args.mode == "demo" else dev)(root, env, children)
+        while all(proc.poll() is None for _, proc in children.processes):
+            time.sleep(0.5)
+        failed = [name for name, proc in children.processes if proc.poll() is not None]
+        say(f"{', '.join(failed)} exited; stopping the rest")
+        return 1
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        children.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

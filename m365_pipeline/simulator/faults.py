@@ -1,0 +1,200 @@
+"""Deterministic, bounded fault injection for the vendor simulator.
+
+Every decision is a pure function of (seed, request target = path+query, how often that target was
+already faulted), so a run with the same seed and the same requests sees the same faults whatever
+the thread interleaving. Transient faults (``fail_once``, ``slow_match``, ``rate_429``, ``rate_5xx``,
+``reset_rate``) share one budget per target: a target is faulted at most ``max_faults_per_url``
+times, so a client that retries enough always gets through. ``malformed_match``,
+``missing_field_match`` and ``down_after`` are permanent by design.
+
+Only targets that were faulted (or matched ``fail_once``) are remembered, which keeps memory
+proportional to the faults, not to the requests, on million-user pulls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+SOURCES = ("saas", "backup")
+SCOPES = ("saas", "backup", "both")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """What to break; the defaults break nothing. Regexes are searched in the request's path+query."""
+
+    scope: str = "both"  # which source the latency and the random faults apply to
+    latency_ms: int = 0
+    slow_match: str | None = None
+    slow_ms: int = 0
+    rate_429: float = 0.0
+    retry_after: int = 1
+    rate_5xx: float = 0.0
+    fail_once: str | None = None
+    reset_rate: float = 0.0
+    malformed_match: str | None = None
+    missing_field_match: str | None = None
+    down_after: int | None = None
+    down_scope: str = "both"
+    max_faults_per_url: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("scope", "down_scope"):
+            if getattr(self, name) not in SCOPES:
+                raise ValueError(f"{name} must be one of {', '.join(SCOPES)}, not {getattr(self, name)!r}")
+        for name in ("rate_429", "rate_5xx", "reset_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {value}")
+        if self.rate_429 + self.rate_5xx + self.reset_rate > 1.0:
+            raise ValueError("rate_429 + rate_5xx + reset_rate must not exceed 1")
+        for name in ("latency_ms", "slow_ms", "retry_after", "max_faults_per_url"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.down_after is not None and self.down_after < 0:
+            raise ValueError("down_after must not be negative")
+        for name in ("slow_match", "fail_once", "malformed_match", "missing_field_match"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
+
+
+@dataclass
+class Plan:
+    """What the server must do to one request before (or instead of) answering it normally."""
+
+    delay_s: float = 0.0
+    status: int | None = None  # answer with this error instead of the real response
+    retry_after: int | None = None
+    reset: bool = False  # drop the connection without any response
+    malformed: bool = False  # a 2xx body is truncated (checked after routing)
+    missing_field: bool = False  # a 2xx body loses one record's key field
+
+
+class Counters:
+    """Thread-safe request, fault and response counters behind ``Simulator.stats()``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, Counter[str]] = {"requests": Counter(), "faults": Counter(),
+                                                    "responses": Counter(), "connections": Counter()}
+
+    def add(self, group: str, key: str) -> None:
+        with self._lock:
+            self._counters[group][key] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {group: dict(counter) for group, counter in self._counters.items()}
+        out["requests_total"] = sum(out["requests"].values())
+        return out
+
+
+@dataclass
+class _TargetState:
+    attempts: int = 0
+    faults: int = 0
+    failed_once: bool = False
+
+
+class FaultInjector:
+    """Decides, per request, which fault (if any) to inject."""
+
+    def __init__(self, config: FaultConfig, seed: int, counters: Counters) -> None:
+        self.config = config
+        self._seed = seed
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._targets: dict[str, _TargetState] = {}
+        self._source_requests: Counter[str] = Counter()
+        self._slow = _compile(config.slow_match)
+        self._fail_once = _compile(config.fail_once)
+        self._malformed = _compile(config.malformed_match)
+        self._missing = _compile(config.missing_field_match)
+        self._random_total = config.rate_429 + config.rate_5xx + config.reset_rate
+
+    def plan(self, source: str | None, target: str) -> Plan:
+        cfg = self.config
+        if source is not None and cfg.down_after is not None and cfg.down_scope in ("both", source):
+            with self._lock:
+                self._source_requests[source] += 1
+                down = self._source_requests[source] > cfg.down_after
+            if down:
+                self._counters.add("faults", "down")
+                return Plan(status=503)
+        in_scope = source is not None and cfg.scope in ("both", source)
+        plan = Plan(malformed=_matches(self._malformed, target), missing_field=_matches(self._missing, target))
+        if in_scope and cfg.latency_ms:
+            plan.delay_s += cfg.latency_ms / 1000
+            self._counters.add("faults", "latency")
+        kind = self._transient(target, in_scope)
+        if kind == "fail_once":
+            plan.status = 503
+        elif kind == "slow":
+            plan.delay_s += cfg.slow_ms / 1000
+        elif kind == "429":
+            plan.status, plan.retry_after = 429, cfg.retry_after
+        elif kind == "5xx":
+            plan.status = (500, 502, 503)[stable_hash(self._seed, "code", target) % 3]
+        elif kind == "reset":
+            plan.reset = True
+        if kind:
+            self._counters.add("faults", kind)
+        return plan
+
+    def _transient(self, target: str, in_scope: bool) -> str | None:
+        cfg = self.config
+        fail_once = _matches(self._fail_once, target)
+        with self._lock:
+            state = self._targets.get(target)
+            attempt = state.attempts if state else 0
+            kind = None
+            if (state.faults if state else 0) < cfg.max_faults_per_url:
+                if fail_once and not (state and state.failed_once):
+                    kind = "fail_once"
+                elif _matches(self._slow, target):
+                    kind = "slow"
+                elif in_scope and self._random_total:
+                    # One uniform draw per (target, attempt) split into the three random fault bands.
+                    u = stable_hash(self._seed, "fault", target, attempt) / 2**128
+                    if u < cfg.reset_rate:
+                        kind = "reset"
+                    elif u < cfg.reset_rate + cfg.rate_429:
+                        kind = "429"
+                    elif u < self._random_total:
+                        kind = "5xx"
+            if kind or state or fail_once:
+                state = state or self._targets.setdefault(target, _TargetState())
+                state.attempts += 1
+                state.faults += kind is not None
+                state.failed_once = state.failed_once or kind == "fail_once"
+        return kind
+
+    def record(self, kind: str) -> None:
+        """Count a fault the server applied after routing (malformed, missing_field)."""
+        self._counters.add("faults", kind)
+
+
+def _compile(pattern: str | None) -> re.Pattern[str] | None:
+    return re.compile(pattern) if pattern else None
+
+
+def _matches(pattern: re.Pattern[str] | None, target: str) -> bool:
+    return bool(pattern and pattern.search(target))
+
+
+def stable_digest(*parts: object, size: int = 16) -> bytes:
+    """A ``size``-byte digest of ``parts`` that, unlike ``hash()``, is the same in every process."""
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=size).digest()
+
+
+def stable_hash(*parts: object, size: int = 16) -> int:
+    return int.from_bytes(stable_digest(*parts, size=size), "big")

@@ -1,0 +1,416 @@
+"""The HTTP side of the simulator: both vendor APIs on one loopback port.
+
+One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, a thread per connection, backlog 256) serves
+
+* source S under ``/api/saas/consolidated-view/v1`` (``Authorization: Bearer``), paged by
+  ``page_size``/``page_number`` as doc 002 shows;
+* source B under ``/api`` (``X-Reseller-Token`` + ``X-Access-Token``), paged by ``page``/``per_page``
+  with ``next_page``/``prev_page`` links as doc 003 shows, including its quirks (201 on
+  ``GET /users/{id}``, ``per_page: 0`` past the end, 401 for a tenant/type mismatch).
+
+Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from m365_pipeline.simulator.dataset import Dataset, Owner, SimulatorConfig
+from m365_pipeline.simulator.faults import Counters, FaultInjector, Plan, stable_hash
+
+SAAS_PREFIX = "/api/saas/consolidated-view/v1"
+BACKUP_PREFIX = "/api"
+SAAS_MAX_PAGE_SIZE = 1000
+BACKUP_MAX_PER_PAGE = 100
+
+_B_UNAUTHORIZED = {"errors": {"user": ["You are not authorized to perform this action"]}}
+_B_BAD_CREDENTIALS = {"errors": {"user": ["Sorry, your credentials is not valid"]}}
+_B_BAD_TYPE = {"errors": {"type": ["Invalid type. Please try again."]}}
+_B_BAD_PER_PAGE = {"errors": {"type": ["Invalid per_page number. Please try again."]}}
+_B_SERVER_ERROR = {"status": 500, "error": "Internal Server Error"}  # the documented answer to a bad page
+_TENANT_TYPES = ("m365", "gws")
+
+# (source, endpoint kind, path pattern); the kind names the counters in Simulator.stats().
+_ROUTES: list[tuple[str, str, re.Pattern[str]]] = [
+    ("saas", "saas_users", re.compile(re.escape(SAAS_PREFIX) + r"/users")),
+    ("saas", "saas_subscriptions", re.compile(re.escape(SAAS_PREFIX) + r"/users/([^/]+)/subscriptions")),
+    ("backup", "backup_owners", re.compile(r"/api/users")),
+    ("backup", "backup_owner", re.compile(r"/api/users/([^/]+)")),
+    ("backup", "backup_tenants", re.compile(r"/api/users/([^/]+)/tenants")),
+    ("backup", "backup_accounts", re.compile(r"/api/users/([^/]+)/tenants/([^/]+)/accounts")),
+]
+# Which record field ``missing_field_match`` removes, per endpoint kind.
+_KEY_FIELDS = {"saas_users": ("items", "id"), "saas_subscriptions": ("items", "id"),
+               "backup_tenants": ("data", "domain"), "backup_accounts": ("data", "upn")}
+
+Response = tuple[int, Any]
+Query = dict[str, list[str]]
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # keep-alive clients may idle forever; stop() closes their sockets instead
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], app: _App) -> None:
+        self.app = app
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        self.app.counters.add("connections", "accepted")
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that time out or hang up mid-response are normal here; anything else is a bug.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # idle keep-alive connections are closed after this
+    disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms delayed-ACK stall
+    server: _HTTPServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.app.handle(self)
+
+    def _method_not_allowed(self) -> None:
+        self.close_connection = True  # the request body, if any, is never read
+        self.server.app.send(self, 405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _method_not_allowed
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Reject(Exception):
+    """An error answer, raised from deep inside an endpoint (auth, validation, lookups)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+class _App:
+    """Routing, authentication, paging and faults; one instance per Simulator."""
+
+    def __init__(self, config: SimulatorConfig, dataset: Dataset, counters: Counters) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.counters = counters
+        self.faults = FaultInjector(config.faults, config.seed, counters)
+
+    def handle(self, handler: _Handler) -> None:
+        target = handler.path
+        parts = urlsplit(target)
+        source, kind, args = _route(parts.path)
+        self.counters.add("requests", kind)
+        plan = self.faults.plan(source, target)
+        if plan.delay_s:
+            time.sleep(plan.delay_s)
+        if plan.reset:
+            _reset(handler)
+        elif plan.status is not None:
+            self._send_fault(handler, source, plan)
+        else:
+            try:
+                status, body = getattr(self, f"_{kind}")(handler, parse_qs(parts.query, keep_blank_values=True),
+                                                         *args)
+                body = _encode(body)
+                if plan.missing_field or plan.malformed:
+                    body = self._damage(kind, target, plan, body)
+            except _Reject as reject:
+                status, body = reject.status, _encode(reject.body)
+            self.send(handler, status, body)
+
+    def send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes,
+             content_type: str = "application/json; charset=utf-8", headers: list[tuple[str, str]] | None = None
+             ) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        for name, value in headers or []:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+        self.counters.add("responses", str(status))
+
+    def _send_fault(self, handler: _Handler, source: str | None, plan: Plan) -> None:
+        assert plan.status is not None
+        if plan.status == 502:  # what a proxy in front of the vendor says: HTML, not JSON
+            self.send(handler, 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+            return
+        headers = [("Retry-After", str(plan.retry_after))] if plan.retry_after is not None else []
+        message = {429: "Too Many Requests", 503: "Service Unavailable"}.get(plan.status, "Internal Server Error")
+        body = {"status": plan.status, "error": message} if source == "backup" else \
+            {"code": plan.status, "message": message}
+        self.send(handler, plan.status, _encode(body), headers=headers)
+
+    def _damage(self, kind: str, target: str, plan: Plan, body: bytes) -> bytes:
+        """Apply the permanent response faults to a successful answer."""
+        if plan.missing_field and kind in _KEY_FIELDS:
+            container, field = _KEY_FIELDS[kind]
+            decoded = json.loads(body)
+            records = decoded[container]
+            if records:
+                del records[stable_hash(self.config.seed, "missing", target) % len(records)][field]
+                self.faults.record("missing_field")
+                body = _encode(decoded)
+        if plan.malformed:
+            self.faults.record("malformed")
+            body = body[: len(body) // 2]
+        return body
+
+    # -- source S -------------------------------------------------------------------------------------
+    def _saas_auth(self, handler: _Handler) -> None:
+        if not _same(handler.headers.get("Authorization"), f"Bearer {self.config.saas_token}"):
+            raise _Reject(401, {"code": 401, "message": "Unauthorized: missing or invalid bearer token"})
+
+    @staticmethod
+    def _saas_page(query: Query, total: int, fetch: Callable[[int, int], list[Any]]) -> Response:
+        size, number = _int_param(query, "page_size", 100), _int_param(query, "page_number", 1)
+        if size is None or not 1 <= size <= SAAS_MAX_PAGE_SIZE:
+            raise _Reject(400, {"code": 400, "message": f"page_size must be an integer from 1 to {SAAS_MAX_PAGE_SIZE}"})
+        if number is None or number < 1:
+            raise _Reject(400, {"code": 400, "message": "page_number must be a positive integer"})
+        start = (number - 1) * size
+        return 200, {"pagination": {"page_size": size, "page_number": number,
+                                    "total_pages": math.ceil(total / size), "total_items": total},
+                     "items": fetch(start, start + size) if start < total else []}
+
+    def _saas_users(self, handler: _Handler, query: Query) -> Response:
+        self._saas_auth(handler)
+        return self._saas_page(query, self.dataset.saas_user_count, self.dataset.saas_user_page)
+
+    def _saas_subscriptions(self, handler: _Handler, query: Query, user_id: str) -> Response:
+        self._saas_auth(handler)
+        subs = self.dataset.subscriptions_of(user_id)
+        if subs is None:
+            raise _Reject(404, {"code": 404, "message": f"User {user_id} not found"})
+        return self._saas_page(query, len(subs), lambda start, stop: subs[start:stop])
+
+    # -- source B -------------------------------------------------------------------------------------
+    def _backup_auth(self, handler: _Handler, access_token: str | None) -> None:
+        headers = handler.headers
+        if not (_same(headers.get("X-Reseller-Token"), self.config.reseller_token)
+                and access_token is not None and _same(headers.get("X-Access-Token"), access_token)):
+            raise _Reject(401, _B_UNAUTHORIZED)
+
+    def _owner(self, handler: _Handler, owner_id: str) -> Owner:
+        """The owner whose own token authenticates this request (an unknown owner is a 401 too)."""
+        owner = self.dataset.owner(owner_id)
+        self._backup_auth(handler, owner.token if owner else None)
+        assert owner is not None
+        return owner
+
+    def _backup_owners(self, handler: _Handler, query: Query) -> Response:
+        self._backup_auth(handler, self.config.admin_token)
+        records = [self.dataset.owner_record(owner, full=False) for owner in self.dataset.owners]
+        for name in ("email", "external_id"):  # the documented optional filters
+            if name in query:
+                wanted = query[name][0].lower()
+                records = [r for r in records if str(r[name] or "").lower() == wanted]
+        return 200, records
+
+    def _backup_owner(self, handler: _Handler, query: Query, owner_id: str) -> Response:
+        self._backup_auth(handler, self.config.admin_token)
+        owner = self.dataset.owner(owner_id)
+        if owner is None:
+            raise _Reject(404, {"errors": {"user": ["Record not found"]}})
+        return 201, self.dataset.owner_record(owner, full=True)
+
+    def _backup_tenants(self, handler: _Handler, query: Query, owner_id: str) -> Response:
+        owner = self._owner(handler, owner_id)
+        type_ = _str_param(query, "type")
+        if type_ is not None and type_ not in _TENANT_TYPES:
+            raise _Reject(400, _B_BAD_TYPE)
+        tenants = [t for t in self.dataset.tenant_records(owner) if type_ is None or t["type"] == type_]
+        return _backup_page(query, f"/api/users/{owner.id}/tenants", type_, len(tenants),
+                            lambda start, stop: tenants[start:stop])
+
+    def _backup_accounts(self, handler: _Handler, query: Query, owner_id: str, tenant_id: str) -> Response:
+        owner = self._owner(handler, owner_id)
+        tenant = self.dataset.tenant(owner, tenant_id)
+        type_ = _str_param(query, "type")
+        if tenant is None or type_ != tenant.type:
+            raise _Reject(401, _B_BAD_CREDENTIALS)
+        return _backup_page(query, f"/api/users/{owner.id}/tenants/{tenant.id}/accounts", type_,
+                            tenant.account_count,
+                            lambda start, stop: self.dataset.account_page(owner, tenant, start, stop))
+
+    def _unknown(self, handler: _Handler, query: Query) -> Response:
+        raise _Reject(404, {"error": "Not found", "path": urlsplit(handler.path).path})
+
+
+def _route(path: str) -> tuple[str | None, str, tuple[str, ...]]:
+    for source, kind, pattern in _ROUTES:
+        if match := pattern.fullmatch(path):
+            return source, kind, match.groups()
+    source = "saas" if path.startswith(SAAS_PREFIX) else "backup" if path.startswith(BACKUP_PREFIX + "/") else None
+    return source, "unknown", ()
+
+
+def _backup_page(query: Query, path: str, type_: str | None, total: int,
+                 fetch: Callable[[int, int], list[Any]]) -> Response:
+    """Doc 003's paging: links only where a neighbour page exists; ``per_page: 0`` past the end."""
+    per_page = _int_param(query, "per_page", BACKUP_MAX_PER_PAGE)
+    if per_page is None or not 1 <= per_page <= BACKUP_MAX_PER_PAGE:
+        raise _Reject(400, _B_BAD_PER_PAGE)
+    page = _int_param(query, "page", 1)
+    if page is None or page < 1:
+        raise _Reject(500, _B_SERVER_ERROR)
+    last = max(1, math.ceil(total / per_page))
+    explicit_per_page = _str_param(query, "per_page") is not None
+
+    def url(number: int) -> str:
+        params = ([("type", type_)] if type_ else []) + [("page", number)]
+        return f"{path}?{urlencode(params + ([('per_page', per_page)] if explicit_per_page else []))}"
+
+    if page > last:
+        return 200, {"pagination": {"current_page": page, "per_page": 0, "prev_page": last, "prev_url": url(last)},
+                     "data": []}
+    pagination: dict[str, Any] = {"current_page": page, "per_page": per_page}
+    if page < last:
+        pagination.update(next_page=page + 1, next_url=url(page + 1))
+    if page > 1:
+        pagination.update(prev_page=page - 1, prev_url=url(page - 1))
+    start = (page - 1) * per_page
+    return 200, {"pagination": pagination, "data": fetch(start, start + per_page)}
+
+
+def _str_param(query: Query, name: str) -> str | None:
+    """A query parameter, None when absent or blank (doc 003: blank means the default)."""
+    value = query.get(name, [""])[0]
+    return value if value != "" else None
+
+
+def _int_param(query: Query, name: str, default: int) -> int | None:
+    """The parameter as an int, ``default`` when absent or blank, None when it is not an integer."""
+    value = _str_param(query, name)
+    if value is None:
+        return default
+    return int(value) if re.fullmatch(r"[0-9]{1,12}", value) else None
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
+
+
+def _encode(body: Any) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _reset(handler: BaseHTTPRequestHandler) -> None:
+    """Abort the connection: SO_LINGER 0 makes close() send RST instead of FIN."""
+    handler.close_connection = True
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()
+
+
+class Simulator:
+    """Both vendor APIs on ``host:port`` in a background thread (``port=0`` picks a free port).
+
+    ``with Simulator(config) as sim:`` starts and stops it; ``sim.env`` holds the variables that
+    point the pipeline at it; ``sim.dataset`` is what it serves; ``sim.stats()`` what happened.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or SimulatorConfig()
+        self.host = host
+        self._requested_port = port
+        self.dataset = Dataset(self.config)
+        self._counters = Counters()
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Simulator:
+        """Bind and serve; raises OSError when the address is taken."""
+        if self._server is None:
+            server = _HTTPServer((self.host, self._requested_port),
+                                 _App(self.config, self.dataset, self._counters))
+            self._server = server
+            self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name=f"m365-simulate:{self.port}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the simulator is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def saas_base_url(self) -> str:
+        return self.base_url + SAAS_PREFIX
+
+    @property
+    def backup_base_url(self) -> str:
+        return self.base_url + BACKUP_PREFIX
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SAAS_API_BASE_URL": self.saas_base_url, "SAAS_API_TOKEN": self.config.saas_token,
+                "BACKUP_API_BASE_URL": self.backup_base_url, "BACKUP_RESELLER_TOKEN": self.config.reseller_token,
+                "BACKUP_ADMIN_TOKEN": self.config.admin_token}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``requests`` per endpoint kind (``saas_users``, ``saas_subscriptions``, ``backup_owners``,
+        ``backup_owner``, ``backup_tenants``, ``backup_accounts``, ``unknown``), ``faults`` per kind
+        (``latency``, ``slow``, ``429``, ``5xx``, ``reset``, ``fail_once``, ``malformed``,
+        ``missing_field``, ``down``), ``responses`` per status code, ``connections`` accepted, and
+        ``requests_total``."""
+        return self._counters.snapshot()
