@@ -49,6 +49,15 @@ def free_port(preferred: int) -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if not port_is_free(port):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"[demo] m365-serve did not start listening on port {port}; see its message above")
+
+
 def prepare_environment(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     if not env.get("DAGSTER_HOME"):
@@ -126,19 +135,21 @@ def run_pipeline_once(env: dict[str, str]) -> None:
 
 
 def demo(root: Path, env: dict[str, str], children: Children) -> None:
-    if not port_is_free(5400):
-        raise SystemExit("[demo] port 5400 is in use (another `make demo`?); stop it first")
+    port = int(env.get("M365_DEMO_PORT", "5400"))
+    if not port_is_free(port):
+        raise SystemExit(f"[demo] port {port} is in use (another `make demo`?); stop it or set M365_DEMO_PORT")
     env.update(start_simulator(children, env))
     run_pipeline_once(env)
     data_dir = Path(env["M365_DATA_DIR"])
-    children.start("m365-serve", [str(BIN / "m365-serve"), "--port", "5400", "--data-dir", str(data_dir),
-                                  "--no-access-log"], env)
-    time.sleep(1.0)
+    server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
+                                           str(data_dir), "--no-access-log"], env)
+    wait_until_listening(port, server)
+    base = f"http://127.0.0.1:{port}"
     print(f"""
-  M365 Usage Dashboard   http://127.0.0.1:5400/
-  API                    http://127.0.0.1:5400/api/m365/summary
-                         http://127.0.0.1:5400/api/m365/users?org=<name>
-                         http://127.0.0.1:5400/api/m365/export?format=csv
+  M365 Usage Dashboard   {base}/
+  API                    {base}/api/m365/summary
+                         {base}/api/m365/users?org=<name>
+                         {base}/api/m365/export?format=csv
   DuckDB (analysts)      duckdb -readonly {data_dir / 'analytics.duckdb'}
   DuckDB (pipeline)      {data_dir / 'm365.duckdb'}
   Dagster UI             make dev   (then http://127.0.0.1:3000)

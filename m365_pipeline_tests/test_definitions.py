@@ -1,0 +1,88 @@
+"""The code location as the Dagster UI and the daemon load it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+from dagster import AssetKey, DefaultScheduleStatus
+
+EXPECTED_ASSETS = {
+    ("raw", "saas_users"), ("raw", "saas_user_subscriptions"), ("raw", "backup_organizations"),
+    ("raw", "backup_tenants"), ("raw", "backup_accounts"), ("core", "license_rules"),
+    ("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
+    ("marts", "org_summary_history"), ("export", "dashboard_api"), ("export", "analytics_db"),
+}
+
+
+def load_definitions(monkeypatch, tmp_path, **env):
+    monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop("m365_pipeline.definitions", None)
+    return importlib.import_module("m365_pipeline.definitions").defs
+
+
+def test_nightly_job_covers_every_asset_and_runs_in_one_process(monkeypatch, tmp_path):
+    defs = load_definitions(monkeypatch, tmp_path)
+    job = defs.resolve_job_def("nightly_refresh")
+    keys = {tuple(key.path) for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == EXPECTED_ASSETS
+    assert {tuple(k.path) for k in job.asset_layer.executable_asset_keys} == EXPECTED_ASSETS
+    assert job.executor_def.name == "in_process"
+    assert job.tags.get("dagster/max_retries") == "1"
+
+
+def test_schedule_runs_at_2300_in_utc_by_default_and_is_on(monkeypatch, tmp_path):
+    monkeypatch.delenv("M365_SCHEDULE_TIMEZONE", raising=False)
+    schedule = load_definitions(monkeypatch, tmp_path).resolve_schedule_def("nightly_refresh_at_2300")
+    assert schedule.cron_schedule == "0 23 * * *"
+    assert schedule.execution_timezone == "UTC"
+    assert schedule.job_name == "nightly_refresh"
+    assert schedule.default_status == DefaultScheduleStatus.RUNNING
+
+
+def test_schedule_timezone_comes_from_the_environment(monkeypatch, tmp_path):
+    defs = load_definitions(monkeypatch, tmp_path, M365_SCHEDULE_TIMEZONE="Europe/Berlin")
+    assert defs.resolve_schedule_def("nightly_refresh_at_2300").execution_timezone == "Europe/Berlin"
+
+
+def test_a_bad_timezone_is_a_clear_configuration_error(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="M365_SCHEDULE_TIMEZONE='Mars/Olympus' is not an IANA time zone"):
+        load_definitions(monkeypatch, tmp_path, M365_SCHEDULE_TIMEZONE="Mars/Olympus")
+
+
+def test_ui_metadata_groups_kinds_descriptions_and_column_schemas(monkeypatch, tmp_path):
+    defs = load_definitions(monkeypatch, tmp_path)
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.group_name == key.path[0], key
+        assert node.description and "row" in node.description.lower() or key.path[0] == "export", key
+        assert node.kinds, key
+        if key.path[0] in ("raw", "core", "marts"):
+            schema = node.metadata["dagster/column_schema"]
+            assert schema.columns, key
+            assert node.metadata["dagster/table_name"] == ".".join(key.path)
+    for key in (AssetKey(["export", "dashboard_api"]), AssetKey(["export", "analytics_db"])):
+        assert graph.get(key).freshness_policy is not None
+
+
+def test_checks_sit_on_the_assets_they_guard(monkeypatch, tmp_path):
+    defs = load_definitions(monkeypatch, tmp_path)
+    checks = {(tuple(k.asset_key.path), k.name) for k in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {
+        (("core", "users"), "unassigned_users"),
+        (("core", "users"), "upn_in_several_organizations"),
+        (("core", "license_assignments"), "new_license_names"),
+        (("marts", "org_summary"), "contract_invariants"),
+        (("marts", "org_summary"), "pull_is_plausible"),
+    }
+
+
+def test_tokens_are_configured_as_env_vars_so_the_ui_shows_names_not_values(monkeypatch, tmp_path):
+    defs = load_definitions(monkeypatch, tmp_path, SAAS_API_BASE_URL="http://127.0.0.1:1/v1",
+                            SAAS_API_TOKEN="do-not-show-me")
+    saas = defs.resources["saas"]
+    assert "do-not-show-me" not in repr(saas)
