@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import duckdb
 
@@ -56,3 +57,16 @@ def test_analytics_copy_has_the_same_schemas_and_tables_as_the_working_file(star
         assert copy.execute(listing).fetchall() == tables
         assert {t: copy.execute(f"SELECT count(*) FROM {t[0]}.{t[1]}").fetchone() for t in tables} == counts
     assert {schema for schema, _ in tables} == {"raw", "core", "marts"}
+
+
+def test_the_readme_analyst_command_opens_the_copy(start_simulator, tmp_path):
+    """`duckdb -readonly data/analytics.duckdb` (the CLI the venv ships) reads tonight's summary."""
+    data_dir = tmp_path / "data"
+    run_pipeline(start_simulator(orgs=5, users_per_org=6, seed=3), data_dir)
+    cli = Path(sys.executable).parent / "duckdb"
+    out = subprocess.run(
+        [str(cli), "-readonly", str(data_dir / "analytics.duckdb"), "-csv", "-c",
+         "SELECT count(*) AS orgs FROM marts.org_summary"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert out.split() == ["orgs", "5"]

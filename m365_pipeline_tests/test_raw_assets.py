@@ -219,15 +219,18 @@ def test_no_token_reaches_the_duckdb_file_the_logs_or_errors(start_simulator, db
             assert secret.encode() not in blob, f"a token leaked into {where}"
 
 
-def test_dagster_cli_materializes_the_raw_layer_against_the_simulator(simulator, tmp_path):
+@pytest.mark.parametrize("selection", ["key:raw/*", "*"])
+def test_dagster_cli_materializes_against_the_simulator(simulator, tmp_path, selection):
+    """The README's `dagster asset materialize -m m365_pipeline.definitions --select ...`."""
     data_dir = tmp_path / "data"
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = {**os.environ, **simulator.env, "M365_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home)}
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "m365_pipeline.definitions",
-         "--select", "key:raw/*"],
+         "--select", selection],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_landed_exactly(simulator, data_dir / "m365.duckdb")
+    assert (data_dir / "export" / "current").exists() is (selection == "*")

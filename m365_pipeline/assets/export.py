@@ -27,6 +27,7 @@ from m365_pipeline.publishing import (
 )
 
 GROUP = "export"
+ANALYTICS_STORAGE = "v1.2.0"
 # Published data turns red in the UI when the nightly 23:00 run has not succeeded for over a day.
 NIGHTLY_FRESHNESS = FreshnessPolicy.time_window(fail_window=timedelta(hours=25), warn_window=timedelta(hours=24))
 USER_FIELDS = ("user_principal_name", "display_name", "licenses", "has_email_license")
@@ -176,7 +177,9 @@ def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mate
     temporary = source.with_name(f".{ANALYTICS_FILE}.{os.getpid()}.tmp")
     with duckdb.get_connection() as conn:
         source_name = conn.execute("SELECT current_database()").fetchone()[0]
-        conn.execute(f"ATTACH {_sql_path(temporary)} AS analytics_copy")
+        # An older storage format, so analysts' tools (the duckdb CLI, DBeaver's driver) that lag
+        # behind our DuckDB can still open the file.
+        conn.execute(f"ATTACH {_sql_path(temporary)} AS analytics_copy (STORAGE_VERSION '{ANALYTICS_STORAGE}')")
         try:
             conn.execute(f'COPY FROM DATABASE "{source_name}" TO analytics_copy')
         finally:
