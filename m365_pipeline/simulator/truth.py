@@ -3,14 +3,16 @@
 Deliberately independent of the pipeline (no DuckDB, no SQL, no shared helpers) and of the
 generator's internals: it reads only the records the two APIs serve, through the dataset's public
 iterators, so the pipeline's published numbers can be compared with it. Interpretations where
-DESIGN.md leaves room (documented in the package docstring of ``m365_pipeline.simulator``):
+DESIGN.md leaves room:
 
 * rule-2 accounts are accounts of m365 tenants with ``mailbox`` true; key = ``upn.strip().lower()``;
 * a UPN with rule-2 accounts in several orgs goes to the one candidate that has an m365 tenant whose
   ``domain`` is the UPN's domain, if exactly one has, else to the first candidate by rule 9;
 * two S records with one key: their subscriptions are united, the display name is the smallest;
 * display names and B names are compared and published stripped;
-* a subscription whose applicationName and name are both empty is not a license.
+* an S user's UPN is ``username`` unless it is null, empty or blank, then ``email``;
+* a subscription whose applicationName and name are both empty is not a license;
+* ``unassigned_users`` counts every user without an organization, licensed or not.
 """
 
 from __future__ import annotations
@@ -54,7 +56,12 @@ def _smallest(names: list[str | None]) -> str | None:
 
 
 def ground_truth(source: Dataset | SimulatorConfig) -> dict[str, Any]:
-    """The expected pipeline output for everything ``source`` serves (see the package docstring)."""
+    """The expected pipeline output for everything ``source`` serves.
+
+    ``{"organizations": [{organization_name, es_user_count, m365_licensed_user_count}] (rule 9 order),
+    "totals": {...}, "users": {organization_name: [{user_principal_name, display_name, licenses,
+    has_email_license}]}, "unassigned_users": n, "multi_org_upns": [...], "raw_counts": {...}}``
+    """
     ds = source if isinstance(source, Dataset) else Dataset(source)
     # Millions of long-lived records and no cycles: the cyclic GC would only rescan them again and again.
     gc_was_enabled = gc.isenabled()
@@ -97,7 +104,7 @@ def _ground_truth(ds: Dataset) -> dict[str, Any]:
     saas_licenses: dict[str, list[tuple[str, bool]]] = defaultdict(list)
     for user in ds.saas_users():
         raw["saas_users"] += 1
-        upn = user["username"] if user["username"] else user["email"]
+        upn = user["username"] if (user["username"] or "").strip() else user["email"]
         key = (upn or "").strip().lower()
         saas_names[key].append(user["displayName"])
         licenses = saas_licenses[key]

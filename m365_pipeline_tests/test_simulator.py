@@ -1,0 +1,604 @@
+"""The vendor simulator over real HTTP on 127.0.0.1: paging, tokens, data mess, faults, scale, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import requests
+
+from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
+
+SMALL = SimulatorConfig(orgs=5, users_per_org=10, seed=1)
+SAAS = {"Authorization": f"Bearer {SMALL.saas_token}"}
+CLI = [sys.executable, "-m", "m365_pipeline.simulator.cli"]
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    with Simulator(SMALL) as running:
+        yield running
+
+
+def backup_headers(token: str = SMALL.admin_token, reseller: str = SMALL.reseller_token) -> dict[str, str]:
+    return {"X-Reseller-Token": reseller, "X-Access-Token": token}
+
+
+def owner_headers(sim: Simulator, index: int) -> dict[str, str]:
+    return backup_headers(sim.dataset.owners[index].token)
+
+
+def saas_get(sim: Simulator, path: str, **params: Any) -> requests.Response:
+    return requests.get(sim.saas_base_url + path, params=params, headers=SAAS, timeout=10)
+
+
+def backup_get(sim: Simulator, path: str, headers: dict[str, str] | None = None, **params: Any
+               ) -> requests.Response:
+    return requests.get(sim.backup_base_url + path, params=params, headers=headers or backup_headers(), timeout=10)
+
+
+def walk_saas(sim: Simulator, path: str, page_size: int) -> tuple[list[dict[str, Any]], int]:
+    """All items, following total_pages as DESIGN.md says; returns (items, pages fetched)."""
+    items: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        body = saas_get(sim, path, page_size=page_size, page_number=page).json()
+        assert body["pagination"]["page_size"] == page_size and body["pagination"]["page_number"] == page
+        items += body["items"]
+        if page >= body["pagination"]["total_pages"]:
+            assert len(items) == body["pagination"]["total_items"]
+            return items, page
+        page += 1
+
+
+def walk_backup(sim: Simulator, path: str, headers: dict[str, str], per_page: int, **params: Any
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All records, following next_page until it is absent; returns (records, paginations)."""
+    records, paginations, page = [], [], 1
+    while True:
+        body = backup_get(sim, path, headers, page=page, per_page=per_page, **params).json()
+        records += body["data"]
+        paginations.append(body["pagination"])
+        if "next_page" not in body["pagination"]:
+            return records, paginations
+        page = body["pagination"]["next_page"]
+
+
+def tenant_path(sim: Simulator, owner: int, tenant: int = 0) -> str:
+    o = sim.dataset.owners[owner]
+    return f"/users/{o.id}/tenants/{o.tenants[tenant].id}/accounts"
+
+
+# --- source S paging -------------------------------------------------------------------------------
+@pytest.mark.parametrize("page_size", [1, 7, 100, 1000])
+def test_saas_users_page_by_total_pages_and_match_the_dataset(sim: Simulator, page_size: int) -> None:
+    items, pages = walk_saas(sim, "/users", page_size)
+    total = sim.dataset.saas_user_count
+    assert pages == -(-total // page_size)
+    assert items == list(sim.dataset.saas_users())
+    assert len({u["id"] for u in items}) == total
+
+
+def test_saas_default_page_past_the_end_and_fields(sim: Simulator) -> None:
+    body = saas_get(sim, "/users").json()
+    assert body["pagination"] == {"page_size": 100, "page_number": 1, "total_pages": 1,
+                                  "total_items": sim.dataset.saas_user_count}
+    assert set(body["items"][0]) == {
+        "country", "createdDate", "department", "discoveryTypes", "displayName", "email", "id", "isEnabled",
+        "isInReview", "isOnline", "isQualified", "lastActive", "licenseCount", "potentialSavings", "status",
+        "userCostPerMonth", "username"}
+    past = saas_get(sim, "/users", page_size=10, page_number=99).json()
+    assert past["items"] == [] and past["pagination"]["total_pages"] == -(-sim.dataset.saas_user_count // 10)
+
+
+def test_saas_with_no_users_has_zero_pages() -> None:
+    with Simulator(SimulatorConfig(orgs=0, users_per_org=10)) as empty:
+        assert saas_get(empty, "/users").json() == {
+            "pagination": {"page_size": 100, "page_number": 1, "total_pages": 0, "total_items": 0}, "items": []}
+
+
+@pytest.mark.parametrize("params", [{"page_size": 1001}, {"page_size": 0}, {"page_size": "ten"},
+                                    {"page_number": 0}, {"page_number": "x"}])
+def test_saas_rejects_bad_paging_with_400_json(sim: Simulator, params: dict[str, Any]) -> None:
+    response = saas_get(sim, "/users", **params)
+    assert response.status_code == 400 and response.json()["code"] == 400
+
+
+def test_saas_subscriptions_page_and_unknown_users_are_404(sim: Simulator) -> None:
+    zoo = next(u for u in sim.dataset.saas_users() if u["email"].startswith("license.zoo@"))
+    subs, pages = walk_saas(sim, f"/users/{zoo['id']}/subscriptions", page_size=5)
+    assert pages > 3 and subs == list(sim.dataset.saas_subscriptions(zoo["id"]))
+    assert set(subs[0]) == {"applicationId", "applicationName", "discoverySource", "discoveryType",
+                            "firstDiscovered", "id", "lastActivity", "name", "potentialSavings",
+                            "totalCostPerMonth", "vendor", "vendorId"}
+    tampered = ("0" if zoo["id"][0] != "0" else "1") + zoo["id"][1:]
+    last_group = zoo["id"][:-12] + "fffff0000000"
+    for bad in (tampered, last_group, "not-a-uuid", "2f86b198-04f3-4770-ad08-b32518206da0"):
+        response = saas_get(sim, f"/users/{bad}/subscriptions")
+        assert response.status_code == 404 and response.json()["code"] == 404
+
+
+# --- source B paging -------------------------------------------------------------------------------
+def test_backup_tenants_follow_the_documented_paging(sim: Simulator) -> None:
+    acme = sim.dataset.owners[0]
+    path = f"/users/{acme.id}/tenants"
+    records, paginations = walk_backup(sim, path, owner_headers(sim, 0), per_page=1)
+    assert records == list(sim.dataset.backup_tenants(acme.id)) and len(records) == 3
+    assert paginations[0] == {"current_page": 1, "per_page": 1, "next_page": 2,
+                              "next_url": f"/api{path}?page=2&per_page=1"}
+    assert paginations[1]["prev_url"] == f"/api{path}?page=1&per_page=1" and paginations[1]["next_page"] == 3
+    assert paginations[-1] == {"current_page": 3, "per_page": 1, "prev_page": 2,
+                               "prev_url": f"/api{path}?page=2&per_page=1"}
+    assert set(records[0]) == {"id", "organization_id", "created_at", "updated_at", "domain", "status",
+                               "total_users", "type"}
+    # No paging parameters: everything on one page, no links (doc 003's first example).
+    whole = backup_get(sim, path, owner_headers(sim, 0)).json()
+    assert whole["pagination"] == {"current_page": 1, "per_page": 100} and whole["data"] == records
+    past = backup_get(sim, path, owner_headers(sim, 0), type="m365", page=5).json()
+    assert past == {"pagination": {"current_page": 5, "per_page": 0, "prev_page": 1,
+                                   "prev_url": f"/api{path}?type=m365&page=1"}, "data": []}
+
+
+@pytest.mark.parametrize(("type_", "expected"), [("m365", 2), ("gws", 1), ("", 3)])
+def test_backup_tenant_type_filter(sim: Simulator, type_: str, expected: int) -> None:
+    body = backup_get(sim, f"/users/{sim.dataset.owners[0].id}/tenants", owner_headers(sim, 0), type=type_).json()
+    assert len(body["data"]) == expected and all(t["type"] == type_ for t in body["data"] if type_)
+
+
+@pytest.mark.parametrize(("params", "status", "body"), [
+    ({"per_page": 101}, 400, {"errors": {"type": ["Invalid per_page number. Please try again."]}}),
+    ({"per_page": 0}, 400, {"errors": {"type": ["Invalid per_page number. Please try again."]}}),
+    ({"type": "M365"}, 400, {"errors": {"type": ["Invalid type. Please try again."]}}),
+    ({"page": 0}, 500, {"status": 500, "error": "Internal Server Error"}),
+])
+def test_backup_rejects_bad_parameters_as_documented(sim: Simulator, params: dict[str, Any], status: int,
+                                                     body: dict[str, Any]) -> None:
+    response = backup_get(sim, f"/users/{sim.dataset.owners[0].id}/tenants", owner_headers(sim, 0), **params)
+    assert (response.status_code, response.json()) == (status, body)
+
+
+@pytest.mark.parametrize("per_page", [3, 100])
+def test_backup_accounts_page_with_next_page_and_per_page_0_past_the_end(sim: Simulator, per_page: int) -> None:
+    acme = sim.dataset.owners[0]
+    path = tenant_path(sim, 0)
+    records, paginations = walk_backup(sim, path, owner_headers(sim, 0), per_page, type="m365")
+    assert records == list(sim.dataset.backup_accounts(acme.id, acme.tenants[0].id))
+    assert len(paginations) == -(-len(records) // per_page)
+    assert "prev_page" not in paginations[0] and "next_page" not in paginations[-1]
+    assert all(p["per_page"] == per_page for p in paginations)
+    assert set(records[0]) == {"name", "email", "upn", "mailbox", "licensed", "status", "type", "tenant_status",
+                               "created_at", "updated_at"}
+    after = len(paginations) + 1
+    past = backup_get(sim, path, owner_headers(sim, 0), type="m365", page=after, per_page=per_page).json()
+    assert past["data"] == [] and past["pagination"]["per_page"] == 0
+    assert past["pagination"]["prev_page"] == len(paginations) and "next_page" not in past["pagination"]
+
+
+@pytest.mark.parametrize(("owner", "tenant", "type_"), [
+    (0, 0, "gws"),    # the tenant's type is m365
+    (0, 2, "m365"),   # the tenant's type is gws
+    (0, 0, None),     # type is required
+    (1, 0, "m365"),   # owner 1's tenant under owner 0's path
+])
+def test_backup_accounts_with_wrong_type_or_foreign_tenant_are_401(sim: Simulator, owner: int, tenant: int,
+                                                                   type_: str | None) -> None:
+    foreign = sim.dataset.owners[owner].tenants[tenant].id
+    path = f"/users/{sim.dataset.owners[0].id}/tenants/{foreign}/accounts"
+    response = backup_get(sim, path, owner_headers(sim, 0), **({"type": type_} if type_ else {}))
+    assert response.status_code == 401
+    assert response.json() == {"errors": {"user": ["Sorry, your credentials is not valid"]}}
+
+
+# --- tokens and documented status codes --------------------------------------------------------
+UNAUTHORIZED = {"errors": {"user": ["You are not authorized to perform this action"]}}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": SMALL.saas_token},
+                                     {"Authorization": f"Basic {SMALL.saas_token}"}])
+def test_saas_needs_the_bearer_token(sim: Simulator, headers: dict[str, str]) -> None:
+    for path in ("/users", f"/users/{next(sim.dataset.saas_users())['id']}/subscriptions"):
+        response = requests.get(sim.saas_base_url + path, headers=headers, timeout=10)
+        assert response.status_code == 401 and response.headers["Content-Type"].startswith("application/json")
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/users", backup_headers(reseller="wrong")),
+    ("/users", backup_headers(token="wrong")),
+    ("/users", {"X-Reseller-Token": SMALL.reseller_token}),
+    ("/users/{owner0}", backup_headers(token="wrong")),
+    ("/users/{owner0}/tenants", backup_headers()),              # the admin token is not the owner's
+    ("/users/{owner0}/tenants", "owner1"),                      # another owner's token
+    ("/users/{owner0}/tenants", {"X-Access-Token": "owner0"}),  # no reseller token
+    ("/users/{owner0}/tenants/{tenant0}/accounts?type=m365", "owner1"),
+    ("/users/99999-1/tenants", "owner0"),                       # unknown owner
+])
+def test_backup_tokens_are_checked_per_call(sim: Simulator, path: str, headers: Any) -> None:
+    owners = sim.dataset.owners
+    if isinstance(headers, str):
+        headers = owner_headers(sim, int(headers[-1]))
+    elif headers.get("X-Access-Token") == "owner0":
+        headers = {"X-Access-Token": owners[0].token}
+    url = path.format(owner0=owners[0].id, tenant0=owners[0].tenants[0].id)
+    response = requests.get(sim.backup_base_url + url, headers=headers, timeout=10)
+    assert (response.status_code, response.json()) == (401, UNAUTHORIZED)
+
+
+def test_backup_owner_list_and_detail(sim: Simulator) -> None:
+    listing = backup_get(sim, "/users")
+    assert listing.status_code == 200 and isinstance(listing.json(), list)
+    full = list(sim.dataset.backup_owners())
+    assert [o["id"] for o in listing.json()] == [o["id"] for o in full] and len(full) == 6
+    assert all("organization_name" not in o and o["authentication_token"] for o in listing.json())
+    assert len({o["authentication_token"] for o in full}) == len(full)
+    detail = backup_get(sim, f"/users/{full[0]['id']}")
+    assert detail.status_code == 201 and detail.json() == full[0]
+    assert re.fullmatch(r"\d+-\d+", full[0]["id"]) and full[0]["reseller_token"] == SMALL.reseller_token
+    assert backup_get(sim, "/users/1-1").status_code == 404
+    assert [o["id"] for o in backup_get(sim, "/users", email=full[1]["email"].upper()).json()] == [full[1]["id"]]
+
+
+@pytest.mark.parametrize("path", ["/api/nope", "/api/saas/consolidated-view/v1/apps", "/", "/api/users/x/y/z"])
+def test_unknown_paths_are_404_json(sim: Simulator, path: str) -> None:
+    response = requests.get(f"{sim.base_url}{path}", headers={**SAAS, **backup_headers()}, timeout=10)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_other_methods_are_405(sim: Simulator) -> None:
+    assert requests.post(sim.saas_base_url + "/users", headers=SAAS, json={}, timeout=10).status_code == 405
+
+
+def test_keep_alive_and_many_concurrent_clients(sim: Simulator) -> None:
+    before = sim.stats()["connections"].get("accepted", 0)
+    with requests.Session() as http:
+        for _ in range(5):
+            response = http.get(sim.saas_base_url + "/users", headers=SAAS, timeout=10)
+            assert response.raw.version == 11 and response.ok
+    assert sim.stats()["connections"]["accepted"] == before + 1
+    users = list(sim.dataset.saas_users())
+
+    def fetch(i: int) -> int:
+        return saas_get(sim, f"/users/{users[i % len(users)]['id']}/subscriptions").status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        assert set(pool.map(fetch, range(300))) == {200}
+
+
+# --- determinism -----------------------------------------------------------------------------------
+def _fingerprint(sim: Simulator) -> list[bytes]:
+    owner = sim.dataset.owners[0]
+    return [saas_get(sim, "/users", page_size=1000).content,
+            saas_get(sim, f"/users/{next(sim.dataset.saas_users())['id']}/subscriptions").content,
+            backup_get(sim, "/users").content,
+            backup_get(sim, f"/users/{owner.id}/tenants", owner_headers(sim, 0)).content,
+            backup_get(sim, tenant_path(sim, 0), owner_headers(sim, 0), type="m365").content]
+
+
+def test_same_seed_serves_identical_bytes_and_another_seed_differs(sim: Simulator) -> None:
+    with Simulator(SMALL) as twin, Simulator(replace(SMALL, seed=2)) as other:
+        assert _fingerprint(twin) == _fingerprint(sim)
+        assert all(a != b for a, b in zip(_fingerprint(other), _fingerprint(sim), strict=True))
+
+
+# --- the realistic mess (DESIGN.md's last paragraph), present at 5 orgs x 10 users ------------------
+class Snapshot:
+    """Everything the small simulator serves, plus a few derived views."""
+
+    def __init__(self, sim: Simulator) -> None:
+        ds = sim.dataset
+        self.users = list(ds.saas_users())
+        self.subs = {u["id"]: list(ds.saas_subscriptions(u["id"])) for u in self.users}
+        self.all_subs = [s for subs in self.subs.values() for s in subs]
+        self.owners = list(ds.backup_owners())
+        self.tenants = [(o, t) for o in self.owners for t in ds.backup_tenants(o["id"])]
+        self.accounts = [(o, t, a) for o, t in self.tenants for a in ds.backup_accounts(o["id"], t["id"])]
+        self.names = [o["organization_name"] for o in self.owners]
+        self.saas_keys = {(u["username"] or u["email"]).strip().lower(): u for u in self.users}
+        self.mailboxes = [(o, a) for o, t, a in self.accounts if t["type"] == "m365" and a["mailbox"]]
+        self.b_keys = {a["upn"].strip().lower() for _, a in self.mailboxes}
+        self.domain_orgs: dict[str, set[str]] = {}
+        for o, t in self.tenants:
+            if t["type"] == "m365":
+                self.domain_orgs.setdefault(t["domain"].lower(), set()).add(o["organization_name"])
+        for o, a in self.mailboxes:
+            domain = a["upn"].strip().lower().rpartition("@")[2]
+            self.domain_orgs.setdefault(domain, set()).add(o["organization_name"])
+
+    def license_name(self, sub: dict[str, Any]) -> str:
+        return sub["applicationName"] or sub["name"]
+
+    def saas_only_owner_counts(self) -> set[int]:
+        return {len(self.domain_orgs.get(k.rpartition("@")[2], ())) for k in self.saas_keys.keys() - self.b_keys}
+
+
+@pytest.fixture(scope="module")
+def snap(sim: Simulator) -> Snapshot:
+    return Snapshot(sim)
+
+
+def _is_ms(sub: dict[str, Any]) -> bool:
+    return "microsoft" in sub["vendor"].lower()
+
+
+EMAIL_PATTERNS = [r"Microsoft 365 Business .*", r"Microsoft 365 E.*", r"Microsoft 365 F.*", r"Office 365 E.*",
+                  r"Office 365 F.*", r"Exchange Online \(Plan.*", "Exchange Online Kiosk", "Exchange Online Essentials"]
+MESS: dict[str, Callable[[Snapshot], bool]] = {
+    "several licenses per user": lambda s: any(sum(map(_is_ms, subs)) >= 3 for subs in s.subs.values()),
+    "non-Microsoft apps": lambda s: any(not _is_ms(x) for x in s.all_subs),
+    "free, trial and exploratory SKUs": lambda s: all(
+        any(word in s.license_name(x) for x in s.all_subs) for word in ("Free", "Trial", "Exploratory")),
+    "archiving and protection add-ons": lambda s: {
+        "Exchange Online Archiving for Exchange Online", "Exchange Online Protection"}
+    <= {s.license_name(x) for x in s.all_subs},
+    "M365 licenses without email": lambda s: {"Microsoft Power BI Pro", "Microsoft 365 Apps for business",
+                                              "Microsoft Copilot"} <= {s.license_name(x) for x in s.all_subs},
+    "every email include pattern": lambda s: all(
+        any(re.fullmatch(p, s.license_name(x)) for x in s.all_subs) for p in EMAIL_PATTERNS),
+    "applicationName empty and null": lambda s: {"", None} <= {x["applicationName"] for x in s.all_subs}
+    and all(x["name"] for x in s.all_subs),
+    "vendor spelled in several cases": lambda s: {"Microsoft Corporation", "microsoft corp"}
+    <= {x["vendor"] for x in s.all_subs},
+    "one license twice differing in case": lambda s: any(
+        len({s.license_name(x) for x in subs}) > len({s.license_name(x).lower() for x in subs})
+        for subs in s.subs.values()),
+    "unlicensed mailboxes": lambda s: any(a["licensed"] is None for _, a in s.mailboxes),
+    "shared mailbox S knows without subscriptions": lambda s: any(
+        not s.subs[s.saas_keys[a["upn"].strip().lower()]["id"]] and a["licensed"] is None
+        for _, a in s.mailboxes if a["upn"].strip().lower() in s.saas_keys and a["name"].startswith("Shared")),
+    "shared mailbox S does not know": lambda s: any(
+        a["name"].startswith("Shared Mailbox") and a["upn"].strip().lower() not in s.saas_keys
+        for _, a in s.mailboxes),
+    "public folders": lambda s: any(a["mailbox"] is False for _, _, a in s.accounts),
+    "Google Workspace tenants with accounts": lambda s: any(t["type"] == "gws" for _, t, _ in s.accounts),
+    "an owner with only a gws tenant": lambda s: any(
+        {t["type"] for o2, t in s.tenants if o2 is o} == {"gws"} for o in s.owners),
+    "an owner with no tenants": lambda s: any(all(o2 is not o for o2, _ in s.tenants) for o in s.owners),
+    "mixed-case UPNs in both sources": lambda s: any(u["username"] and u["username"] != u["username"].lower()
+                                                     for u in s.users)
+    and any(a["upn"] != a["upn"].lower() for _, a in s.mailboxes),
+    "UPNs with surrounding spaces in both sources": lambda s: any(
+        (u["username"] or u["email"]) != (u["username"] or u["email"]).strip() for u in s.users)
+    and any(a["upn"] != a["upn"].strip() for _, a in s.mailboxes),
+    "username null and empty": lambda s: {None, ""} <= {u["username"] for u in s.users},
+    "S-only users on domains owned by one, no and two orgs": lambda s: {0, 1, 2} <= s.saas_only_owner_counts(),
+    "B-only users licensed and not": lambda s: {True, None} <= {
+        a["licensed"] for _, a in s.mailboxes if a["upn"].strip().lower() not in s.saas_keys},
+    "S displayName empty, B name empty": lambda s: any(not u["displayName"].strip() for u in s.users)
+    and any(a["name"] == "" for _, a in s.mailboxes),
+    "punctuation and scripts in organization names": lambda s: all(
+        any(re.search(p, n) for n in s.names)
+        for p in ["/", r"\.\.", "%", r"\?", "#", "&", "'", '"', "<script>", ",", "[\u3040-\u30ff\u4e00-\u9fff]",
+                  "[\u0400-\u04ff]", "[\u0370-\u03ff]", "[äöü]"]),
+    "two owners sharing one organization name": lambda s: len(s.names) - len(set(s.names)) == 1,
+    "names differing only in case": lambda s: len({n.lower() for n in s.names}) < len(set(s.names)),
+    "names differing only by a trailing space": lambda s: len({n.rstrip() for n in s.names}) < len(set(s.names)),
+    "a UPN with mailboxes in two organizations": lambda s: any(
+        len({o["organization_name"] for o, a in s.mailboxes if a["upn"].strip().lower() == k}) == 2
+        for k in s.b_keys),
+    "a domain owned by two organizations": lambda s: 2 in {len(v) for v in s.domain_orgs.values()},
+}
+
+
+@pytest.mark.parametrize("category", MESS)
+def test_every_mess_category_is_present_at_small_scale(snap: Snapshot, category: str) -> None:
+    assert MESS[category](snap)
+
+
+# --- faults ------------------------------------------------------------------------------------------
+def _faulty(**faults: Any) -> Simulator:
+    return Simulator(replace(SMALL, faults=FaultConfig(**faults)))
+
+
+def _retry(call: Callable[[], requests.Response], attempts: int) -> list[Any]:
+    """Outcomes (status codes or exception class names) until a 2xx, at most ``attempts``."""
+    outcomes: list[Any] = []
+    for _ in range(attempts):
+        try:
+            response = call()
+        except requests.RequestException as exc:
+            outcomes.append(type(exc).__name__)
+            continue
+        outcomes.append(response.status_code)
+        if response.ok:
+            break
+    return outcomes
+
+
+def _user_urls(sim: Simulator) -> list[Callable[[], requests.Response]]:
+    return [lambda u=u: saas_get(sim, f"/users/{u['id']}/subscriptions") for u in sim.dataset.saas_users()]
+
+
+@pytest.mark.parametrize(("faults", "kind", "failures"), [
+    ({"rate_429": 0.5, "retry_after": 0}, "429", {429}),
+    ({"rate_5xx": 0.5}, "5xx", {500, 502, 503}),
+    ({"reset_rate": 0.5}, "reset", {"ConnectionError"}),
+])
+def test_random_faults_happen_and_three_retries_always_succeed(faults: dict[str, Any], kind: str,
+                                                              failures: set[Any]) -> None:
+    with _faulty(**faults) as faulty:
+        outcomes = [_retry(call, attempts=3) for call in _user_urls(faulty)]
+        assert all(o[-1] == 200 for o in outcomes)
+        seen = {x for o in outcomes for x in o[:-1]}
+        assert seen and seen <= failures
+        assert faulty.stats()["faults"][kind] == sum(len(o) - 1 for o in outcomes)
+
+
+def test_429_carries_retry_after_and_budget_is_per_url() -> None:
+    with _faulty(rate_429=1.0, retry_after=7, max_faults_per_url=3) as faulty:
+        responses = [saas_get(faulty, "/users") for _ in range(5)]
+        assert [r.status_code for r in responses] == [429, 429, 429, 200, 200]
+        assert responses[0].headers["Retry-After"] == "7"
+        assert saas_get(faulty, "/users", page_size=5).status_code == 429  # another URL, its own budget
+
+
+def test_faults_are_deterministic_for_a_seed() -> None:
+    def statuses() -> list[int]:
+        with _faulty(rate_5xx=0.3, rate_429=0.3, retry_after=0) as faulty:
+            return [call().status_code for call in _user_urls(faulty) for _ in range(2)]
+
+    assert statuses() == statuses()
+
+
+def test_fault_scope_limits_random_faults_and_latency_to_one_source() -> None:
+    with _faulty(rate_5xx=1.0, latency_ms=50, scope="backup") as faulty:
+        assert saas_get(faulty, "/users").status_code == 200
+        assert backup_get(faulty, "/users").status_code >= 500
+        assert faulty.stats()["faults"]["latency"] == 1
+
+
+def test_latency_is_added_to_every_response() -> None:
+    with _faulty(latency_ms=150) as faulty:
+        started = time.monotonic()
+        assert saas_get(faulty, "/users").ok and backup_get(faulty, "/users").ok
+        assert time.monotonic() - started >= 0.3
+        assert faulty.stats()["faults"]["latency"] == 2
+
+
+def test_fail_once_answers_503_once_per_matching_url() -> None:
+    with _faulty(fail_once=r"/subscriptions") as faulty:
+        calls = _user_urls(faulty)[:3]
+        assert [[c().status_code for _ in range(3)] for c in calls] == [[503, 200, 200]] * 3
+        assert saas_get(faulty, "/users").status_code == 200
+        assert faulty.stats()["faults"]["fail_once"] == 3
+
+
+def test_slow_responses_time_clients_out_until_the_budget_is_spent() -> None:
+    with _faulty(slow_match=r"/users\?", slow_ms=1500, max_faults_per_url=1) as faulty:
+        def call() -> requests.Response:
+            return requests.get(faulty.saas_base_url + "/users?page_size=3", headers=SAAS, timeout=0.4)
+
+        assert _retry(call, attempts=3) == ["ReadTimeout", 200]
+        assert faulty.stats()["faults"]["slow"] == 1
+
+
+def test_malformed_json_is_permanent() -> None:
+    with _faulty(malformed_match=r"/tenants\?.*page=2") as faulty:
+        path = f"/users/{faulty.dataset.owners[0].id}/tenants"
+        assert backup_get(faulty, path, owner_headers(faulty, 0), page=1, per_page=1).json()["data"]
+        for _ in range(3):
+            response = backup_get(faulty, path, owner_headers(faulty, 0), page=2, per_page=1)
+            assert response.status_code == 200
+            with pytest.raises(ValueError):
+                json.loads(response.text)
+        assert faulty.stats()["faults"]["malformed"] == 3
+
+
+@pytest.mark.parametrize(("source", "field"), [("saas_users", "id"), ("saas_subscriptions", "id"),
+                                               ("backup_tenants", "domain"), ("backup_accounts", "upn")])
+def test_missing_field_drops_one_key_per_page_permanently(source: str, field: str) -> None:
+    with _faulty(missing_field_match=".") as faulty:
+        acme = faulty.dataset.owners[0]
+        fetch = {
+            "saas_users": lambda: saas_get(faulty, "/users").json()["items"],
+            "saas_subscriptions": lambda: saas_get(
+                faulty, f"/users/{next(faulty.dataset.saas_users())['id']}/subscriptions").json()["items"],
+            "backup_tenants": lambda: backup_get(faulty, f"/users/{acme.id}/tenants",
+                                                 owner_headers(faulty, 0)).json()["data"],
+            "backup_accounts": lambda: backup_get(faulty, tenant_path(faulty, 0), owner_headers(faulty, 0),
+                                                  type="m365").json()["data"],
+        }[source]
+        for _ in range(3):
+            records = fetch()
+            assert sum(field not in r for r in records) == 1 and len(records) >= 1
+
+
+def test_a_source_goes_down_for_good_after_n_requests() -> None:
+    with _faulty(down_after=2, down_scope="backup") as faulty:
+        assert [backup_get(faulty, "/users").status_code for _ in range(5)] == [200, 200, 503, 503, 503]
+        assert saas_get(faulty, "/users").status_code == 200
+        assert faulty.stats()["faults"]["down"] == 3
+
+
+@pytest.mark.parametrize("bad", [{"rate_429": 1.5}, {"rate_429": 0.6, "rate_5xx": 0.6}, {"scope": "all"},
+                                 {"fail_once": "("}, {"latency_ms": -1}])
+def test_fault_config_is_validated(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        FaultConfig(**bad)
+
+
+# --- scale, lifecycle ---------------------------------------------------------------------------------
+def test_a_million_user_config_starts_and_serves_late_pages() -> None:
+    with Simulator(SimulatorConfig(orgs=2000, users_per_org=500)) as big:
+        total = big.dataset.saas_user_count
+        assert total > 800_000
+        pages = -(-total // 1000)
+        last = saas_get(big, "/users", page_size=1000, page_number=pages).json()
+        assert len(last["items"]) == total - (pages - 1) * 1000
+        assert saas_get(big, f"/users/{last['items'][-1]['id']}/subscriptions").ok
+        owner = big.dataset.owners[-2]
+        headers = backup_headers(owner.token)
+        tenants = backup_get(big, f"/users/{owner.id}/tenants", headers).json()["data"]
+        path = f"/users/{owner.id}/tenants/{tenants[0]['id']}/accounts"
+        first = backup_get(big, path, headers, type="m365", per_page=100).json()
+        assert len(first["data"]) == 100 and first["pagination"]["next_page"] == 2
+
+
+def test_stop_releases_the_port_promptly() -> None:
+    with Simulator(SMALL) as first:
+        port = first.port
+        with requests.Session() as keep_alive:  # an idle pooled connection must not block stop()
+            keep_alive.get(first.saas_base_url + "/users", headers=SAAS, timeout=10)
+            started = time.monotonic()
+            first.stop()
+            assert time.monotonic() - started < 2
+    with Simulator(SMALL, port=port) as again:
+        assert saas_get(again, "/users").ok
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+def test_cli_prints_the_ground_truth() -> None:
+    proc = subprocess.run([*CLI, "--print-ground-truth", "--orgs", "5", "--users-per-org", "10", "--seed", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(json.dumps(ground_truth(SMALL)))
+
+
+def test_cli_serves_until_sigterm_and_prints_the_environment() -> None:
+    proc = subprocess.Popen([*CLI, "--port", "0", "--orgs", "3", "--users-per-org", "4", "--rate-429", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        env: dict[str, str] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("#"):
+                assert "serving" in line
+                break
+            name, _, value = line.strip().removeprefix("export ").partition("=")
+            env[name] = value
+        assert set(env) == {"SAAS_API_BASE_URL", "SAAS_API_TOKEN", "BACKUP_API_BASE_URL", "BACKUP_RESELLER_TOKEN",
+                            "BACKUP_ADMIN_TOKEN"}
+        response = requests.get(env["SAAS_API_BASE_URL"] + "/users",
+                                headers={"Authorization": f"Bearer {env['SAAS_API_TOKEN']}"}, timeout=10)
+        assert response.ok and response.json()["pagination"]["total_items"] > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("args", [["--orgs", "-1"], ["--rate-5xx", "2"], ["--port", "70000"],
+                                  ["--rate-429", "0.7", "--reset-rate", "0.7"], ["--slow-match", "["],
+                                  ["--fault-scope", "nowhere"]])
+def test_cli_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_port_in_use_is_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([*CLI, "--port", str(taken.getsockname()[1])], capture_output=True, text=True,
+                              timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in proc.stderr
