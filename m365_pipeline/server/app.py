@@ -8,8 +8,11 @@ files: nothing is queried or compressed per request.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +33,7 @@ from m365_pipeline.publishing import (
     http_timestamp,
 )
 
+ACCESS_LOG = logging.getLogger("m365_serve.access")
 API_PREFIX = "/api/m365/"
 ALLOWED_METHODS = "GET, HEAD, OPTIONS"
 MAX_QUERY_LENGTH = 8192
@@ -157,8 +161,9 @@ class _ByteCache:
 class Dashboard:
     """Answers every documented path from the current published version."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, access_log: bool = False):
         self.export_root = export_dir(data_dir)
+        self.access_log = access_log
         self._lock = threading.Lock()
         self._target: str | None = None
         self._version: PublishedVersion | None = None
@@ -232,17 +237,18 @@ class Dashboard:
 
     def _published(self, headers: Any, published: PublishedFile, version: PublishedVersion,
                    disposition: str | None) -> Response:
-        validators = [("etag", published.etag), ("last-modified", version.last_modified)]
+        path, size, etag, encoding = published.path, published.size, published.etag, []
+        if published.gzip_path is not None and accepts_gzip(headers.get("accept-encoding")):
+            # Another representation, so another strong validator (RFC 9110 8.8.3).
+            path, size, etag = published.gzip_path, published.gzip_size or 0, published.etag[:-1] + '-gzip"'
+            encoding = [("content-encoding", "gzip")]
+        validators = [("etag", etag), ("last-modified", version.last_modified)]
         common = [*BASE_HEADERS, ("cache-control", "no-cache"), ("vary", "Accept-Encoding"), *validators]
-        if self._fresh(headers, published.etag, version.published_at):
+        if self._fresh(headers, etag, version.published_at):
             return Response(304, common)
-        out = [*common, ("content-type", published.content_type)]
+        out = [*common, ("content-type", published.content_type), *encoding]
         if disposition:
             out.append(("content-disposition", disposition))
-        path, size = published.path, published.size
-        if published.gzip_path is not None and accepts_gzip(headers.get("accept-encoding")):
-            path, size = published.gzip_path, published.gzip_size or 0
-            out.append(("content-encoding", "gzip"))
         if size > MEMORY_FILE_LIMIT:
             return Response(200, out, file=path)
         return Response(200, out, self._cache.get(path))
@@ -293,7 +299,16 @@ class Dashboard:
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
+        started = time.perf_counter()
         response = self.respond(scope.method, scope.path, scope.query_string, scope.headers)
+        self._send(scope, protocol, response)
+        if self.access_log:
+            target = scope.path + ("?" + scope.query_string if scope.query_string else "")
+            ACCESS_LOG.info('%s "%s %s" %d %.1fms', scope.client, log_safe(scope.method, 20),
+                            log_safe(target, 500), response.status, (time.perf_counter() - started) * 1000)
+
+    @staticmethod
+    def _send(scope: Any, protocol: Any, response: Response) -> None:
         if scope.method == "HEAD" or response.status in (204, 304):
             length = response.file.stat().st_size if response.file else len(response.body)
             headers = response.headers if response.status in (204, 304) else \
@@ -305,6 +320,27 @@ class Dashboard:
             protocol.response_bytes(response.status, response.headers, response.body)
 
 
+def _escape_char(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def log_safe(text: str, limit: int) -> str:
+    """One log line per request, whatever the client sent: quotes and control characters escaped."""
+    text = text[:limit]
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return "".join(map(_escape_char, text))
+
+
 def create_app() -> Dashboard:
-    """granian factory: the data directory comes from M365_DATA_DIR (set by ``m365-serve``)."""
-    return Dashboard(Path(os.environ.get("M365_DATA_DIR", "data")).resolve())
+    """granian factory: settings come from the environment ``m365-serve`` sets for its workers."""
+    access_log = os.environ.get("M365_ACCESS_LOG") == "1"
+    if access_log and not ACCESS_LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+        ACCESS_LOG.addHandler(handler)
+        ACCESS_LOG.setLevel(logging.INFO)
+        ACCESS_LOG.propagate = False
+    return Dashboard(Path(os.environ.get("M365_DATA_DIR", "data")).resolve(), access_log=access_log)

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from m365_pipeline.publishing import current_version_dir, export_dir
 
-ACCESS_LOG_FORMAT = '[%(time)s] %(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m365-serve", description="Serve the M365 Usage Dashboard API and page.")
@@ -75,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     check_port(args.host, args.port)
 
     from granian.constants import Interfaces, SSLProtocols
+    from granian.http import HTTP1Settings
     from granian.server import Server
 
-    os.environ["M365_DATA_DIR"] = str(data_dir)  # the factory reads it inside the worker
+    # The factory reads these inside each worker process.
+    os.environ["M365_DATA_DIR"] = str(data_dir)
+    os.environ["M365_ACCESS_LOG"] = "0" if args.no_access_log else "1"
     scheme = "https" if args.certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     published = current_version_dir(export_dir(data_dir))
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         factory=True,
         workers=args.workers,
         backlog=2048,
-        log_access=not args.no_access_log,
-        log_access_format=ACCESS_LOG_FORMAT,
+        # Our own access log (app.py) escapes what clients send; granian's would not.
+        log_access=False,
+        http1_settings=HTTP1Settings(header_read_timeout=10_000),
         ssl_cert=args.certfile.resolve() if args.certfile else None,
         ssl_key=args.keyfile.resolve() if args.keyfile else None,
         websockets=False,
