@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test dev bench bench-quick clean lock
+.PHONY: demo test dev bench bench-quick clean lock venv test-system-packages
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/python -m m365_pipeline.demo dev
 
-test: $(STAMP)
+# The browser and load tests drive Debian's chromium and wrk for real.
+test-system-packages:
+	@sh scripts/system-packages.sh chromium wrk
+
+test: $(STAMP) test-system-packages
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:
