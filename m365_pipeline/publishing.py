@@ -26,7 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from m365_pipeline.crashpoints import crash_point, process_alive
+
 MANIFEST = "manifest.json"
+WRITER_PID = ".writer-pid"
 CURRENT = "current"
 VERSIONS = "versions"
 KEEP_VERSIONS = 3  # current + two older ones, so in-flight reads of a replaced version finish
@@ -72,6 +75,7 @@ class VersionWriter:
         self.version_id = f"{self.published_at.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
         self.path = root / VERSIONS / self.version_id
         self.path.mkdir()
+        (self.path / WRITER_PID).write_text(str(os.getpid()))
         self.files: dict[str, dict[str, Any]] = {}
         self.organizations: dict[str, str] = {}
 
@@ -130,8 +134,10 @@ class VersionWriter:
         link = self.root / CURRENT
         staging_link = self.root / f".{CURRENT}.{self.version_id}"
         staging_link.symlink_to(Path(VERSIONS) / self.version_id)
+        crash_point("publish-swap")
         os.replace(staging_link, link)  # atomic on POSIX: readers see old or new
         _fsync_dir(self.root)
+        (self.path / WRITER_PID).unlink(missing_ok=True)
         prune_versions(self.root)
         return self.path
 
@@ -183,7 +189,7 @@ def prune_versions(root: Path, keep: int = KEEP_VERSIONS) -> list[str]:
             continue
         if (entry / MANIFEST).is_file():
             finished.append(entry)
-        elif time.time() - entry.stat().st_mtime > 60:  # unfinished and not being written right now
+        elif not _writer_alive(entry):  # unfinished, and its writer was killed or failed
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     for entry in finished[: max(0, len(finished) - (keep - 1))]:
@@ -192,6 +198,14 @@ def prune_versions(root: Path, keep: int = KEEP_VERSIONS) -> list[str]:
     for stale_link in root.glob(f".{CURRENT}.*"):
         stale_link.unlink(missing_ok=True)
     return removed
+
+
+def _writer_alive(version: Path) -> bool:
+    try:
+        pid = int((version / WRITER_PID).read_text())
+    except (OSError, ValueError):
+        return time.time() - version.stat().st_mtime < 3600  # no pid file: give it an hour
+    return pid == os.getpid() or process_alive(pid)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.duck import ensure_schema, last_collected, read_sql, table_result
+from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.license_rules import default_rules_path, load_rules
 
 GROUP = "core"
@@ -112,6 +113,7 @@ def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) 
     """
     with duckdb.get_connection() as conn:
         conn.execute(read_sql("core_license_assignments.sql"))
+        crash_point("transform")
         _update_license_catalog(conn)
         stats = conn.execute("""
             SELECT count(DISTINCT lower(license_name)), count(*) FILTER (WHERE is_m365_license),

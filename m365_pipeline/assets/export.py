@@ -15,6 +15,7 @@ from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
 from m365_pipeline.assets.marts import org_summary, org_summary_history
+from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.settings import ANALYTICS_FILE
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -71,6 +72,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
             last_collected = iso_z(min(stamps)) if stamps else None
             totals = _write_summary(writer, organizations, last_collected, query_time_ms)
             published_users = _write_users_files(conn, writer, [row[0] for row in organizations])
+            crash_point("publish")
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
         writer.commit({"last_collected": last_collected, "totals": totals})
@@ -187,6 +189,7 @@ def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mate
         tables = conn.execute("""
             SELECT table_schema || '.' || table_name FROM information_schema.tables
             WHERE table_catalog = current_database() ORDER BY 1""").fetchall()
+    crash_point("analytics")
     os.replace(temporary, target)  # readers holding the old file keep their snapshot
     return MaterializeResult(metadata={
         "path": MetadataValue.path(str(target)),

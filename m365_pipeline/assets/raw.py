@@ -17,6 +17,7 @@ from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.duck import ensure_schema, markdown_preview
 from m365_pipeline.assets.staging import Column, RawTable, StagingFile
+from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.http import CallStats, Page, VendorError, run_concurrently
 
@@ -361,6 +362,8 @@ def _counting(keep: Callable[[Any, Any], None], progress: _Progress) -> Callable
         keep(item, result)
         done += 1
         progress(done)
+        if done == progress.total // 2:
+            crash_point("pull")
 
     return on_result
 

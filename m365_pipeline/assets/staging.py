@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 from dagster import TableColumn, TableSchema
 
+from m365_pipeline.crashpoints import process_alive
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError
 
 # Fields whose values are credentials. They never reach the staging file or a table.
@@ -85,11 +86,20 @@ class RawTable:
         )
 
 
+def remove_orphans(directory: Path) -> None:
+    """Staging files of runs that were killed (their process is gone) are deleted, not reused."""
+    for leftover in directory.glob("*.jsonl"):
+        pid = leftover.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
 class StagingFile:
     """Append-only JSONL file of one pull; each line remembers the endpoint and page it came from."""
 
     def __init__(self, directory: Path, table: RawTable):
         directory.mkdir(parents=True, exist_ok=True)
+        remove_orphans(directory)
         self.path = directory / f"{table.qualified}.{os.getpid()}.jsonl"
         self.table = table
         self.rows = 0

@@ -1,0 +1,450 @@
+/* M365 Usage Dashboard page: plain ES2020, no dependencies, only the public API (relative URLs).
+ *
+ * Served under a strict CSP (script-src 'self', style-src 'self'): no inline scripts or styles,
+ * no element.style; presentation changes go through classes, `hidden` and data attributes.
+ * Every value that comes from the API is inserted with textContent, never as HTML.
+ */
+"use strict";
+
+(() => {
+  const API = {
+    summary: "api/m365/summary",
+    users: (name) => `api/m365/users?${new URLSearchParams({ org: name })}`,
+    csv: "api/m365/export?format=csv",
+  };
+  const STALE_AFTER_MS = 24 * 60 * 60 * 1000;
+  const REQUEST_TIMEOUT_MS = 20000;
+  const NAME_KEY = "organization_name";
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    loading: $("state-loading"), empty: $("state-empty"), error: $("state-error"), content: $("content"),
+    errorDetail: $("error-detail"), errorRetry: $("error-retry"), emptyRetry: $("empty-retry"),
+    freshness: $("freshness"), lastCollected: $("last-collected"), freshnessAge: $("freshness-age"),
+    staleBanner: $("stale-banner"), staleText: $("stale-text"), exportCsv: $("export-csv"),
+    kpiOrgs: $("kpi-orgs"), kpiEs: $("kpi-es"), kpiM365: $("kpi-m365"), kpiEsShare: $("kpi-es-share"),
+    orgSearch: $("org-search"), orgCount: $("org-count"), orgTable: $("org-table"), orgRows: $("org-rows"),
+    totalOrgs: $("total-orgs"), totalEs: $("total-es"), totalM365: $("total-m365"),
+    main: $("main"), dialog: $("users-dialog"), usersTitle: $("users-title"), usersCount: $("users-count"),
+    usersClose: $("users-close"), userSearch: $("user-search"), usersLoading: $("users-loading"),
+    usersError: $("users-error"), usersErrorText: $("users-error-text"), usersRetry: $("users-retry"),
+    usersEmpty: $("users-empty"), usersTable: $("users-table"), userRows: $("user-rows"),
+  };
+
+  const numberFormat = new Intl.NumberFormat();
+  const percentFormat = new Intl.NumberFormat(undefined, { style: "percent", maximumFractionDigits: 0 });
+  const dateFormat = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "short", day: "numeric", hour: "numeric", minute: "2-digit", timeZoneName: "short",
+  });
+  const relativeFormat = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
+  const fmt = (n) => numberFormat.format(Number(n) || 0);
+
+  const state = {
+    organizations: [], // [{org, row, button, lowerName}]
+    totals: null,
+    lastCollected: null,
+    sortKey: NAME_KEY,
+    sortDir: "ascending",
+  };
+
+  // -- helpers ----------------------------------------------------------------------------
+
+  /** Compare by Unicode code point (JS `<` compares UTF-16 code units, which differs above U+FFFF). */
+  function compareCodePoints(a, b) {
+    const n = Math.min(a.length, b.length);
+    for (let i = 0; i < n; i += 1) {
+      const x = a.charCodeAt(i);
+      const y = b.charCodeAt(i);
+      if (x !== y) {
+        const xAstral = x >= 0xd800 && x <= 0xdfff;
+        const yAstral = y >= 0xd800 && y <= 0xdfff;
+        if (xAstral !== yAstral) return xAstral ? 1 : -1;
+        return x < y ? -1 : 1;
+      }
+    }
+    return a.length - b.length;
+  }
+
+  /** The product's name order (DESIGN.md rule 9): lower-cased first, then exact, by code point.
+   * It is the order the API and the CSV export use, so the table and the export always agree. */
+  function compareNames(a, b) {
+    return compareCodePoints(a.toLowerCase(), b.toLowerCase()) || compareCodePoints(a, b);
+  }
+
+  function make(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  async function fetchJson(url, signal) {
+    const timeout = new AbortController();
+    const timer = setTimeout(() => timeout.abort(), REQUEST_TIMEOUT_MS);
+    const onAbort = () => timeout.abort();
+    if (signal) signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      let response;
+      try {
+        response = await fetch(url, { headers: { Accept: "application/json" }, signal: timeout.signal });
+      } catch (err) {
+        if (signal && signal.aborted) throw err;
+        const reason = timeout.signal.aborted ? "the request timed out" : "the server did not answer";
+        throw Object.assign(new Error(`Network error: ${reason}.`), { kind: "network" });
+      }
+      let body = null;
+      try {
+        body = await response.json();
+      } catch (_) {
+        body = null;
+      }
+      if (!response.ok) {
+        const message = body && typeof body.error === "string" ? body.error : response.statusText;
+        throw Object.assign(new Error(`HTTP ${response.status}: ${message}`),
+          { kind: "http", status: response.status });
+      }
+      if (!body || body.status !== "success") {
+        throw Object.assign(new Error("The API answered with an unexpected response."), { kind: "format" });
+      }
+      return { body, headers: response.headers };
+    } finally {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  // -- page states ------------------------------------------------------------------------
+
+  function showState(name) {
+    el.loading.hidden = name !== "loading";
+    el.empty.hidden = name !== "empty";
+    el.error.hidden = name !== "error";
+    el.content.hidden = name !== "content";
+    const hasData = name === "content";
+    el.freshness.hidden = !hasData;
+    el.exportCsv.hidden = !hasData;
+    if (!hasData) el.staleBanner.hidden = true;
+  }
+
+  let summaryController = null;
+
+  async function loadSummary(event) {
+    const viewerAsked = Boolean(event && event.type === "click");
+    if (summaryController) summaryController.abort();
+    const controller = new AbortController();
+    summaryController = controller;
+    showState("loading");
+    try {
+      const { body, headers } = await fetchJson(API.summary, controller.signal);
+      if (!Array.isArray(body.organizations)) {
+        throw Object.assign(new Error("The summary has no organization list."), { kind: "format" });
+      }
+      renderSummary(body, headers);
+      showState("content");
+      updateFreshness();
+      if (viewerAsked) el.main.focus({ preventScroll: true });
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      if (err.kind === "http" && err.status === 404) {
+        showState("empty");
+        if (viewerAsked) el.emptyRetry.focus({ preventScroll: true });
+      } else {
+        el.errorDetail.textContent = err.message || String(err);
+        showState("error");
+        if (viewerAsked) el.errorRetry.focus({ preventScroll: true });
+      }
+    } finally {
+      if (summaryController === controller) summaryController = null;
+    }
+  }
+
+  // -- summary table ----------------------------------------------------------------------
+
+  function renderSummary(body, headers) {
+    const organizations = body.organizations;
+    const totals = body.totals || {};
+    state.totals = {
+      organizations: totals.total_organizations ?? organizations.length,
+      es: totals.total_es_users ?? organizations.reduce((s, o) => s + (Number(o.es_user_count) || 0), 0),
+      m365: totals.total_m365_licensed_users
+        ?? organizations.reduce((s, o) => s + (Number(o.m365_licensed_user_count) || 0), 0),
+    };
+    state.lastCollected = typeof body.last_collected === "string" ? body.last_collected : null;
+
+    state.organizations = organizations.map((org, index) => {
+      const row = make("tr");
+      row.dataset.index = String(index);
+      const nameCell = make("th", "col-name");
+      nameCell.scope = "row";
+      const button = make("button", "org-link", String(org.organization_name));
+      button.type = "button";
+      button.dataset.index = String(index);
+      nameCell.append(button);
+      const edges = whitespaceEdges(String(org.organization_name));
+      if (edges) {
+        // Names are exact: 'Acme' and 'Acme ' are two organizations; make the difference visible.
+        const note = make("span", "name-note", edges);
+        note.title = "The organization name has this whitespace exactly as the vendor gave it";
+        nameCell.append(note);
+      }
+      const es = Number(org.es_user_count) || 0;
+      const m365 = Number(org.m365_licensed_user_count) || 0;
+      const esCell = make("td", es === 0 ? "num is-zero" : "num", fmt(es));
+      const m365Cell = make("td", m365 === 0 ? "num is-zero" : "num", fmt(m365));
+      row.append(nameCell, esCell, m365Cell);
+      return { org, row, button, lowerName: String(org.organization_name).toLowerCase() };
+    });
+
+    el.kpiOrgs.textContent = fmt(state.totals.organizations);
+    el.kpiEs.textContent = fmt(state.totals.es);
+    el.kpiM365.textContent = fmt(state.totals.m365);
+    el.kpiEsShare.textContent = state.totals.m365 > 0
+      ? `${percentFormat.format(state.totals.es / state.totals.m365)} of licensed users` : "";
+    el.totalOrgs.textContent = `${fmt(state.totals.organizations)} organizations`;
+    el.totalEs.textContent = fmt(state.totals.es);
+    el.totalM365.textContent = fmt(state.totals.m365);
+
+    el.exportCsv.href = API.csv;
+    el.exportCsv.download = `m365-users-${exportDate(headers)}.csv`;
+    applyOrder();
+  }
+
+  function whitespaceEdges(name) {
+    const leading = /^\s/u.test(name);
+    const trailing = /\s$/u.test(name);
+    if (leading && trailing) return "leading and trailing space";
+    if (leading) return "leading space";
+    return trailing ? "trailing space" : "";
+  }
+
+  /** The date in the server's download name (the day the data was published), else today. */
+  function exportDate(headers) {
+    const published = new Date(headers.get("Last-Modified") || state.lastCollected || Date.now());
+    const day = Number.isNaN(published.getTime()) ? new Date() : published;
+    return day.toISOString().slice(0, 10);
+  }
+
+  function sortedOrganizations() {
+    const key = state.sortKey;
+    const direction = state.sortDir === "ascending" ? 1 : -1;
+    const byName = (a, b) => compareNames(a.org[NAME_KEY], b.org[NAME_KEY]);
+    return [...state.organizations].sort((a, b) => {
+      if (key === NAME_KEY) return direction * byName(a, b);
+      const difference = (Number(a.org[key]) || 0) - (Number(b.org[key]) || 0);
+      return direction * difference || byName(a, b); // ties: by name, A to Z
+    });
+  }
+
+  function applyOrder() {
+    const query = el.orgSearch.value;
+    const needle = query.trim() ? query.toLowerCase() : "";
+    const fragment = document.createDocumentFragment();
+    let shown = 0;
+    for (const item of sortedOrganizations()) {
+      item.row.hidden = needle !== "" && !item.lowerName.includes(needle);
+      if (!item.row.hidden) shown += 1;
+      fragment.append(item.row);
+    }
+    if (shown === 0) {
+      const row = make("tr", "no-match");
+      const cell = make("td", "", state.organizations.length === 0
+        ? "No organizations have been published."
+        : `No organizations match “${query.trim()}”.`);
+      cell.colSpan = 3;
+      row.append(cell);
+      fragment.append(row);
+    }
+    el.orgRows.replaceChildren(fragment);
+    el.orgCount.textContent = `${fmt(shown)} of ${fmt(state.organizations.length)} organizations`;
+    for (const th of el.orgTable.tHead.rows[0].cells) {
+      th.setAttribute("aria-sort", th.dataset.key === state.sortKey ? state.sortDir : "none");
+    }
+  }
+
+  function onSortClick(event) {
+    const button = event.target.closest("button.sort");
+    if (!button) return;
+    const key = button.closest("th").dataset.key;
+    if (key === state.sortKey) {
+      state.sortDir = state.sortDir === "ascending" ? "descending" : "ascending";
+    } else {
+      state.sortKey = key;
+      state.sortDir = key === NAME_KEY ? "ascending" : "descending"; // counts: largest first
+    }
+    applyOrder();
+  }
+
+  // -- freshness --------------------------------------------------------------------------
+
+  function relativeAge(ms) {
+    const steps = [["day", 86400000], ["hour", 3600000], ["minute", 60000]];
+    for (const [unit, size] of steps) {
+      if (ms >= size) return relativeFormat.format(-Math.floor(ms / size), unit);
+    }
+    return "just now";
+  }
+
+  function updateFreshness() {
+    const iso = state.lastCollected;
+    const when = iso ? new Date(iso) : null;
+    if (!when || Number.isNaN(when.getTime())) {
+      el.lastCollected.removeAttribute("datetime");
+      el.lastCollected.textContent = "an unknown time";
+      el.freshnessAge.textContent = "";
+      el.freshness.classList.remove("is-stale");
+      el.staleBanner.hidden = true;
+      return;
+    }
+    const age = Math.max(0, Date.now() - when.getTime());
+    const stale = age > STALE_AFTER_MS;
+    const formatted = dateFormat.format(when);
+    el.lastCollected.dateTime = iso;
+    el.lastCollected.textContent = formatted;
+    el.lastCollected.title = `${iso} (UTC)`;
+    el.freshnessAge.textContent = relativeAge(age);
+    el.freshness.classList.toggle("is-stale", stale);
+    el.staleText.textContent = ` It was collected ${relativeAge(age)} (${formatted}). The pipeline collects `
+      + "every night at 23:00; check the latest nightly_refresh run in Dagster.";
+    if (el.staleBanner.hidden === stale) el.staleBanner.hidden = !stale;
+  }
+
+  // -- drill-down dialog ------------------------------------------------------------------
+
+  const drill = { item: null, opener: null, users: [], controller: null };
+
+  function showUsersState(name) {
+    el.usersLoading.hidden = name !== "loading";
+    el.usersError.hidden = name !== "error";
+    el.usersEmpty.hidden = name !== "empty";
+    el.usersTable.hidden = name !== "table";
+    el.dialog.setAttribute("aria-busy", String(name === "loading"));
+  }
+
+  function openUsers(item, opener) {
+    drill.item = item;
+    drill.opener = opener;
+    drill.users = [];
+    el.usersTitle.textContent = String(item.org[NAME_KEY]);
+    el.userSearch.value = "";
+    el.userRows.replaceChildren();
+    el.usersCount.textContent = "";
+    if (!el.dialog.open) el.dialog.showModal();
+    el.userSearch.focus();
+    loadUsers();
+  }
+
+  async function loadUsers() {
+    if (drill.controller) drill.controller.abort();
+    const controller = new AbortController();
+    drill.controller = controller;
+    const name = String(drill.item.org[NAME_KEY]);
+    showUsersState("loading");
+    el.usersCount.textContent = "Loading…";
+    try {
+      const { body } = await fetchJson(API.users(name), controller.signal);
+      drill.users = Array.isArray(body.users) ? body.users : [];
+      renderUsers();
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      el.usersErrorText.textContent = err.kind === "http" && err.status === 404
+        ? "This organization is no longer in the published data. Reload the page to see the latest summary."
+        : `Could not load the users. ${err.message || err}`;
+      el.usersCount.textContent = "";
+      showUsersState("error");
+    } finally {
+      if (drill.controller === controller) drill.controller = null;
+    }
+  }
+
+  function userRow(user) {
+    const row = make("tr");
+    const esLicensed = user.has_email_license === true;
+    const licenses = String(user.licenses ?? "");
+    const name = make("td", "user-name", String(user.display_name ?? ""));
+    name.dataset.label = "Display name";
+    const upn = make("td", "user-upn", String(user.user_principal_name ?? ""));
+    upn.dataset.label = "UPN";
+    const lic = make("td", licenses ? "user-licenses" : "user-licenses is-empty", licenses || "—");
+    lic.dataset.label = "Licenses";
+    const email = make("td", "center user-es");
+    email.dataset.label = "Email";
+    if (esLicensed) {
+      const badge = make("span", "badge badge--es", "ES");
+      badge.title = "Has an email (Exchange mailbox) license";
+      email.append(badge, make("span", "visually-hidden", " email license"));
+    } else {
+      email.append(make("span", "no-badge", "—"), make("span", "visually-hidden", "no email license"));
+      email.firstChild.setAttribute("aria-hidden", "true");
+    }
+    row.append(name, upn, lic, email);
+    return row;
+  }
+
+  function renderUsers() {
+    const all = drill.users;
+    const query = el.userSearch.value;
+    const needle = query.trim() ? query.toLowerCase() : "";
+    const matches = needle === "" ? all : all.filter((u) => [u.user_principal_name, u.display_name, u.licenses]
+      .some((v) => String(v ?? "").toLowerCase().includes(needle)));
+    const esCount = all.filter((u) => u.has_email_license === true).length;
+    if (all.length === 0) {
+      el.usersCount.textContent = "0 users";
+      el.userRows.replaceChildren();
+      showUsersState("empty");
+      return;
+    }
+    const shown = needle === "" ? `${fmt(all.length)} ${all.length === 1 ? "user" : "users"}`
+      : `${fmt(matches.length)} of ${fmt(all.length)} users`;
+    el.usersCount.textContent = `${shown} · ${fmt(esCount)} with an email (ES) license`;
+    const fragment = document.createDocumentFragment();
+    for (const user of matches) fragment.append(userRow(user));
+    if (matches.length === 0) {
+      const row = make("tr", "no-match");
+      const cell = make("td", "", `No users match “${query.trim()}”.`);
+      cell.colSpan = 4;
+      row.append(cell);
+      fragment.append(row);
+    }
+    el.userRows.replaceChildren(fragment);
+    showUsersState("table");
+  }
+
+  function onDialogClose() {
+    if (drill.controller) drill.controller.abort();
+    const opener = drill.opener;
+    drill.item = null;
+    drill.opener = null;
+    if (opener && opener.isConnected) opener.focus();
+  }
+
+  function onDialogClick(event) {
+    if (event.target !== el.dialog) return; // only a click on the backdrop itself
+    const box = el.dialog.getBoundingClientRect();
+    const inside = event.clientX >= box.left && event.clientX <= box.right
+      && event.clientY >= box.top && event.clientY <= box.bottom;
+    if (!inside) el.dialog.close();
+  }
+
+  // -- wiring -----------------------------------------------------------------------------
+
+  el.orgTable.tHead.addEventListener("click", onSortClick);
+  el.orgSearch.addEventListener("input", applyOrder);
+  el.orgRows.addEventListener("click", (event) => {
+    const button = event.target.closest("button.org-link");
+    if (!button) return;
+    const item = state.organizations[Number(button.dataset.index)];
+    if (item) openUsers(item, button);
+  });
+  el.errorRetry.addEventListener("click", loadSummary);
+  el.emptyRetry.addEventListener("click", loadSummary);
+  el.usersClose.addEventListener("click", () => el.dialog.close());
+  el.usersRetry.addEventListener("click", loadUsers);
+  el.userSearch.addEventListener("input", renderUsers);
+  el.userSearch.addEventListener("search", renderUsers); // Escape in a search box clears it first
+  el.orgSearch.addEventListener("search", applyOrder);
+  el.dialog.addEventListener("close", onDialogClose);
+  el.dialog.addEventListener("click", onDialogClick);
+  setInterval(() => { if (!el.content.hidden) updateFreshness(); }, 60000);
+
+  loadSummary();
+})();

@@ -1,0 +1,511 @@
+"""The dashboard page at ``/`` in a real headless Chromium against a real ``m365-serve``.
+
+One browser per module; every test gets a fresh context (en-US, America/New_York) and checks
+what a viewer sees against the simulator's ground truth or against data written for the test
+(stale, hostile names, zero users). Screenshots of the demo data go to ``test-artifacts/`` and,
+when ``M365_TEST_ARTIFACTS`` is set, there too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import requests
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from m365_pipeline.publishing import (
+    CONTENT_TYPES,
+    SORT_FIELDS,
+    VersionWriter,
+    export_dir,
+    export_file_name,
+    iso_z,
+    json_bytes,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEZONE = "America/New_York"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 375, "height": 812}
+ARTIFACT_DIRS = [Path(__file__).resolve().parent.parent / "test-artifacts"]
+if os.environ.get("M365_TEST_ARTIFACTS"):
+    ARTIFACT_DIRS.append(Path(os.environ["M365_TEST_ARTIFACTS"]))
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+
+HOSTILE_SCRIPT = "<script>alert(1)</script>"
+HOSTILE_QUOTES = "O'Brien \"Quoted\" & Co"
+HOSTILE_CJK = "株式会社 テスト"
+ZERO_USERS = "Zero Users GmbH"
+
+
+def rule9(text: str) -> tuple[str, str]:
+    return (text.lower(), text)
+
+
+def save_screenshot(page: Page, name: str, **options: Any) -> None:
+    png = page.screenshot(**options)
+    for directory in ARTIFACT_DIRS:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(png)
+
+
+# -- browser and page fixtures ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@dataclass
+class Watch:
+    """Everything the page said that a viewer should never cause."""
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def csp_violations(self, page: Page) -> list[str]:
+        return page.evaluate("window.__cspViolations || []")
+
+    def assert_clean(self, page: Page) -> None:
+        assert self.dialogs == [], f"a JavaScript dialog fired: {self.dialogs}"
+        assert self.page_errors == [], f"uncaught errors: {self.page_errors}"
+        assert self.console_errors == [], f"console errors: {self.console_errors}"
+        assert self.csp_violations(page) == [], "CSP violations"
+
+
+def new_context(browser: Browser, viewport: dict[str, int] = DESKTOP, **options: Any) -> BrowserContext:
+    context = browser.new_context(viewport=viewport, locale="en-US", timezone_id=TIMEZONE,
+                                  accept_downloads=True, **options)
+    context.set_default_timeout(10_000)
+    # Injected by the DevTools protocol, so the page's own CSP does not apply to it.
+    context.add_init_script("""
+        window.__cspViolations = [];
+        document.addEventListener('securitypolicyviolation',
+            (e) => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));
+    """)
+    return context
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = new_context(browser)
+    yield ctx
+    ctx.close()
+
+
+def watch(page: Page) -> Watch:
+    seen = Watch()
+    page.on("console", lambda msg: seen.console_errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: seen.page_errors.append(str(exc)))
+
+    def on_dialog(dialog) -> None:
+        seen.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    return seen
+
+
+def open_dashboard(context: BrowserContext, base_url: str) -> tuple[Page, Watch]:
+    page = context.new_page()
+    seen = watch(page)
+    page.goto(base_url + "/")
+    expect(page.locator("#content")).to_be_visible()
+    return page, seen
+
+
+# -- reading the page ---------------------------------------------------------------------
+
+def number(text: str) -> int:
+    return int(text.replace(",", "").strip())
+
+
+def table_rows(page: Page) -> list[tuple[str, int, int]]:
+    """Visible organization rows: exact name (textContent, spaces kept), ES, M365."""
+    rows = page.evaluate("""() => [...document.querySelectorAll('#org-rows tr:not([hidden])')]
+        .filter((tr) => tr.querySelector('button.org-link'))
+        .map((tr) => [tr.querySelector('button.org-link').textContent,
+                      tr.cells[1].textContent, tr.cells[2].textContent])""")
+    return [(name, number(es), number(m365)) for name, es, m365 in rows]
+
+
+def org_button(page: Page, name: str):
+    """The row button whose text is exactly ``name`` (accessible names would collapse spaces)."""
+    names = page.locator("#org-rows button.org-link").all_text_contents()
+    assert names.count(name) == 1, f"{name!r} is not exactly one row: {names}"
+    return page.locator("#org-rows button.org-link").nth(names.index(name))
+
+
+def sort_states(page: Page) -> dict[str, str]:
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#org-table thead th')]
+        .map((th) => [th.dataset.key, th.getAttribute('aria-sort')]))""")
+
+
+def focused_is(page: Page, locator) -> bool:
+    return locator.evaluate("(node) => node === document.activeElement")
+
+
+def dialog_is_open(page: Page) -> bool:
+    return page.evaluate("document.getElementById('users-dialog').open")
+
+
+def expected_as_of(last_collected: str) -> list[str]:
+    """Pieces of the en-US local rendering of ``last_collected`` in the context's time zone."""
+    moment = datetime.strptime(last_collected, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    local = moment.astimezone(ZoneInfo(TIMEZONE))
+    hour = local.hour % 12 or 12
+    return [f"{local:%b} {local.day}, {local.year}", f"{hour}:{local:%M}", "AM" if local.hour < 12 else "PM",
+            local.tzname()]
+
+
+def as_of_text(page: Page) -> str:
+    return page.locator("#freshness").inner_text().replace("\u202f", " ").replace("\xa0", " ")
+
+
+# -- data written for a test --------------------------------------------------------------
+
+def write_published(data_dir: Path, organizations: list[dict], users: dict[str, list[dict]],
+                    last_collected: str) -> dict[str, Any]:
+    """One published version as the export asset writes it: summary, users per org, six exports."""
+    writer = VersionWriter(export_dir(data_dir))
+    totals = {
+        "total_organizations": len(organizations),
+        "total_es_users": sum(o["es_user_count"] for o in organizations),
+        "total_m365_licensed_users": sum(o["m365_licensed_user_count"] for o in organizations),
+    }
+    summary = {"status": "success", "organizations": organizations, "totals": totals,
+               "last_collected": last_collected, "metadata": {"query_time_ms": 1}}
+    writer.write_bytes("summary", "summary.json", json_bytes(summary), CONTENT_TYPES["json"])
+    for org in organizations:
+        rows = users.get(org["organization_name"], [])
+        writer.add_organization(org["organization_name"], json_bytes(
+            {"status": "success", "organization": org["organization_name"], "users": rows,
+             "total_users": len(rows)}))
+    records = [{"organization_name": org, **user} for org, rows in users.items() for user in rows]
+    for sort in SORT_FIELDS:
+        ordered = sorted(records, key=lambda r: (rule9(r[sort]), rule9(r["organization_name"]),
+                                                 r["user_principal_name"]))
+        text = io.StringIO()
+        out = csv.writer(text, lineterminator="\n")
+        out.writerow(["organization_name", "user_principal_name", "display_name", "licenses",
+                      "has_email_license"])
+        for r in ordered:
+            out.writerow([r["organization_name"], r["user_principal_name"], r["display_name"], r["licenses"],
+                          "true" if r["has_email_license"] else "false"])
+        writer.write_bytes(f"export:csv:{sort}", export_file_name(sort, "csv"), text.getvalue().encode(),
+                           CONTENT_TYPES["csv"])
+        writer.write_bytes(f"export:json:{sort}", export_file_name(sort, "json"), json_bytes(
+            {"status": "success", "data": ordered, "total_records": len(ordered),
+             "last_collected": last_collected}), CONTENT_TYPES["json"])
+    writer.commit({"last_collected": last_collected, "totals": totals})
+    return summary
+
+
+def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:
+    def user(upn: str, name: str, licenses: str, es: bool) -> dict:
+        return {"user_principal_name": upn, "display_name": name, "licenses": licenses, "has_email_license": es}
+
+    users = {
+        HOSTILE_SCRIPT: [
+            user("x@evil.example", "<img src=x onerror=alert(2)>", 'Microsoft 365 Business Premium, <b>Bold</b>',
+                 True),
+            user("y@evil.example", "\"'; alert(3); //", "Microsoft Copilot", False),
+        ],
+        HOSTILE_QUOTES: [user(f"u{i}@obrien.example", f"O'Brien User {i}", "Office 365 E3", i % 2 == 0)
+                         for i in range(3)],
+        HOSTILE_CJK: [user("sato@test.example.jp", "佐藤 花子", "Microsoft 365 E5", True)],
+        ZERO_USERS: [],
+    }
+    organizations = sorted([
+        {"organization_name": HOSTILE_SCRIPT, "es_user_count": 1, "m365_licensed_user_count": 2},
+        # Counts as the API says them (large, to show the thousands separators).
+        {"organization_name": HOSTILE_QUOTES, "es_user_count": 1234, "m365_licensed_user_count": 12345},
+        {"organization_name": HOSTILE_CJK, "es_user_count": 1, "m365_licensed_user_count": 1},
+        {"organization_name": ZERO_USERS, "es_user_count": 0, "m365_licensed_user_count": 0},
+    ], key=lambda o: rule9(o["organization_name"]))
+    return organizations, users
+
+
+# -- the demo data -------------------------------------------------------------------------
+
+def test_summary_table_matches_the_api_freshness_and_no_console_errors(browser, session_server, published):
+    truth = published.truth
+    api = requests.get(session_server.base_url + "/api/m365/summary", timeout=10).json()
+    for viewport, suffix in ((DESKTOP, "desktop"), (PHONE, "phone")):
+        ctx = new_context(browser, viewport)
+        try:
+            page, seen = open_dashboard(ctx, session_server.base_url)
+            expected = [(o["organization_name"], o["es_user_count"], o["m365_licensed_user_count"])
+                        for o in truth["organizations"]]
+            assert table_rows(page) == expected  # every organization, API order, exact numbers
+            totals = truth["totals"]
+            assert number(page.locator("#total-es").inner_text()) == totals["total_es_users"]
+            assert number(page.locator("#total-m365").inner_text()) == totals["total_m365_licensed_users"]
+            assert f"{totals['total_organizations']} organizations" in page.locator("#totals-row").inner_text()
+            assert number(page.locator("#kpi-orgs").inner_text()) == totals["total_organizations"]
+            assert page.locator("#org-count").inner_text() == \
+                f"{len(expected)} of {len(expected)} organizations"
+            # Freshness in the viewer's zone; fresh data has no warning.
+            text = as_of_text(page)
+            assert text.startswith("Data as of ")
+            for piece in expected_as_of(api["last_collected"]):
+                assert piece in text, (piece, text)
+            assert page.locator("#last-collected").get_attribute("datetime") == api["last_collected"]
+            expect(page.locator("#stale-banner")).to_be_hidden()
+            expect(page.get_by_role("alert")).to_have_count(0)
+            # Nothing on the page is wider than the screen (the phone case is the one that matters).
+            assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+            save_screenshot(page, f"dashboard-{suffix}.png")
+
+            org = max(truth["organizations"], key=lambda o: o["m365_licensed_user_count"])
+            org_button(page, org["organization_name"]).click()
+            expect(page.locator("#users-table")).to_be_visible()
+            box = page.locator("#users-dialog").bounding_box()
+            assert box["x"] >= 0 and box["y"] >= 0
+            assert box["x"] + box["width"] <= viewport["width"] and box["y"] + box["height"] <= viewport["height"]
+            save_screenshot(page, f"dashboard-users-{suffix}.png")
+            page.keyboard.press("Escape")
+            seen.assert_clean(page)
+        finally:
+            ctx.close()
+
+    dark = new_context(browser, DESKTOP, color_scheme="dark")
+    try:
+        page, seen = open_dashboard(dark, session_server.base_url)
+        save_screenshot(page, "dashboard-dark-desktop.png")
+        seen.assert_clean(page)
+    finally:
+        dark.close()
+
+
+def test_sorting_by_each_column_toggles_and_matches_python_order(context, session_server, published):
+    page, seen = open_dashboard(context, session_server.base_url)
+    orgs = [(o["organization_name"], o["es_user_count"], o["m365_licensed_user_count"])
+            for o in published.truth["organizations"]]
+    by_name = sorted(orgs, key=lambda o: rule9(o[0]))
+    assert table_rows(page) == by_name
+    assert sort_states(page) == {"organization_name": "ascending", "es_user_count": "none",
+                                 "m365_licensed_user_count": "none"}
+
+    header = {key: page.locator(f'#org-table thead th[data-key="{key}"] button')
+              for key in ("organization_name", "es_user_count", "m365_licensed_user_count")}
+    header["organization_name"].click()
+    assert sort_states(page)["organization_name"] == "descending"
+    assert table_rows(page) == by_name[::-1]
+    header["organization_name"].click()
+    assert table_rows(page) == by_name
+
+    for column, key in ((1, "es_user_count"), (2, "m365_licensed_user_count")):
+        header[key].click()  # counts start largest first; ties stay A to Z
+        assert sort_states(page) == {k: ("descending" if k == key else "none") for k in header}
+        assert table_rows(page) == sorted(orgs, key=lambda o: (-o[column], rule9(o[0])))
+        header[key].press("Enter")  # the header buttons work from the keyboard too
+        assert sort_states(page)[key] == "ascending"
+        assert table_rows(page) == sorted(orgs, key=lambda o: (o[column], rule9(o[0])))
+    seen.assert_clean(page)
+
+
+def test_search_filters_organizations_as_you_type(context, session_server, published):
+    page, seen = open_dashboard(context, session_server.base_url)
+    names = [o["organization_name"] for o in published.truth["organizations"]]
+    search = page.get_by_label("Search organizations")
+    typed = ""
+    for char in "ACME \"w":
+        search.press_sequentially(char)
+        typed += char
+        wanted = [n for n in names if typed.lower() in n.lower()] if typed.strip() else names
+        assert [row[0] for row in table_rows(page)] == wanted, typed
+        assert page.locator("#org-count").inner_text() == f"{len(wanted)} of {len(names)} organizations"
+    assert len(wanted) == 2  # 'ACME "WIDGETS"…' and 'Acme "Widgets"…': case-insensitive
+
+    search.fill("ромашка")  # non-Latin, lower case against 'Ромашка'
+    assert [row[0] for row in table_rows(page)] == [n for n in names if "ромашка" in n.lower()] != []
+    search.fill("no such organization")
+    assert table_rows(page) == []
+    expect(page.locator("#org-rows")).to_contain_text("No organizations match")
+    assert page.locator("#org-count").inner_text() == f"0 of {len(names)} organizations"
+    search.fill("")
+    assert len(table_rows(page)) == len(names)
+    # The totals row is the API's totals, whatever the filter.
+    assert number(page.locator("#total-m365").inner_text()) == published.truth["totals"]["total_m365_licensed_users"]
+    seen.assert_clean(page)
+
+
+def test_drill_down_lists_exactly_the_organizations_users_with_keyboard_focus(context, session_server,
+                                                                               published):
+    page, seen = open_dashboard(context, session_server.base_url)
+    truth = published.truth
+    org = max(truth["organizations"], key=lambda o: o["m365_licensed_user_count"])
+    name, expected_users = org["organization_name"], truth["users"][org["organization_name"]]
+    assert 0 < org["es_user_count"] < len(expected_users)  # both kinds of rows are shown
+
+    button = org_button(page, name)
+    button.focus()
+    page.keyboard.press("Enter")  # a real <button>: the keyboard opens it
+    dialog = page.locator("#users-dialog")
+    expect(dialog).to_be_visible()
+    assert dialog.get_attribute("aria-labelledby") == "users-title"
+    assert page.locator("#users-title").text_content() == name
+    assert page.evaluate("document.getElementById('users-dialog').contains(document.activeElement)")
+    expect(page.locator("#users-table")).to_be_visible()
+
+    rows = page.evaluate("""() => [...document.querySelectorAll('#user-rows tr')].map((tr) => ({
+        upn: tr.querySelector('.user-upn').textContent, name: tr.querySelector('.user-name').textContent,
+        licenses: tr.querySelector('.user-licenses').textContent, es: !!tr.querySelector('.badge--es')}))""")
+    assert [r["upn"] for r in rows] == [u["user_principal_name"] for u in expected_users]
+    assert rows == [{"upn": u["user_principal_name"], "name": u["display_name"], "licenses": u["licenses"] or "—",
+                     "es": u["has_email_license"]} for u in expected_users]
+    count = page.locator("#users-count").inner_text()
+    assert f"{len(expected_users)} users" in count and f"{org['es_user_count']} with an email (ES) license" in count
+
+    # The dialog's own search narrows its rows.
+    needle = expected_users[0]["user_principal_name"][:6]
+    page.get_by_label("Search users").fill(needle)
+    wanted = [u["user_principal_name"] for u in expected_users
+              if any(needle in str(u[k]).lower() for k in ("user_principal_name", "display_name", "licenses"))]
+    assert page.locator("#user-rows .user-upn").all_text_contents() == wanted
+    assert f"{len(wanted)} of {len(expected_users)} users" in page.locator("#users-count").inner_text()
+    # Escape in a search box with text clears it first (the browser's own behaviour), then closes.
+    page.keyboard.press("Escape")
+    assert dialog_is_open(page) and page.get_by_label("Search users").input_value() == ""
+    assert len(page.locator("#user-rows .user-upn").all_text_contents()) == len(expected_users)
+
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    assert not dialog_is_open(page)
+    assert focused_is(page, button), "focus goes back to the organization's button"
+
+    # An organization with no published users says so; the close button also returns focus.
+    empty = next(o["organization_name"] for o in truth["organizations"] if o["m365_licensed_user_count"] == 0)
+    empty_button = org_button(page, empty)
+    empty_button.click()
+    expect(page.locator("#users-empty")).to_be_visible()
+    expect(page.locator("#users-empty")).to_contain_text("No licensed users")
+    assert page.locator("#users-title").text_content() == empty
+    page.get_by_role("button", name="Close").click()
+    assert not dialog_is_open(page)
+    assert focused_is(page, empty_button)
+    seen.assert_clean(page)
+
+
+def test_export_button_downloads_the_csv_export(context, session_server):
+    page, seen = open_dashboard(context, session_server.base_url)
+    link = page.get_by_role("link", name="Export to CSV")
+    expect(link).to_be_visible()
+    with page.expect_download() as info:
+        link.click()
+    download = info.value
+    assert re.fullmatch(r"m365-users-\d{4}-\d{2}-\d{2}\.csv", download.suggested_filename)
+    api = requests.get(session_server.base_url + "/api/m365/export", params={"format": "csv"}, timeout=10)
+    assert api.status_code == 200
+    body = Path(download.path()).read_bytes()
+    assert body == api.content
+    assert body.startswith(b"organization_name,user_principal_name,display_name,licenses,has_email_license")
+    seen.assert_clean(page)
+
+
+# -- data written for the test: stale, hostile names, zero users ----------------------------
+
+def test_stale_data_warns_and_hostile_names_render_as_text(context, start_server, tmp_path):
+    data_dir = tmp_path / "data"
+    organizations, users = hostile_dataset()
+    last_collected = iso_z(datetime.now(UTC) - timedelta(days=3, hours=2))
+    write_published(data_dir, organizations, users, last_collected)
+    server = start_server(data_dir)
+
+    page, seen = open_dashboard(context, server.base_url)
+    assert table_rows(page) == [(o["organization_name"], o["es_user_count"], o["m365_licensed_user_count"])
+                                for o in organizations]
+    for name in (HOSTILE_SCRIPT, HOSTILE_QUOTES, HOSTILE_CJK):
+        expect(page.get_by_text(name, exact=True)).to_be_visible()
+    assert page.locator("#org-rows script, #org-rows img, #org-rows b").count() == 0
+    row = org_button(page, HOSTILE_QUOTES).locator("xpath=ancestor::tr")
+    assert row.locator("td").all_inner_texts() == ["1,234", "12,345"]  # thousands separators
+    assert page.locator("#total-m365").inner_text() == "12,348"
+
+    banner = page.get_by_role("alert")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("out of date")
+    expect(banner).to_contain_text("3 days ago")
+    text = as_of_text(page)
+    for piece in expected_as_of(last_collected):
+        assert piece in text, (piece, text)
+    save_screenshot(page, "dashboard-stale-hostile-desktop.png")
+
+    org_button(page, HOSTILE_SCRIPT).click()
+    expect(page.locator("#users-table")).to_be_visible()
+    assert page.locator("#users-title").text_content() == HOSTILE_SCRIPT
+    assert page.locator("#user-rows .user-name").all_text_contents() == \
+        ["<img src=x onerror=alert(2)>", "\"'; alert(3); //"]
+    assert page.locator("#user-rows .user-licenses").first.text_content() == \
+        "Microsoft 365 Business Premium, <b>Bold</b>"
+    assert page.locator("#users-dialog img, #users-dialog b").count() == 0
+    save_screenshot(page, "dashboard-hostile-users-desktop.png")
+    page.keyboard.press("Escape")
+
+    org_button(page, ZERO_USERS).click()
+    expect(page.locator("#users-empty")).to_contain_text("No licensed users")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(200)  # give a late script the chance to fire an alert
+    assert seen.dialogs == []
+    seen.assert_clean(page)
+
+
+def test_nothing_published_yet_shows_a_friendly_message(context, start_server, tmp_path):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    server = start_server(empty_dir)
+    page = context.new_page()
+    seen = watch(page)
+    page.goto(server.base_url + "/")
+    state = page.locator("#state-empty")
+    expect(state).to_be_visible()
+    expect(state).to_contain_text("No data published yet")
+    expect(state).to_contain_text("make demo")
+    expect(page.locator("#content")).to_be_hidden()
+    expect(page.get_by_role("link", name="Export to CSV")).to_be_hidden()
+    expect(page.locator("#state-error")).to_be_hidden()
+    save_screenshot(page, "dashboard-nothing-published.png")
+    # The browser logs the 404 itself; nothing else may go wrong.
+    assert all("404" in message for message in seen.console_errors), seen.console_errors
+    assert seen.page_errors == [] and seen.dialogs == []
+
+
+def test_api_unreachable_shows_an_error_and_retry_recovers(context, session_server, published):
+    page = context.new_page()
+    seen = watch(page)
+    page.route("**/api/m365/summary", lambda route: route.abort("connectionrefused"))
+    page.goto(session_server.base_url + "/")
+    error = page.locator("#state-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("Cannot reach the dashboard API")
+    expect(error).to_contain_text("Network error")
+    retry = page.get_by_role("button", name="Retry")
+    expect(retry).to_be_visible()
+    expect(page.locator("#content")).to_be_hidden()
+    save_screenshot(page, "dashboard-unreachable.png")
+
+    page.unroute("**/api/m365/summary")
+    retry.click()
+    expect(page.locator("#content")).to_be_visible()
+    expect(error).to_be_hidden()
+    assert len(table_rows(page)) == len(published.truth["organizations"])
+    assert seen.page_errors == [] and seen.dialogs == []
