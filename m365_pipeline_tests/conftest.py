@@ -185,3 +185,12 @@ def session_server(published: Published, tmp_path_factory: pytest.TempPathFactor
         yield Served(f"http://127.0.0.1:{port}", port, proc, log_path)
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost, made by the test, valid one day."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key

@@ -43,7 +43,7 @@ from m365_pipeline.publishing import (
     json_bytes,
     users_file_name,
 )
-from m365_pipeline_tests.conftest import free_port, run_pipeline
+from .conftest import free_port, make_certificate, run_pipeline
 
 SERVE = str(Path(sys.executable).parent / "m365-serve")
 SUMMARY = "/api/m365/summary"
@@ -554,14 +554,6 @@ def test_cors_allow_origin_on_successes_and_errors(session_server, target, heade
 
 
 # -- 3. HTTPS --------------------------------------------------------------------------------------
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return cert, key
-
 
 def test_https_serves_the_api_with_the_given_certificate_and_plain_http_gets_no_data(
         published, start_server, tmp_path):
