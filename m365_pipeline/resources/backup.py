@@ -92,10 +92,6 @@ class BackupApiResource(VendorApiResource):
     admin_token: str | None = Field(default=None, description="BACKUP_ADMIN_TOKEN (X-Access-Token for GET /users).")
     per_page: int = Field(default=100, ge=1, le=100, description="Items per page (the vendor's maximum is 100).")
 
-    @property
-    def is_configured(self) -> bool:
-        return bool(self.base_url and self.base_url.strip())
-
     def client(self) -> BackupClient:
         if not self.is_configured:
             raise VendorError(

@@ -19,6 +19,11 @@ class VendorApiResource(ConfigurableResource):
     backoff_factor: float = Field(default=0.5, ge=0, description="urllib3 backoff factor, seconds.")
     retry_after_max_s: int = Field(default=120, ge=0, description="Longest Retry-After we wait for.")
     concurrency: int = Field(default=16, ge=1, le=128, description="Concurrent per-user / per-owner calls.")
+    base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
+
+    @property
+    def is_configured(self) -> bool:
+        return bool(self.base_url and self.base_url.strip())
 
     def http_settings(self) -> HttpSettings:
         return HttpSettings(

@@ -62,10 +62,6 @@ class SaasApiResource(VendorApiResource):
     token: str | None = Field(default=None, description="SAAS_API_TOKEN, sent as a Bearer token.")
     page_size: int = Field(default=1000, ge=1, le=1000, description="Items per page (the vendor's maximum is 1000).")
 
-    @property
-    def is_configured(self) -> bool:
-        return bool(self.base_url and self.base_url.strip())
-
     def client(self) -> SaasClient:
         if not self.is_configured:
             raise VendorError("source S is not configured: set SAAS_API_BASE_URL and SAAS_API_TOKEN")
