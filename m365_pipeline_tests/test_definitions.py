@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import pytest
@@ -86,3 +87,18 @@ def test_tokens_are_configured_as_env_vars_so_the_ui_shows_names_not_values(monk
                             SAAS_API_TOKEN="do-not-show-me")
     saas = defs.resources["saas"]
     assert "do-not-show-me" not in repr(saas)
+
+
+def test_a_dotenv_file_configures_the_sources_and_real_variables_win(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("SAAS_API_BASE_URL", "SAAS_API_TOKEN", "BACKUP_API_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".env").write_text(
+        "SAAS_API_BASE_URL=http://127.0.0.1:9/from-dotenv\nSAAS_API_TOKEN=dotenv-token\n"
+        "BACKUP_API_BASE_URL=http://127.0.0.1:9/dotenv-b\n")
+    monkeypatch.setenv("BACKUP_API_BASE_URL", "http://127.0.0.1:9/from-environment")
+    defs = load_definitions(monkeypatch, tmp_path)
+    assert os.environ["SAAS_API_BASE_URL"] == "http://127.0.0.1:9/from-dotenv"
+    assert os.environ["BACKUP_API_BASE_URL"] == "http://127.0.0.1:9/from-environment"
+    assert defs.resources["saas"].base_url is not None  # an EnvVar: configured, value not baked in
+    # (monkeypatch restores the variables load_dotenv set, since they were recorded as absent above)
