@@ -102,7 +102,9 @@ def test_csv_export_matches_ground_truth_and_parses_with_a_real_csv_reader(sessi
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/csv")
     assert response.headers["content-disposition"].startswith('attachment; filename="m365-users-')
-    reader = csv.reader(io.StringIO(response.content.decode("utf-8"), newline=""), strict=True)
+    text = response.content.decode("utf-8")
+    assert text.count("\r\n") == text.count("\n")  # RFC 4180: every record ends with CRLF
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header, *rows = list(reader)
     assert header == EXPORT_KEYS
     expected = [

@@ -137,10 +137,11 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
 
 
 def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_collected: str | None) -> None:
-    """CSV and JSON straight from DuckDB's writers (RFC 4180 quoting, JSON escaping)."""
+    """CSV and JSON straight from DuckDB's writers (RFC 4180 quoting and CRLF, JSON escaping)."""
     select = f"SELECT {EXPORT_COLUMNS} FROM core.users WHERE published ORDER BY {EXPORT_ORDER[sort]}"
     csv_path = writer.adopt(f"export:csv:{sort}", export_file_name(sort, "csv"), CONTENT_TYPES["csv"])
-    conn.execute(f"COPY ({select}) TO {_sql_path(csv_path)} (FORMAT csv, HEADER true, QUOTE '\"', ESCAPE '\"')")
+    conn.execute(f"COPY ({select}) TO {_sql_path(csv_path)} "
+                 "(FORMAT csv, HEADER true, QUOTE '\"', ESCAPE '\"', NEW_LINE '\r\n')")  # RFC 4180 records
 
     json_path = writer.adopt(f"export:json:{sort}", export_file_name(sort, "json"), CONTENT_TYPES["json"])
     array_path = json_path.with_suffix(".array")
