@@ -13,14 +13,19 @@ from dagster import (
     AssetKey,
     MaterializeResult,
     MetadataValue,
-    TableColumn,
-    TableSchema,
     asset,
     asset_check,
 )
 from dagster_duckdb import DuckDBResource
 
-from m365_pipeline.assets.duck import ensure_schema, last_collected, read_sql, table_result
+from m365_pipeline.assets.duck import (
+    ensure_schema,
+    last_collected,
+    read_sql,
+    table_metadata,
+    table_result,
+    table_schema,
+)
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.license_rules import default_rules_path, load_rules
 
@@ -30,11 +35,7 @@ RAW = {name: AssetKey(["raw", name]) for name in (
 EXAMPLES = 10
 
 
-def _schema(*columns: tuple[str, str, str]) -> TableSchema:
-    return TableSchema(columns=[TableColumn(name, kind, description=text) for name, kind, text in columns])
-
-
-LICENSE_RULES_SCHEMA = _schema(
+LICENSE_RULES_SCHEMA = table_schema(
     ("rule_order", "INTEGER", "Position in the rules file; the first matching rule decides."),
     ("rule_id", "VARCHAR", "Stable rule name, referenced by core.license_assignments."),
     ("applies_to", "VARCHAR", "m365 (is it an M365 license?) or email (is it an ES license?)."),
@@ -45,7 +46,7 @@ LICENSE_RULES_SCHEMA = _schema(
     ("like_pattern", "VARCHAR", "The pattern as the SQL LIKE DuckDB evaluates."),
     ("description", "VARCHAR", "Why the rule exists."),
 )
-LICENSE_ASSIGNMENTS_SCHEMA = _schema(
+LICENSE_ASSIGNMENTS_SCHEMA = table_schema(
     ("user_principal_name", "VARCHAR", "The user's key: trimmed, lower-cased UPN."),
     ("license_name", "VARCHAR", "applicationName, or name when empty; one spelling per case-insensitive name."),
     ("vendor", "VARCHAR", "Vendor as source S reports it."),
@@ -54,7 +55,7 @@ LICENSE_ASSIGNMENTS_SCHEMA = _schema(
     ("m365_rule", "VARCHAR", "rule_id that decided is_m365_license."),
     ("email_rule", "VARCHAR", "rule_id that decided is_email_license; null when no include pattern matched."),
 )
-USERS_SCHEMA = _schema(
+USERS_SCHEMA = table_schema(
     ("user_principal_name", "VARCHAR", "The user's key: trimmed, lower-cased UPN."),
     ("organization_name", "VARCHAR", "Organization (contract rule 3); null when unassigned."),
     ("organization_source", "VARCHAR", "backup_account, domain, or null."),
@@ -70,13 +71,9 @@ USERS_SCHEMA = _schema(
 )
 
 
-def _asset_metadata(table: str, schema: TableSchema) -> dict[str, object]:
-    return {"dagster/table_name": table, "dagster/column_schema": schema}
-
-
 @asset(
     key=["core", "license_rules"], group_name=GROUP, kinds={"duckdb", "csv"},
-    metadata=_asset_metadata("core.license_rules", LICENSE_RULES_SCHEMA),
+    metadata=table_metadata("core.license_rules", LICENSE_RULES_SCHEMA),
 )
 def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     """One row = one classification rule from the package's editable license_rules.csv.
@@ -87,7 +84,7 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
     path = default_rules_path()
     rules = load_rules(path)
     with duckdb.get_connection() as conn:
-        ensure_schema(conn, "core")
+        ensuretable_schema(conn, "core")
         frame = pd.DataFrame([rule.as_row() for rule in rules])
         conn.register("rules_frame", frame)
         conn.execute("""
@@ -103,7 +100,7 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
 @asset(
     key=["core", "license_assignments"], group_name=GROUP, kinds={"duckdb"},
     deps=[RAW["saas_users"], RAW["saas_user_subscriptions"], license_rules],
-    metadata=_asset_metadata("core.license_assignments", LICENSE_ASSIGNMENTS_SCHEMA),
+    metadata=table_metadata("core.license_assignments", LICENSE_ASSIGNMENTS_SCHEMA),
 )
 def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     """One row = one user holding one distinct license (names equal ignoring case count once).
@@ -156,7 +153,7 @@ def _update_license_catalog(conn) -> None:
     key=["core", "users"], group_name=GROUP, kinds={"duckdb"},
     deps=[RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"], RAW["saas_users"],
           license_assignments],
-    metadata=_asset_metadata("core.users", USERS_SCHEMA),
+    metadata=table_metadata("core.users", USERS_SCHEMA),
 )
 def users(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     """One row = one person, keyed by trimmed lower-cased UPN, merged from both sources.

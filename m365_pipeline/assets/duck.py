@@ -7,7 +7,7 @@ from importlib import resources
 from typing import Any
 
 import duckdb
-from dagster import MaterializeResult, MetadataValue
+from dagster import MaterializeResult, MetadataValue, TableColumn, TableSchema
 
 RAW_TABLE_NAMES = ("saas_users", "saas_user_subscriptions", "backup_organizations", "backup_tenants",
                    "backup_accounts")
@@ -16,6 +16,16 @@ RAW_TABLE_NAMES = ("saas_users", "saas_user_subscriptions", "backup_organization
 LAST_COLLECTED_SQL = "SELECT min(t) FROM (" + " UNION ALL ".join(
     f"SELECT min(collected_at) AS t FROM raw.{name}" for name in RAW_TABLE_NAMES
 ) + ")"
+
+
+def table_schema(*columns: tuple[str, str, str]) -> TableSchema:
+    """``dagster/column_schema`` from (name, type, description) triples."""
+    return TableSchema(columns=[TableColumn(name, kind, description=text) for name, kind, text in columns])
+
+
+def table_metadata(table: str, schema: TableSchema) -> dict[str, object]:
+    """Definition metadata of a DuckDB table asset, as the Dagster UI shows it."""
+    return {"dagster/table_name": table, "dagster/column_schema": schema}
 
 
 def read_sql(name: str) -> str:

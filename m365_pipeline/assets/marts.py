@@ -21,12 +21,19 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from m365_pipeline.assets.core import _asset_metadata, _schema, users
-from m365_pipeline.assets.duck import ensure_schema, last_collected, read_sql, table_result
+from m365_pipeline.assets.core import users
+from m365_pipeline.assets.duck import (
+    ensure_schema,
+    last_collected,
+    read_sql,
+    table_metadata,
+    table_result,
+    table_schema,
+)
 
 GROUP = "marts"
 
-SUMMARY_SCHEMA = _schema(
+SUMMARY_SCHEMA = table_schema(
     ("organization_name", "VARCHAR", "Organization exactly as source B names it."),
     ("es_user_count", "BIGINT", "Published users with an email (ES) license."),
     ("m365_licensed_user_count", "BIGINT", "Published users (any M365 license)."),
@@ -55,7 +62,7 @@ class PublishPolicy(ConfigurableResource):
 @asset(
     key=["marts", "org_summary"], group_name=GROUP, kinds={"duckdb"},
     deps=[users, AssetKey(["raw", "backup_organizations"])],
-    metadata=_asset_metadata("marts.org_summary", SUMMARY_SCHEMA),
+    metadata=table_metadata("marts.org_summary", SUMMARY_SCHEMA),
 )
 def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     """One row = one organization with its ES-user and M365-licensed-user counts.
@@ -64,7 +71,7 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
     the run's pulls started.
     """
     with duckdb.get_connection() as conn:
-        ensure_schema(conn, "marts")
+        ensuretable_schema(conn, "marts")
         collected = last_collected(conn)
         conn.execute(read_sql("marts_org_summary.sql"), [collected])
         totals = conn.execute("""
@@ -81,7 +88,7 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
 
 @asset(
     key=["marts", "org_summary_history"], group_name=GROUP, kinds={"duckdb"}, deps=[org_summary],
-    metadata=_asset_metadata("marts.org_summary_history", HISTORY_SCHEMA),
+    metadata=table_metadata("marts.org_summary_history", HISTORY_SCHEMA),
 )
 def org_summary_history(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     """One row = one organization on one collection date. Re-running a day replaces that day.
