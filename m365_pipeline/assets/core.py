@@ -84,7 +84,7 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
     path = default_rules_path()
     rules = load_rules(path)
     with duckdb.get_connection() as conn:
-        ensuretable_schema(conn, "core")
+        ensure_schema(conn, "core")
         frame = pd.DataFrame([rule.as_row() for rule in rules])
         conn.register("rules_frame", frame)
         conn.execute("""

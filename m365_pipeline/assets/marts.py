@@ -71,7 +71,7 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
     the run's pulls started.
     """
     with duckdb.get_connection() as conn:
-        ensuretable_schema(conn, "marts")
+        ensure_schema(conn, "marts")
         collected = last_collected(conn)
         conn.execute(read_sql("marts_org_summary.sql"), [collected])
         totals = conn.execute("""
