@@ -28,6 +28,16 @@ test-system-packages:
 test: $(STAMP) test-system-packages
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The real product against m365-simulate at 700, 100k and 1M users, and m365-serve against nginx
+# (wrk): writes bench/RESULTS.md (~25 min). bench-quick: the demo scale only, under two minutes.
+bench: $(STAMP)
+	@sh scripts/system-packages.sh nginx wrk
+	$(BIN)/python bench/run.py
+
+bench-quick: $(STAMP)
+	@sh scripts/system-packages.sh nginx wrk
+	$(BIN)/python bench/run.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 

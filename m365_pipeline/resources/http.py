@@ -1,8 +1,8 @@
 """HTTP plumbing shared by both vendor clients.
 
-Retries, backoff and ``Retry-After`` handling are urllib3's ``Retry`` mounted on a
-pooled ``requests`` session; this module only turns what comes back into errors
-a data engineer can act on. Tokens travel in headers only, and no message built
+Retries, backoff and ``Retry-After`` handling are urllib3's ``Retry`` on a pooled
+urllib3 ``PoolManager``; this module only turns what comes back into errors a data
+engineer can act on. Tokens travel in headers only, and no message built
 here ever contains a header value.
 """
 
@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError, TimeoutError as Urllib3Timeout
+from urllib3.util import make_headers
 from urllib3.util.retry import Retry
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+TOKEN_HEADERS = ("Authorization", "X-Access-Token", "X-Reseller-Token")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -97,8 +99,8 @@ class HttpSettings:
     pool_size: int = 16
 
 
-def build_session(settings: HttpSettings, base_headers: dict[str, str]) -> requests.Session:
-    """A pooled session whose adapter retries connection errors, 429 and 5xx with backoff."""
+def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.PoolManager:
+    """A connection pool that retries connection errors, 429 and 5xx with backoff."""
     retry = Retry(
         total=settings.max_retries,
         connect=settings.max_retries,
@@ -113,19 +115,21 @@ def build_session(settings: HttpSettings, base_headers: dict[str, str]) -> reque
         retry_after_max=settings.retry_after_max_s,
         raise_on_status=False,
         raise_on_redirect=True,
+        # A redirect to another host never carries our credentials along.
+        remove_headers_on_redirect=Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT | set(TOKEN_HEADERS),
     )
-    adapter = HTTPAdapter(
-        max_retries=retry,
-        pool_connections=2,
-        pool_maxsize=settings.pool_size,
-        pool_block=True,
+    # urllib3 without requests on top: requests' per-call overhead halved the calls/s of the
+    # per-user pull (bench/RESULTS.md: 1.15k -> 2.3k calls/s against the simulator, 0.82 -> 0.41 ms CPU/call).
+    # urllib3 never reads proxy variables, so a stray one cannot reroute vendor traffic.
+    return urllib3.PoolManager(
+        num_pools=2,
+        maxsize=settings.pool_size,
+        block=True,
+        retries=retry,
+        timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
+        headers={**make_headers(accept_encoding=True), "Accept": "application/json",
+                 "User-Agent": "m365-pipeline", **base_headers},
     )
-    session = requests.Session()
-    session.trust_env = False  # a stray proxy variable must not reroute vendor traffic
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update({"Accept": "application/json", "User-Agent": "m365-pipeline", **base_headers})
-    return session
 
 
 def validate_base_url(url: str, variable: str) -> str:
@@ -158,7 +162,7 @@ Page = tuple[Endpoint, list[dict[str, Any]]]
 
 
 class VendorClient:
-    """Base for the two source clients: one pooled session, stats, and error mapping."""
+    """Base for the two source clients: one connection pool, stats, and error mapping."""
 
     source_name: str = "vendor"
     auth_variables: str = ""
@@ -166,11 +170,11 @@ class VendorClient:
     def __init__(self, base_url: str, headers: dict[str, str], settings: HttpSettings):
         self.base_url = base_url
         self.settings = settings
-        self.session = build_session(settings, headers)
+        self.pool = build_pool(settings, headers)
         self.stats = CallStats()
 
     def close(self) -> None:
-        self.session.close()
+        self.pool.clear()
 
     def __enter__(self):
         return self
@@ -190,12 +194,14 @@ class VendorClient:
         where = Endpoint(self.source_name, path, page)
         url = self.base_url + path
         try:
-            response = self.session.get(
-                url, params=params, headers=headers, timeout=self.settings.timeout_s
+            response = self.pool.request(
+                "GET", url, fields=params,
+                headers={**self.pool.headers, **headers} if headers else None,  # merged, not replaced
             )
-        except requests.exceptions.ConnectionError as exc:
+        except MaxRetryError as exc:
             self.stats.record(retries=self.settings.max_retries, page=False)
-            if _is_timeout(exc):
+            # urllib3 files a refused connection (NewConnectionError) under timeouts too.
+            if isinstance(exc.reason, Urllib3Timeout) and not isinstance(exc.reason, NewConnectionError):
                 raise VendorUnavailableError(
                     f"{where.describe()} timed out after {self.settings.max_retries + 1} attempts "
                     f"of {self.settings.timeout_s:g} s each"
@@ -204,19 +210,13 @@ class VendorClient:
                 f"cannot reach {self.source_name} at {self.base_url} ({where.describe()}) after "
                 f"{self.settings.max_retries + 1} attempts: {_root_cause(exc)}"
             ) from None
-        except requests.exceptions.Timeout:
-            self.stats.record(retries=self.settings.max_retries, page=False)
-            raise VendorUnavailableError(
-                f"{where.describe()} timed out after {self.settings.max_retries + 1} attempts "
-                f"of {self.settings.timeout_s:g} s each"
-            ) from None
-        except requests.exceptions.RequestException as exc:
+        except HTTPError as exc:
             self.stats.record(retries=0, page=False)
             raise VendorError(f"{where.describe()} failed: {type(exc).__name__}") from None
 
         retries = _retries_used(response)
         self.stats.record(retries=retries)
-        status = response.status_code
+        status = response.status
         if status in (401, 403):
             raise VendorAuthError(
                 f"{self.source_name} rejected our credentials ({status}) on {where.describe()}: "
@@ -229,28 +229,22 @@ class VendorClient:
                 f"{where.describe()} answered HTTP {status}{hint}: {_safe_excerpt(response)}"
             )
         try:
-            return response.json()
-        except (ValueError, json.JSONDecodeError):
+            return json.loads(response.data)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise MalformedResponseError(
                 f"{where.describe()} answered {status} with a body that is not valid JSON "
-                f"({len(response.content)} bytes)"
+                f"({len(response.data)} bytes)"
             ) from None
 
 
-def _retries_used(response: requests.Response) -> int:
-    history = getattr(getattr(response.raw, "retries", None), "history", None)
+def _retries_used(response: urllib3.BaseHTTPResponse) -> int:
+    history = getattr(response.retries, "history", None)
     return len(history) if history else 0
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    text = repr(exc.args[0]) if exc.args else ""
-    return "ReadTimeoutError" in text or "timed out" in text
-
-
-def _root_cause(exc: BaseException) -> str:
+def _root_cause(exc: MaxRetryError) -> str:
     """The innermost reason ("Connection refused"), without URLs or headers."""
-    reason = exc.args[0] if exc.args else exc
-    inner = getattr(reason, "reason", reason)
+    inner = exc.reason if exc.reason is not None else exc
     text = str(inner)
     for marker in ("Connection refused", "Name or service not known", "No route to host",
                    "Connection reset", "Temporary failure in name resolution"):
@@ -259,9 +253,9 @@ def _root_cause(exc: BaseException) -> str:
     return type(inner).__name__
 
 
-def _safe_excerpt(response: requests.Response, limit: int = 200) -> str:
+def _safe_excerpt(response: urllib3.BaseHTTPResponse, limit: int = 200) -> str:
     """A short, single-line slice of an error body so the vendor's own message is visible."""
-    text = response.text[:limit].replace("\n", " ").strip()
+    text = response.data[: limit * 4].decode("utf-8", "replace")[:limit].replace("\n", " ").strip()
     return text or "(empty body)"
 
 
