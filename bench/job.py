@@ -23,7 +23,7 @@ from m365_pipeline.definitions import defs  # noqa: E402
 
 def main() -> int:
     imported = time.monotonic()
-    job = defs.resolve_job_def("nightly_refresh")
+    job = defs().resolve_job_def("nightly_refresh")
     with DagsterInstance.ephemeral() as instance:
         job_started = time.monotonic()
         result = job.execute_in_process(

@@ -16,12 +16,3 @@ def crash_point(name: str) -> None:
     if os.environ.get("M365_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -122,7 +122,7 @@ def run_pipeline_once(env: dict[str, str]) -> None:
 
     from m365_pipeline.definitions import defs
 
-    job = defs.resolve_job_def("nightly_refresh")
+    job = defs().resolve_job_def("nightly_refresh")
     started = time.monotonic()
     with DagsterInstance.get() as instance:
         result = job.execute_in_process(

@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from m365_pipeline.crashpoints import crash_point, process_alive
+from m365_pipeline.crashpoints import crash_point
+from m365_pipeline.processes import process_alive
 
 MANIFEST = "manifest.json"
 WRITER_PID = ".writer-pid"

@@ -1,4 +1,7 @@
-"""Configuration from the environment (and a ``.env`` file), as DESIGN.md lists it."""
+"""Configuration from the environment (and a ``.env`` file): the one place each variable is read.
+
+The variables and their meaning are listed in the README's Configuration table.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,25 @@ import os
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dagster import EnvVar
-from dotenv import load_dotenv
-
 DUCKDB_FILE = "m365.duckdb"
 ANALYTICS_FILE = "analytics.duckdb"
+DATA_DIR_VARIABLE = "M365_DATA_DIR"
 
 
 def load_env_file() -> None:
     """Read ``.env`` from the working directory; real environment variables win."""
+    from dotenv import load_dotenv
+
     load_dotenv(Path.cwd() / ".env", override=False)
 
 
-def optional_env(name: str) -> EnvVar | None:
-    """An EnvVar when the variable is set, so the Dagster UI shows its name, never its value."""
-    return EnvVar(name) if os.environ.get(name, "").strip() else None
+def env_is_set(name: str) -> bool:
+    return bool(os.environ.get(name, "").strip())
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("M365_DATA_DIR", "").strip() or "data").resolve()
+    """``M365_DATA_DIR`` (default ``./data``), absolute. Reading it creates nothing."""
+    return Path(os.environ.get(DATA_DIR_VARIABLE, "").strip() or "data").resolve()
 
 
 def schedule_timezone() -> str:

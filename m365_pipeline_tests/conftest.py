@@ -90,7 +90,7 @@ def run_pipeline(sim: Simulator | None, data_dir: Path, *, raise_on_error: bool 
     """Materialize every asset and check into ``data_dir`` (as the nightly job does)."""
     from dagster import materialize
 
-    from m365_pipeline.assets.marts import PublishPolicy
+    from m365_pipeline.resources import PublishPolicy
 
     policy = kwargs.pop("policy", PublishPolicy())
     resources = {**make_resources(sim, data_dir / "m365.duckdb", **kwargs), "publish_policy": policy}

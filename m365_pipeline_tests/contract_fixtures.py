@@ -24,7 +24,7 @@ import duckdb
 from dagster import materialize
 from dagster_duckdb import DuckDBResource
 
-from m365_pipeline.assets.raw import RAW_TABLES
+from m365_pipeline.raw_tables import RAW_TABLES
 
 MICROSOFT = "Microsoft Corporation"
 COLLECTED_AT = datetime(2026, 1, 21, 23, 0, 0, tzinfo=UTC)
@@ -112,13 +112,9 @@ class RawBuilder:
 # -- running the core/marts assets and reading their tables ---------------------------------
 
 def contract_resources(path: Path) -> dict[str, Any]:
-    resources: dict[str, Any] = {"duckdb": DuckDBResource(database=str(path))}
-    from m365_pipeline.assets import marts
+    from m365_pipeline.resources import PublishPolicy
 
-    policy = getattr(marts, "PublishPolicy", None)
-    if policy is not None:
-        resources["publish_policy"] = policy()
-    return resources
+    return {"duckdb": DuckDBResource(database=str(path)), "publish_policy": PublishPolicy()}
 
 
 def run_contract(path: Path) -> None:

@@ -22,7 +22,7 @@ def load_definitions(monkeypatch, tmp_path, **env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     sys.modules.pop("m365_pipeline.definitions", None)
-    return importlib.import_module("m365_pipeline.definitions").defs
+    return importlib.import_module("m365_pipeline.definitions").defs()
 
 
 def test_nightly_job_covers_every_asset_and_runs_in_one_process(monkeypatch, tmp_path):

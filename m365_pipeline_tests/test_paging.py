@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m365_pipeline.assets.staging import is_secret_field, snake_case, without_secrets
+from m365_pipeline.landing import is_secret_field, snake_case, without_secrets
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError
 from m365_pipeline.resources.paging import backup_pages, require_fields, saas_pages
 

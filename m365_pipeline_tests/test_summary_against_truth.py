@@ -6,7 +6,8 @@ import pytest
 from dagster import AssetKey, materialize
 
 from m365_pipeline.assets.core import core_assets, core_checks
-from m365_pipeline.assets.marts import PublishPolicy, marts_assets, marts_checks
+from m365_pipeline.assets.marts import marts_assets, marts_checks
+from m365_pipeline.resources import PublishPolicy
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.simulator import ground_truth
 

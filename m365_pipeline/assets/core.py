@@ -18,7 +18,7 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from m365_pipeline.assets.duck import (
+from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     last_collected,
     read_sql,
@@ -28,10 +28,10 @@ from m365_pipeline.assets.duck import (
 )
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.license_rules import default_rules_path, load_rules
+from m365_pipeline.raw_tables import RAW_TABLES
 
 GROUP = "core"
-RAW = {name: AssetKey(["raw", name]) for name in (
-    "saas_users", "saas_user_subscriptions", "backup_organizations", "backup_tenants", "backup_accounts")}
+RAW = {table.name: AssetKey([table.schema, table.name]) for table in RAW_TABLES}
 EXAMPLES = 10
 
 

@@ -11,7 +11,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
-    ConfigurableResource,
     MaterializeResult,
     TableColumn,
     TableSchema,
@@ -19,10 +18,10 @@ from dagster import (
     asset_check,
 )
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
 
 from m365_pipeline.assets.core import users
-from m365_pipeline.assets.duck import (
+from m365_pipeline.resources.publish_policy import PublishPolicy
+from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     last_collected,
     read_sql,
@@ -43,20 +42,6 @@ HISTORY_SCHEMA = TableSchema(columns=[
     TableColumn("collection_date", "DATE", description="UTC date of last_collected; one set of rows per date."),
     *SUMMARY_SCHEMA.columns,
 ])
-
-
-class PublishPolicy(ConfigurableResource):
-    """How much worse than the last good night a pull may look before it is held back.
-
-    A real drop (a customer leaving) is published by re-running with a looser policy
-    from the Dagster launchpad, e.g. ``max_drop_fraction: 1.0``.
-    """
-
-    min_organizations: int = Field(default=1, ge=0, description="Fewer organizations than this is a broken pull.")
-    max_drop_fraction: float = Field(
-        default=0.5, ge=0, le=1,
-        description="Largest tolerated fall in organizations or licensed users versus the last good night.",
-    )
 
 
 @asset(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from m365_pipeline import settings
 from m365_pipeline.publishing import (
     CURRENT,
     FORMATS,
@@ -343,4 +344,4 @@ def create_app() -> Dashboard:
         ACCESS_LOG.addHandler(handler)
         ACCESS_LOG.setLevel(logging.INFO)
         ACCESS_LOG.propagate = False
-    return Dashboard(Path(os.environ.get("M365_DATA_DIR", "data")).resolve(), access_log=access_log)
+    return Dashboard(settings.data_dir(), access_log=access_log)

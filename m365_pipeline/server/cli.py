@@ -14,6 +14,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from m365_pipeline import settings
 from m365_pipeline.publishing import current_version_dir, export_dir
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--port must be between 1 and 65535, got {args.port}")
     if args.workers < 1:
         _fail("--workers must be at least 1")
-    data_dir = (args.data_dir or Path(os.environ.get("M365_DATA_DIR", "").strip() or "data")).resolve()
+    data_dir = args.data_dir.resolve() if args.data_dir else settings.data_dir()
     check_tls(args.certfile, args.keyfile)
     check_port(args.host, args.port)
 

@@ -9,12 +9,12 @@ from typing import Any
 import duckdb
 from dagster import MaterializeResult, MetadataValue, TableColumn, TableSchema
 
-RAW_TABLE_NAMES = ("saas_users", "saas_user_subscriptions", "backup_organizations", "backup_tenants",
-                   "backup_accounts")
+from m365_pipeline.raw_tables import RAW_TABLES
+
 
 # Contract rule 10: the run's pulls started when the earliest raw table was collected.
 LAST_COLLECTED_SQL = "SELECT min(t) FROM (" + " UNION ALL ".join(
-    f"SELECT min(collected_at) AS t FROM raw.{name}" for name in RAW_TABLE_NAMES
+    f"SELECT min(collected_at) AS t FROM {table.qualified}" for table in RAW_TABLES
 ) + ")"
 
 

@@ -12,17 +12,17 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-from dagster import TableColumn, TableSchema
-
-from m365_pipeline.crashpoints import process_alive
+from m365_pipeline.processes import process_alive
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError
+
+if TYPE_CHECKING:
+    from m365_pipeline.raw_tables import RawTable
 
 # Fields whose values are credentials. They never reach the staging file or a table.
 _TOKEN_FIELD = re.compile(r"token|secret|password", re.IGNORECASE)
@@ -44,51 +44,6 @@ def is_secret_field(name: str) -> bool:
 
 def without_secrets(record: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if not is_secret_field(key)}
-
-
-@dataclass(frozen=True)
-class Column:
-    vendor_key: str
-    sql_type: str
-    description: str
-
-    @property
-    def name(self) -> str:
-        return snake_case(self.vendor_key)
-
-
-@dataclass(frozen=True)
-class RawTable:
-    """A raw table: the vendor's fields (snake_cased), our context columns, and ``collected_at``."""
-
-    schema: str
-    name: str
-    row_means: str
-    columns: tuple[Column, ...]
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def column_schema(self) -> TableSchema:
-        cols = [TableColumn(c.name, c.sql_type, description=c.description) for c in self.columns]
-        cols.append(TableColumn("collected_at", "TIMESTAMPTZ", description="When this run's pull from the vendor started (UTC)."))
-        return TableSchema(columns=cols)
-
-    def _reader_columns(self) -> str:
-        # Built only from the constants above, never from vendor data.
-        pairs = [f"'{c.vendor_key}': '{c.sql_type}'" for c in self.columns]
-        return "{" + ", ".join(pairs) + "}"
-
-    def _select_list(self) -> str:
-        return ", ".join(f'"{c.vendor_key}" AS {c.name}' for c in self.columns)
-
-    def load_sql(self) -> str:
-        return (
-            f"CREATE OR REPLACE TABLE {self.qualified} AS "
-            f"SELECT {self._select_list()}, ?::TIMESTAMPTZ AS collected_at "
-            f"FROM read_json(?, format = 'newline_delimited', columns = {self._reader_columns()})"
-        )
 
 
 def remove_orphans(directory: Path) -> None:

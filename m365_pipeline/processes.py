@@ -1,0 +1,82 @@
+"""Process and port helpers shared by the product (`make demo`, staging cleanup, publishing),
+the benchmark and the tests: one definition each."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a pid owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Return once something accepts connections on ``port``; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            detail = proc.stderr.read() if proc.stderr and not proc.stderr.closed else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on port {port}"
+                               + (f": {detail}" if detail else ""))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+@dataclass(frozen=True)
+class SimulatorBanner:
+    """What ``m365-simulate`` prints on start: the variables to export and its one-line summary."""
+
+    env: dict[str, str]
+    summary: str
+
+    @property
+    def saas_users(self) -> int:
+        match = re.search(r"([0-9]+) source S users", self.summary)
+        return int(match[1]) if match else 0
+
+
+def read_simulator_banner(lines: Iterable[str]) -> SimulatorBanner | None:
+    """Parse ``export NAME=value`` lines up to the ``#`` summary line; None if the stream ends first."""
+    env: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].strip().partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+        elif line.startswith("#"):
+            return SimulatorBanner(env, line.lstrip("# ").strip())
+    return None
