@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test dev bench bench-quick clean lock venv test-system-packages
+.PHONY: demo check test test-fast dev bench bench-quick clean lock venv test-system-packages
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ dev: $(STAMP)
 test-system-packages:
 	@sh scripts/system-packages.sh chromium wrk
 
-test: $(STAMP) test-system-packages
+# Lint and the code location's own validation first: both take seconds and fail loudly.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	DAGSTER_HOME= PYTHONWARNINGS=ignore $(BIN)/dagster definitions validate -m m365_pipeline.definitions >/dev/null
+
+test: $(STAMP) check test-system-packages
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# About a minute: everything but the slow, browser and load tests (markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow and not browser and not load" $(PYTEST_ARGS)
 
 # The real product against m365-simulate at 700, 100k and 1M users, and m365-serve against nginx
 # (wrk): writes bench/RESULTS.md (~25 min). bench-quick: the demo scale only, under two minutes.

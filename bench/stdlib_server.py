@@ -22,7 +22,7 @@ def main() -> None:
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = self.path.partition("?")[0]
             body = bodies.get(path)
             if body is None:

@@ -17,6 +17,7 @@ from dagster import (
     definitions,
     in_process_executor,
 )
+
 from m365_pipeline.assets.core import core_assets, core_checks
 from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import marts_assets, marts_checks

@@ -85,7 +85,7 @@ class Children:
         return proc
 
     def stop(self) -> None:
-        for name, proc in reversed(self.processes):
+        for _, proc in reversed(self.processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for name, proc in reversed(self.processes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -10,7 +11,6 @@ import duckdb
 from dagster import MaterializeResult, MetadataValue, TableColumn, TableSchema
 
 from m365_pipeline.raw_tables import RAW_TABLES
-
 
 # Contract rule 10: the run's pulls started when the earliest raw table was collected.
 LAST_COLLECTED_SQL = "SELECT min(t) FROM (" + " UNION ALL ".join(
@@ -32,6 +32,12 @@ def read_sql(name: str) -> str:
     return resources.files("m365_pipeline").joinpath("sql", name).read_text(encoding="utf-8")
 
 
+def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: list[Any] | None = None) -> None:
+    """Run ``sql/<name>`` after the shared rule macros (``sql/macros.sql``) on this connection."""
+    conn.execute(read_sql("macros.sql"))
+    conn.execute(read_sql(name), params or [])
+
+
 def ensure_schema(conn: duckdb.DuckDBPyConnection, schema: str) -> None:
     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
 
@@ -40,12 +46,20 @@ def last_collected(conn: duckdb.DuckDBPyConnection) -> datetime | None:
     return conn.execute(LAST_COLLECTED_SQL).fetchone()[0]
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table for Dagster's metadata panel; cells are escaped so a vendor value cannot break it."""
+    def cell(value: Any) -> str:
+        return "" if value is None else str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines) if len(lines) > 2 else "_(no rows)_"
+
+
 def markdown_preview(conn: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> str:
-    """A small Markdown table for Dagster's metadata panel."""
-    frame = conn.execute(sql, params or []).df()
-    if frame.empty:
-        return "_(no rows)_"
-    return frame.astype(str).to_markdown(index=False)
+    """The rows of ``sql`` as a small Markdown table."""
+    cursor = conn.execute(sql, params or [])
+    return markdown_table([column[0] for column in cursor.description], cursor.fetchall())
 
 
 def table_result(conn: duckdb.DuckDBPyConnection, table: str, *, preview_sql: str | None = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+
 from m365_pipeline.processes import process_alive
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError
 

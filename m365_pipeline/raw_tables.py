@@ -39,7 +39,8 @@ class RawTable:
 
     def column_schema(self) -> TableSchema:
         cols = [TableColumn(c.name, c.sql_type, description=c.description) for c in self.columns]
-        cols.append(TableColumn("collected_at", "TIMESTAMPTZ", description="When this run's pull from the vendor started (UTC)."))
+        cols.append(TableColumn("collected_at", "TIMESTAMPTZ",
+                                description="When this run's pull from the vendor started (UTC)."))
         return TableSchema(columns=cols)
 
     def _reader_columns(self) -> str:

@@ -1,4 +1,4 @@
-"""Hand-written vendor rows for the data-contract tests (DESIGN.md, rules 1-10).
+"""Hand-written vendor rows for the data-contract tests (docs/RULES.md, rules 1-10).
 
 ``RawBuilder`` creates the five raw tables exactly as the raw layer defines them
 (``RAW_TABLES``: the vendor columns plus ``collected_at TIMESTAMPTZ``) in a DuckDB file and
@@ -25,6 +25,9 @@ from dagster import materialize
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.raw_tables import RAW_TABLES
+from m365_pipeline.resources import PublishPolicy
+
+from .helpers import dicts, query
 
 MICROSOFT = "Microsoft Corporation"
 COLLECTED_AT = datetime(2026, 1, 21, 23, 0, 0, tzinfo=UTC)
@@ -112,8 +115,6 @@ class RawBuilder:
 # -- running the core/marts assets and reading their tables ---------------------------------
 
 def contract_resources(path: Path) -> dict[str, Any]:
-    from m365_pipeline.resources import PublishPolicy
-
     return {"duckdb": DuckDBResource(database=str(path)), "publish_policy": PublishPolicy()}
 
 
@@ -132,18 +133,6 @@ def build_and_run(builder: RawBuilder) -> Path:
     return builder.path
 
 
-def rows(path: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-    with duckdb.connect(str(path), read_only=True) as conn:
-        return conn.execute(sql, params or []).fetchall()
-
-
-def dicts(path: Path, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-    with duckdb.connect(str(path), read_only=True) as conn:
-        cursor = conn.execute(sql, params or [])
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
 def users(path: Path) -> dict[str, dict[str, Any]]:
     """core.users by user_principal_name."""
     found = dicts(path, "SELECT * FROM core.users")
@@ -154,7 +143,7 @@ def users(path: Path) -> dict[str, dict[str, Any]]:
 
 def summary(path: Path) -> dict[str, tuple[int, int]]:
     """marts.org_summary as {organization_name: (es_user_count, m365_licensed_user_count)}."""
-    found = rows(path, "SELECT organization_name, es_user_count, m365_licensed_user_count FROM marts.org_summary")
+    found = query(path, "SELECT organization_name, es_user_count, m365_licensed_user_count FROM marts.org_summary")
     by_org = {org: (es, m365) for org, es, m365 in found}
     assert len(by_org) == len(found), "marts.org_summary has more than one row for an organization"
     return by_org
@@ -172,8 +161,3 @@ def rule(path: Path, rule_id: str | None) -> dict[str, Any] | None:
     found = dicts(path, "SELECT * FROM core.license_rules WHERE rule_id = ?", [rule_id])
     assert len(found) == 1, f"rule {rule_id!r} is not exactly once in core.license_rules"
     return found[0]
-
-
-def rule9(s: str) -> tuple[str, str]:
-    """Rule 9's order: lower-cased, then the string itself, by code point."""
-    return (s.lower(), s)

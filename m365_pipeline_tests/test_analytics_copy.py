@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import duckdb
 
-from .conftest import run_pipeline
+from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
+
+from .helpers import BIN, run_pipeline
 
 READER = textwrap.dedent("""
     import sys, duckdb
@@ -24,7 +25,7 @@ READER = textwrap.dedent("""
 def test_an_open_analyst_session_does_not_block_the_run_and_keeps_its_snapshot(start_simulator, tmp_path):
     data_dir = tmp_path / "data"
     run_pipeline(start_simulator(orgs=6, users_per_org=8, seed=1), data_dir)
-    analytics = data_dir / "analytics.duckdb"
+    analytics = data_dir / ANALYTICS_FILE
 
     reader = subprocess.Popen([sys.executable, "-c", READER, str(analytics)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -50,10 +51,10 @@ def test_analytics_copy_has_the_same_schemas_and_tables_as_the_working_file(star
     run_pipeline(start_simulator(orgs=4, users_per_org=6, seed=2), data_dir)
     listing = ("SELECT table_schema, table_name FROM information_schema.tables "
                "WHERE table_catalog = current_database() ORDER BY ALL")
-    with duckdb.connect(str(data_dir / "m365.duckdb"), read_only=True) as working:
+    with duckdb.connect(str(data_dir / DUCKDB_FILE), read_only=True) as working:
         tables = working.execute(listing).fetchall()
         counts = {t: working.execute(f"SELECT count(*) FROM {t[0]}.{t[1]}").fetchone() for t in tables}
-    with duckdb.connect(str(data_dir / "analytics.duckdb"), read_only=True) as copy:
+    with duckdb.connect(str(data_dir / ANALYTICS_FILE), read_only=True) as copy:
         assert copy.execute(listing).fetchall() == tables
         assert {t: copy.execute(f"SELECT count(*) FROM {t[0]}.{t[1]}").fetchone() for t in tables} == counts
     assert {schema for schema, _ in tables} == {"raw", "core", "marts"}
@@ -63,9 +64,8 @@ def test_the_readme_analyst_command_opens_the_copy(start_simulator, tmp_path):
     """`duckdb -readonly data/analytics.duckdb` (the CLI the venv ships) reads tonight's summary."""
     data_dir = tmp_path / "data"
     run_pipeline(start_simulator(orgs=5, users_per_org=6, seed=3), data_dir)
-    cli = Path(sys.executable).parent / "duckdb"
     out = subprocess.run(
-        [str(cli), "-readonly", str(data_dir / "analytics.duckdb"), "-csv", "-c",
+        [str(BIN / "duckdb"), "-readonly", str(data_dir / ANALYTICS_FILE), "-csv", "-c",
          "SELECT count(*) AS orgs FROM marts.org_summary"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout

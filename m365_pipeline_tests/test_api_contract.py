@@ -1,4 +1,5 @@
-"""The Dashboard API, field for field, against the simulator's independent ground truth.
+"""The Dashboard API (docs/RULES.md, The published API), field for field, against the simulator's
+independent ground truth.
 
 Every endpoint over a real socket: the summary, every organization's users, and the export in
 both formats for all three sorts, plus the invariants of contract rule 8.
@@ -16,12 +17,10 @@ import requests
 
 from m365_pipeline.publishing import SORT_FIELDS
 
+from .helpers import rule9
+
 USER_KEYS = ["user_principal_name", "display_name", "licenses", "has_email_license"]
 EXPORT_KEYS = ["organization_name", *USER_KEYS]
-
-
-def rule9(text: str) -> tuple[str, str]:
-    return (text.lower(), text)
 
 
 def _get(server, path: str, **params) -> requests.Response:

@@ -1,4 +1,4 @@
-"""The data contract (DESIGN.md, "The data contract (how users are counted)", rules 1-10).
+"""The data contract: how users are counted (docs/RULES.md, rules 1-10).
 
 Each test writes a handful of hand-made vendor rows into the raw tables, materializes the
 core and marts assets, and reads core.* / marts.* back. Tests are named after the rule they
@@ -17,18 +17,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from .contract_fixtures import (
-    MICROSOFT,
-    RawBuilder,
-    assignments,
-    build_and_run,
-    dicts,
-    rows,
-    rule,
-    rule9,
-    summary,
-    users,
-)
+from m365_pipeline.license_rules import RULES_FILE
+
+from .contract_fixtures import MICROSOFT, RawBuilder, assignments, build_and_run, rule, summary, users
+from .helpers import dicts, query, rule9
 
 
 @pytest.fixture
@@ -70,8 +62,8 @@ def test_contract_tables_have_the_agreed_columns(b: RawBuilder) -> None:
     path = build_and_run(b)
     for table, expected in CONTRACT_COLUMNS.items():
         schema, name = table.split(".")
-        found = {r[0] for r in rows(path, "SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_schema = ? AND table_name = ?", [schema, name])}
+        found = {r[0] for r in query(path, "SELECT column_name FROM information_schema.columns "
+                                           "WHERE table_schema = ? AND table_name = ?", [schema, name])}
         assert expected <= found, f"{table} lacks {sorted(expected - found)}"
 
 
@@ -423,20 +415,21 @@ def test_rule4_subscriptions_join_on_the_saas_user_id(b: RawBuilder) -> None:
     path = build_and_run(b)
 
     assert users(path)["u@acme.com"]["licenses"] == "Visio Plan 2"
-    assert [r[0] for r in rows(path, "SELECT license_name FROM core.license_assignments")] == ["Visio Plan 2"]
+    assert [r[0] for r in query(path, "SELECT license_name FROM core.license_assignments")] == ["Visio Plan 2"]
 
 
 # ------------------------------------------------------------------------------------------
 # Rule 5: email (ES) licenses
 # ------------------------------------------------------------------------------------------
 
+# Rule 5's patterns as docs/RULES.md states them: the expectation that license_rules.csv is checked against.
 DOC_INCLUDE_PATTERNS = [
     "Microsoft 365 Business*", "Microsoft 365 E*", "Microsoft 365 F*", "Office 365 E*", "Office 365 F*",
     "Exchange Online (Plan*", "Exchange Online Kiosk", "Exchange Online Essentials",
 ]
 DOC_EXCLUDE_PATTERNS = ["Archiving", "Protection"]
 
-INCLUDE_EXAMPLES = [  # (pattern, license name): the examples column of doc 000, plus case variants
+INCLUDE_EXAMPLES = [  # (pattern, license name): the examples of docs/RULES.md, rule 5, plus case variants
     ("Microsoft 365 Business*", "Microsoft 365 Business Basic"),
     ("Microsoft 365 Business*", "Microsoft 365 Business Standard"),
     ("Microsoft 365 Business*", "Microsoft 365 Business Premium"),
@@ -465,9 +458,9 @@ def test_rule5_rules_are_loaded_from_the_package_data_file(b: RawBuilder) -> Non
     path = build_and_run(b)
 
     columns = ["rule_id", "applies_to", "effect", "field", "match", "pattern", "description"]
-    text = resources.files("m365_pipeline").joinpath("license_rules.csv").read_text(encoding="utf-8")
+    text = resources.files("m365_pipeline").joinpath(RULES_FILE).read_text(encoding="utf-8")
     in_file = {tuple(row[c].strip() for c in columns) for row in csv.DictReader(text.splitlines())}
-    in_table = set(rows(path, f"SELECT {', '.join(columns)} FROM core.license_rules"))
+    in_table = set(query(path, f"SELECT {', '.join(columns)} FROM core.license_rules"))
     assert in_table == in_file
 
     def patterns(applies_to, effect, field, match):
@@ -701,8 +694,8 @@ def test_rule8_counts_and_totals(b: RawBuilder) -> None:
     found = summary(path)
     assert found == {"Acme": (3, 5), "Beta": (1, 2), "Empty": (0, 0)}
     assert (len(found), sum(es for es, _ in found.values()), sum(m for _, m in found.values())) == (3, 4, 7)
-    published = rows(path, "SELECT organization_name, count(*) FILTER (has_email_license), count(*) "
-                           "FROM core.users WHERE published GROUP BY ALL")
+    published = query(path, "SELECT organization_name, count(*) FILTER (has_email_license), count(*) "
+                            "FROM core.users WHERE published GROUP BY ALL")
     assert {o: (es, m) for o, es, m in published} == {o: c for o, c in found.items() if c != (0, 0)}
 
 
@@ -736,7 +729,7 @@ def test_rule9_org_summary_rows_are_in_rule9_order(b: RawBuilder) -> None:
         org(b, f"o{i}", name)
     path = build_and_run(b)
 
-    assert [r[0] for r in rows(path, "SELECT organization_name FROM marts.org_summary")] == sorted(names, key=rule9)
+    assert [r[0] for r in query(path, "SELECT organization_name FROM marts.org_summary")] == sorted(names, key=rule9)
 
 
 # ------------------------------------------------------------------------------------------
@@ -762,9 +755,9 @@ def test_rule10_last_collected_is_when_pulls_started(b: RawBuilder, saas_rows: b
     path = build_and_run(b)
 
     expected = at(21, 22, 59, 58) if saas_rows else at(21, 23, 0, 1)
-    assert {r[0] for r in rows(path, "SELECT last_collected FROM marts.org_summary")} == {expected}
-    types = dict(rows(path, "SELECT column_name, data_type FROM information_schema.columns "
-                            "WHERE table_schema = 'marts' AND table_name = 'org_summary'"))
+    assert {r[0] for r in query(path, "SELECT last_collected FROM marts.org_summary")} == {expected}
+    types = dict(query(path, "SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_schema = 'marts' AND table_name = 'org_summary'"))
     assert types["last_collected"] == "TIMESTAMP WITH TIME ZONE"
 
 
@@ -780,8 +773,8 @@ def far_east_session_time_zone(monkeypatch: pytest.MonkeyPatch):
 
 def _history(path: Path) -> dict[date, set[tuple]]:
     found: dict[date, set[tuple]] = {}
-    for day, *rest in rows(path, "SELECT collection_date, organization_name, es_user_count, "
-                                 "m365_licensed_user_count, last_collected FROM marts.org_summary_history"):
+    for day, *rest in query(path, "SELECT collection_date, organization_name, es_user_count, "
+                                  "m365_licensed_user_count, last_collected FROM marts.org_summary_history"):
         found.setdefault(day, set()).add(tuple(rest))
     return found
 
@@ -815,6 +808,6 @@ def test_rule10_history_keeps_one_row_set_per_date_and_a_rerun_replaces_the_day(
         date(2026, 1, 22): {("Acme", 3, 3, at(22, 23, 10))},
     }
     assert summary(path) == {"Acme": (3, 3)}
-    types = dict(rows(path, "SELECT column_name, data_type FROM information_schema.columns "
-                            "WHERE table_schema = 'marts' AND table_name = 'org_summary_history'"))
+    types = dict(query(path, "SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_schema = 'marts' AND table_name = 'org_summary_history'"))
     assert types["collection_date"] == "DATE"

@@ -33,6 +33,8 @@ from m365_pipeline.publishing import (
     json_bytes,
 )
 
+from .helpers import rule9
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -43,16 +45,13 @@ ARTIFACT_DIRS = [Path(__file__).resolve().parent.parent / "test-artifacts"]
 if os.environ.get("M365_TEST_ARTIFACTS"):
     ARTIFACT_DIRS.append(Path(os.environ["M365_TEST_ARTIFACTS"]))
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
 
 HOSTILE_SCRIPT = "<script>alert(1)</script>"
 HOSTILE_QUOTES = "O'Brien \"Quoted\" & Co"
 HOSTILE_CJK = "株式会社 テスト"
 ZERO_USERS = "Zero Users GmbH"
-
-
-def rule9(text: str) -> tuple[str, str]:
-    return (text.lower(), text)
 
 
 def save_screenshot(page: Page, name: str, **options: Any) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
-from dagster import AssetKey, DefaultScheduleStatus
+from dagster import AssetKey, DefaultScheduleStatus, Definitions
+
+from m365_pipeline import definitions as code_location
+
+from .helpers import BIN
 
 EXPECTED_ASSETS = {
     ("raw", "saas_users"), ("raw", "saas_user_subscriptions"), ("raw", "backup_organizations"),
@@ -17,12 +22,13 @@ EXPECTED_ASSETS = {
 }
 
 
-def load_definitions(monkeypatch, tmp_path, **env):
+def load_definitions(monkeypatch, tmp_path, **env) -> Definitions:
+    """``defs()`` as Dagster calls it, with ``env`` set and a working directory without ``.env``."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    sys.modules.pop("m365_pipeline.definitions", None)
-    return importlib.import_module("m365_pipeline.definitions").defs()
+    return code_location.defs()
 
 
 def test_nightly_job_covers_every_asset_and_runs_in_one_process(monkeypatch, tmp_path):
@@ -102,3 +108,43 @@ def test_a_dotenv_file_configures_the_sources_and_real_variables_win(monkeypatch
     assert os.environ["BACKUP_API_BASE_URL"] == "http://127.0.0.1:9/from-environment"
     assert defs.resources["saas"].base_url is not None  # an EnvVar: configured, value not baked in
     # (monkeypatch restores the variables load_dotenv set, since they were recorded as absent above)
+
+
+# Run in a fresh interpreter, so nothing imported or cached by this test session hides a side effect.
+LOAD_AND_CHECK = textwrap.dedent("""
+    import os, sys
+    data_dir = sys.argv[1]
+
+    def created():
+        return ([data_dir] if os.path.exists(data_dir) else []) + os.listdir(".")
+
+    import m365_pipeline.definitions
+    assert not created(), f"importing m365_pipeline.definitions created {created()}"
+    m365_pipeline.definitions.defs()
+    assert not created(), f"defs() created {created()}"
+""")
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["M365_DATA_DIR-missing-path", "default-./data"])
+def test_importing_the_code_location_and_building_defs_create_nothing(tmp_path, configured):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    data_dir = tmp_path / "not-there" / "data" if configured else cwd / "data"
+    env = {k: v for k, v in os.environ.items() if k != "M365_DATA_DIR"}
+    env["DAGSTER_HOME"] = str(tmp_path / "dagster_home")
+    if configured:
+        env["M365_DATA_DIR"] = str(data_dir)
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_CHECK, str(data_dir)], cwd=cwd, env=env,
+                          capture_output=True, check=False, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not data_dir.exists() and not (tmp_path / "not-there").exists()
+    assert list(cwd.iterdir()) == []
+
+
+def test_dagster_definitions_validate_accepts_the_code_location(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "M365_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "m365_pipeline.definitions"],
+                          cwd=tmp_path, env=env, capture_output=True, check=False, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -9,11 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
+from m365_pipeline.processes import free_port
+from m365_pipeline.settings import ANALYTICS_FILE
 from m365_pipeline.simulator import SimulatorConfig, ground_truth
 
-from .conftest import free_port
+pytestmark = pytest.mark.slow
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -54,7 +57,7 @@ def test_demo_serves_the_correct_summary_and_ctrl_c_stops_everything(tmp_path):
         assert summary["totals"] == truth["totals"]
         home = tmp_path / ".dagster_home"
         assert "enabled: false" in (home / "dagster.yaml").read_text()  # telemetry off, project-local
-        assert (tmp_path / "data" / "analytics.duckdb").is_file()
+        assert (tmp_path / "data" / ANALYTICS_FILE).is_file()
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""The simulator's ground truth: DESIGN.md rules 1-10 on the fixed special cases, plus invariants."""
+"""The simulator's ground truth: docs/RULES.md rules 1-10 on the fixed special cases, plus invariants."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from m365_pipeline.simulator import Dataset, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import ACME_NAME, ADDON_SKUS, EMAIL_SKUS, M365_OTHER_SKUS, MUELLER_NAME
+
+from .helpers import rule9
 
 SMALL = SimulatorConfig(orgs=5, users_per_org=10, seed=1)
 ACME_UPPER_NAME = ACME_NAME.upper()
@@ -35,7 +37,7 @@ def test_organizations_are_distinct_names_in_rule9_order_including_empty_ones(tr
     names = [o["organization_name"] for o in truth["organizations"]]
     assert len(names) == SMALL.orgs == truth["totals"]["total_organizations"]
     assert truth["raw_counts"]["backup_organizations"] == SMALL.orgs + 1  # the twin owner is merged
-    assert names == sorted(names, key=lambda s: (s.lower(), s))
+    assert names == sorted(names, key=rule9)
     assert {ACME_NAME, ACME_UPPER_NAME, MUELLER_NAME, MUELLER_NAME + " "} <= set(names)  # case, space: distinct
     counts = {o["organization_name"]: o["m365_licensed_user_count"] for o in truth["organizations"]}
     assert counts[MUELLER_NAME + " "] == 0 and sorted(counts.values())[:2] == [0, 0]
@@ -51,12 +53,12 @@ def test_totals_are_sums_and_users_match_counts(truth: dict[str, Any]) -> None:
         assert len(users) == org["m365_licensed_user_count"]
         assert sum(u["has_email_license"] for u in users) == org["es_user_count"]
         upns = [u["user_principal_name"] for u in users]
-        assert upns == sorted(upns, key=lambda s: (s.lower(), s))
+        assert upns == sorted(upns, key=rule9)
 
 
 def _all_m365_names() -> str:
     names = [n for n, _ in EMAIL_SKUS + M365_OTHER_SKUS + ADDON_SKUS]
-    return ", ".join(sorted(names, key=lambda s: (s.lower(), s)))
+    return ", ".join(sorted(names, key=rule9))
 
 
 # upn -> (organization or None for "not published", display_name, licenses, has_email_license); None = any
@@ -64,8 +66,8 @@ EXPECTED: dict[str, tuple[str | None, str | None, str | None, bool | None]] = {
     "license.zoo@acme-widgets.example": (ACME_NAME, "License Zoo", _all_m365_names(), True),
     "case.dup@acme-widgets.example": (ACME_NAME, None, "Microsoft 365 Business Standard", True),
     "addons.only@acme-widgets.example": (
-        ACME_NAME, None, "Exchange Online Archiving for Exchange Online, Exchange Online Protection, "
-        "Microsoft 365 E5 Information Protection and Governance", False),
+        ACME_NAME, None, ("Exchange Online Archiving for Exchange Online, Exchange Online Protection, "
+                          "Microsoft 365 E5 Information Protection and Governance"), False),
     "free.only@acme-widgets.example": (None, None, None, None),  # B says licensed, S decides
     "non.email@acme-widgets.example": (
         ACME_NAME, None, "Microsoft 365 Apps for business, Microsoft Copilot, Microsoft Power BI Pro", False),
@@ -140,5 +142,5 @@ def test_invariants_hold_for_any_small_config(orgs: int, users: int, seed: int) 
         upn = user["user_principal_name"]
         assert upn == upn.strip().lower() and user["display_name"] == user["display_name"].strip()
         names = user["licenses"].split(", ") if user["licenses"] else []
-        assert names == sorted(names, key=lambda s: (s.lower(), s))
+        assert names == sorted(names, key=rule9)
         assert len({n.lower() for n in names}) == len(names)

@@ -74,6 +74,7 @@ def test_backup_paging_treats_empty_page_with_per_page_zero_as_normal_end():
     pages = {1: {"pagination": {"current_page": 1, "per_page": 0}, "data": []}}
     fetch, calls = _backup_fetcher(pages)
     assert list(backup_pages(fetch, _where)) == [(1, [])]
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("next_page", [1, "2", -4])

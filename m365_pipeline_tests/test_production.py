@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
-from .conftest import free_port, wait_for_port
+from m365_pipeline.processes import free_port, wait_for_port
 
-BIN = Path(sys.executable).parent
+from .helpers import BIN
+
+pytestmark = pytest.mark.slow  # each starts a Dagster service and waits for it to load the workspace
+
 ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_YAML = "telemetry:\n  enabled: false\nrun_retries:\n  enabled: true\n"
 

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.publishing import CURRENT, export_dir
+from m365_pipeline.raw_tables import RAW_TABLES
+from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import Simulator
 
-from .conftest import make_resources, query
-
-RAW_TABLES = ["raw.saas_users", "raw.saas_user_subscriptions", "raw.backup_organizations",
-              "raw.backup_tenants", "raw.backup_accounts"]
+from .helpers import BIN, make_resources, query
 
 
 def _run(resources, *, raise_on_error=False, instance=None):
@@ -54,6 +53,10 @@ LANDED_SQL = {
 }
 
 
+def test_every_raw_table_is_compared_with_the_simulator():
+    assert set(LANDED_SQL) == {table.qualified for table in RAW_TABLES}
+
+
 def _assert_landed_exactly(sim: Simulator, db_path: Path) -> None:
     expected = _expected_rows(sim)
     for table, sql in LANDED_SQL.items():
@@ -80,9 +83,8 @@ def test_raw_tables_keep_vendor_fields_snake_cased_with_collected_at_and_no_toke
     _run(make_resources(simulator, db_path), raise_on_error=True)
     columns = {(t, c) for t, c in query(
         db_path, "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'raw'")}
-    for table in ("saas_users", "saas_user_subscriptions", "backup_organizations", "backup_tenants",
-                  "backup_accounts"):
-        assert (table, "collected_at") in columns
+    for table in RAW_TABLES:
+        assert (table.name, "collected_at") in columns
     assert ("saas_users", "display_name") in columns and ("saas_users", "is_in_review") in columns
     assert not [c for _, c in columns if "token" in c]
     stamps = query(db_path, "SELECT DISTINCT collected_at FROM raw.saas_users")
@@ -219,6 +221,7 @@ def test_no_token_reaches_the_duckdb_file_the_logs_or_errors(start_simulator, db
             assert secret.encode() not in blob, f"a token leaked into {where}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["key:raw/*", "*"])
 def test_dagster_cli_materializes_against_the_simulator(simulator, tmp_path, selection):
     """The README's `dagster asset materialize -m m365_pipeline.definitions --select ...`."""
@@ -227,10 +230,9 @@ def test_dagster_cli_materializes_against_the_simulator(simulator, tmp_path, sel
     home.mkdir()
     env = {**os.environ, **simulator.env, "M365_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home)}
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "m365_pipeline.definitions",
-         "--select", selection],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "m365_pipeline.definitions", "--select", selection],
+        env=env, cwd=tmp_path, capture_output=True, check=False, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_landed_exactly(simulator, data_dir / "m365.duckdb")
-    assert (data_dir / "export" / "current").exists() is (selection == "*")
+    _assert_landed_exactly(simulator, data_dir / DUCKDB_FILE)
+    assert (export_dir(data_dir) / CURRENT).exists() is (selection == "*")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,15 @@ import pytest
 import requests
 
 from m365_pipeline.crashpoints import POINTS
+from m365_pipeline.processes import free_port
+from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
+from m365_pipeline.settings import ANALYTICS_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 
-from .conftest import free_port, run_pipeline
+from .helpers import BIN, run_pipeline
 
-BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # each runs the whole pipeline two or three times
+
 GOOD, NEXT = 1, 2
 SIZE = {"orgs": 6, "users_per_org": 8}
 
@@ -35,13 +38,13 @@ class Night:
 
 def snapshot(night: Night) -> dict[str, bytes | str]:
     """Everything a user can see: the served responses, the published files, the analytics copy."""
-    export = night.data_dir / "export"
-    current = (export / "current").resolve()
-    state: dict[str, bytes | str] = {"current": os.readlink(export / "current")}
+    export = export_dir(night.data_dir)
+    current = (export / CURRENT).resolve()
+    state: dict[str, bytes | str] = {"current": os.readlink(export / CURRENT)}
     for path in sorted(current.rglob("*")):
         if path.is_file():
             state[f"file:{path.relative_to(current)}"] = path.read_bytes()
-    state["analytics.duckdb"] = (night.data_dir / "analytics.duckdb").read_bytes()
+    state[ANALYTICS_FILE] = (night.data_dir / ANALYTICS_FILE).read_bytes()
     summary = requests.get(night.base_url + "/api/m365/summary", timeout=10)
     state["api:summary"] = summary.content
     first_org = summary.json()["organizations"][0]["organization_name"]
@@ -69,11 +72,11 @@ def failure_text(result) -> str:
 
 def assert_no_leftovers(data_dir: Path) -> None:
     assert not list((data_dir / ".staging").glob("*.jsonl")), "staging files left behind"
-    versions = data_dir / "export" / "versions"
-    unfinished = [v.name for v in versions.iterdir() if not (v / "manifest.json").exists()]
+    versions = export_dir(data_dir) / VERSIONS
+    unfinished = [v.name for v in versions.iterdir() if not (v / MANIFEST).exists()]
     assert not unfinished, f"unfinished versions left behind: {unfinished}"
-    assert not list((data_dir / "export").glob(".current.*")), "a half-swapped link left behind"
-    assert not list(data_dir.glob(".analytics.duckdb.*")), "a half-written analytics copy left behind"
+    assert not list(export_dir(data_dir).glob(f".{CURRENT}.*")), "a half-swapped link left behind"
+    assert not list(data_dir.glob(f".{ANALYTICS_FILE}.*")), "a half-written analytics copy left behind"
 
 
 # -- vendor faults that retries absorb: every row lands, tonight's numbers are published -------
@@ -148,13 +151,14 @@ def test_a_run_killed_at_any_phase_leaves_last_night_served_and_the_next_run_rec
     env = {**os.environ, **sim.env, "M365_DATA_DIR": str(night.data_dir), "DAGSTER_HOME": str(home),
            "M365_CRASH_AT": point}
     killed = subprocess.run([str(BIN / "dagster"), "job", "execute", "-m", "m365_pipeline.definitions",
-                             "-j", "nightly_refresh"], env=env, capture_output=True, text=True, timeout=240)
+                             "-j", "nightly_refresh"], env=env, capture_output=True, check=False, text=True,
+                            timeout=240)
     assert killed.returncode == -9, f"the run was not killed at {point}: {killed.stderr[-2000:]}"
     after = snapshot(night)
     if point == "analytics":
         # The API was already published (a whole, checked version) when the copy was being made:
         # the API moves on, the analysts' file stays last night's until the next run.
-        assert after["analytics.duckdb"] == before["analytics.duckdb"]
+        assert after[ANALYTICS_FILE] == before[ANALYTICS_FILE]
         assert after["current"] != before["current"]
     else:
         assert after == before
@@ -194,19 +198,19 @@ def test_no_token_appears_in_any_file_log_or_event_of_a_whole_run(tmp_path):
         base = {**os.environ, **sim.env, "M365_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home)}
         command = [str(BIN / "dagster"), "job", "execute", "-m", "m365_pipeline.definitions", "-j",
                    "nightly_refresh"]
-        ok = subprocess.run(command, env=base, capture_output=True, text=True, timeout=240)
+        ok = subprocess.run(command, env=base, capture_output=True, check=False, text=True, timeout=240)
         assert ok.returncode == 0, ok.stderr[-2000:]
         # and a failing night: a wrong token must not echo either
         wrong = {**base, "BACKUP_ADMIN_TOKEN": "Zq9-WRONG-needle-0d4"}
         secrets.append(wrong["BACKUP_ADMIN_TOKEN"])
-        bad = subprocess.run(command, env=wrong, capture_output=True, text=True, timeout=240)
+        bad = subprocess.run(command, env=wrong, capture_output=True, check=False, text=True, timeout=240)
         assert bad.returncode != 0 and "BACKUP_ADMIN_TOKEN" in bad.stdout + bad.stderr
     blobs = {"stdout+stderr": (ok.stdout + ok.stderr + bad.stdout + bad.stderr).encode()}
     for root in (data_dir, home):  # DuckDB files, export, analytics copy, event log, compute logs
         for path in root.rglob("*"):
             if path.is_file():
                 blobs[str(path)] = path.read_bytes()
-    assert any(p.endswith("analytics.duckdb") for p in blobs) and len(blobs) > 20
+    assert any(p.endswith(ANALYTICS_FILE) for p in blobs) and len(blobs) > 20
     for secret in secrets:
         leaks = [where for where, blob in blobs.items() if secret.encode() in blob]
         assert not leaks, f"a token leaked into {leaks}"

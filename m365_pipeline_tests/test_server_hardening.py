@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +30,14 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from m365_pipeline.processes import free_port
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
+    CURRENT,
     FORMATS,
     MANIFEST,
     SORT_FIELDS,
+    VERSIONS,
     VersionWriter,
     current_version_dir,
     export_dir,
@@ -43,9 +45,10 @@ from m365_pipeline.publishing import (
     json_bytes,
     users_file_name,
 )
-from .conftest import free_port, make_certificate, run_pipeline
 
-SERVE = str(Path(sys.executable).parent / "m365-serve")
+from .helpers import BIN, make_certificate, run_pipeline
+
+SERVE = str(BIN / "m365-serve")
 SUMMARY = "/api/m365/summary"
 # m365-serve's own access log: [time] client "METHOD path?query" status duration
 # (quotes, backslashes and control characters inside the target are backslash-escaped)
@@ -583,7 +586,8 @@ def test_https_serves_the_api_with_the_given_certificate_and_plain_http_gets_no_
 
 
 def run_serve(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([SERVE, "--data-dir", str(data_dir), *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([SERVE, "--data-dir", str(data_dir), *args], capture_output=True, check=False, text=True,
+                          timeout=30)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -747,6 +751,7 @@ def write_version(root: Path, label: str, records: int) -> bytes:
     return summary
 
 
+@pytest.mark.slow
 def test_publishing_under_load_serves_only_whole_versions_and_ends_on_the_newest(
         published, start_server, start_simulator, tmp_path):
     data_dir = tmp_path / "data"
@@ -787,7 +792,7 @@ def test_publishing_under_load_serves_only_whole_versions_and_ends_on_the_newest
                         json.loads(body)
                         with seen_lock:
                             seen_summaries[body] = seen_summaries.get(body, 0) + 1
-                except Exception as exc:  # noqa: BLE001 - every failed request is a finding
+                except Exception as exc:  # every failed request is a finding
                     failures.append(f"{url}: {type(exc).__name__}: {exc}")
                 done += 1
                 time.sleep(0.01)  # ~600 requests/s in all: the budget outlasts a slow pipeline run
@@ -834,8 +839,10 @@ ORG_NAMES = st.lists(
     st.one_of(st.sampled_from(FRAGMENTS), st.text(st.characters(codec="utf-8"), min_size=1, max_size=12)),
     min_size=1, max_size=30,
 ).map("".join).filter(lambda name: 1 <= len(name) <= 200)
-ALLOWED_FILE = re.compile(r"(manifest\.json|summary\.json(\.gz)?|users/[0-9a-f]{40}\.json(\.gz)?|"
-                          r"export/(organization_name|user_principal_name|display_name)\.(json|csv)(\.gz)?)")
+# What a version directory may hold: the manifest, the summary, users files named by a hex digest
+# (never by the organization name) and one export per sort and format; each body possibly gzipped too.
+EXPORT_FILES = "|".join(re.escape(export_file_name(sort, fmt)) for sort in SORT_FIELDS for fmt in FORMATS)
+ALLOWED_FILE = re.compile(rf"{re.escape(MANIFEST)}|(summary\.json|users/[0-9a-f]{{40}}\.json|{EXPORT_FILES})(\.gz)?")
 
 
 def test_any_organization_name_round_trips_and_files_stay_inside_export(start_server, tmp_path):
@@ -873,8 +880,8 @@ def test_any_organization_name_round_trips_and_files_stay_inside_export(start_se
             assert path.resolve().is_relative_to(export_root), f"{path} escapes {export_root}"
             if path.is_file():
                 assert ALLOWED_FILE.fullmatch(path.relative_to(version).as_posix()), path
-        assert {p.name for p in data_dir.iterdir()} == {"export"}, list(data_dir.iterdir())
-        assert {p.name for p in root.iterdir()} <= {"current", "versions"}, list(root.iterdir())
+        assert {p.name for p in data_dir.iterdir()} == {root.name}, list(data_dir.iterdir())
+        assert {p.name for p in root.iterdir()} <= {CURRENT, VERSIONS}, list(root.iterdir())
 
         for name in names:
             response = requests.get(served.base_url + "/api/m365/users", params={"org": name},

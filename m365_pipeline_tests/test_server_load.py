@@ -19,7 +19,9 @@ from contextlib import ExitStack, closing
 import pytest
 import requests
 
-from .conftest import make_certificate
+from .helpers import make_certificate
+
+pytestmark = pytest.mark.load
 
 IDLE_CONNECTIONS = 200
 PROBES = 20
@@ -113,7 +115,7 @@ def test_1000_concurrent_connections_for_30_seconds_get_no_errors(published, sta
     script.write_text(LUA_ROTATE % requests.utils.quote(org, safe=""))
     result = subprocess.run(
         [wrk, "-t2", "-c1000", "-d30s", "--timeout", "5s", "-s", str(script), served.base_url],
-        capture_output=True, text=True, timeout=90, preexec_fn=_raise_fd_limit,
+        capture_output=True, check=False, text=True, timeout=90, preexec_fn=_raise_fd_limit,
     )
     assert result.returncode == 0, result.stderr
     report = result.stdout

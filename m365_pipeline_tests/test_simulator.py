@@ -48,7 +48,7 @@ def backup_get(sim: Simulator, path: str, headers: dict[str, str] | None = None,
 
 
 def walk_saas(sim: Simulator, path: str, page_size: int) -> tuple[list[dict[str, Any]], int]:
-    """All items, following total_pages as DESIGN.md says; returns (items, pages fetched)."""
+    """All items, following total_pages (docs/RULES.md, Source S); returns (items, pages fetched)."""
     items: list[dict[str, Any]] = []
     page = 1
     while True:
@@ -141,7 +141,7 @@ def test_backup_tenants_follow_the_documented_paging(sim: Simulator) -> None:
                                "prev_url": f"/api{path}?page=2&per_page=1"}
     assert set(records[0]) == {"id", "organization_id", "created_at", "updated_at", "domain", "status",
                                "total_users", "type"}
-    # No paging parameters: everything on one page, no links (doc 003's first example).
+    # No paging parameters: one page of up to 100 (the default per_page; docs/RULES.md, Source B), no links.
     whole = backup_get(sim, path, owner_headers(sim, 0)).json()
     assert whole["pagination"] == {"current_page": 1, "per_page": 100} and whole["data"] == records
     past = backup_get(sim, path, owner_headers(sim, 0), type="m365", page=5).json()
@@ -289,7 +289,7 @@ def test_same_seed_serves_identical_bytes_and_another_seed_differs(sim: Simulato
         assert all(a != b for a, b in zip(_fingerprint(other), _fingerprint(sim), strict=True))
 
 
-# --- the realistic mess (DESIGN.md's last paragraph), present at 5 orgs x 10 users ------------------
+# --- the realistic mess of vendor data, present at 5 orgs x 10 users ------------------------------
 class Snapshot:
     """Everything the small simulator serves, plus a few derived views."""
 
@@ -557,7 +557,7 @@ def test_stop_releases_the_port_promptly() -> None:
 # --- CLI --------------------------------------------------------------------------------------------
 def test_cli_prints_the_ground_truth() -> None:
     proc = subprocess.run([*CLI, "--print-ground-truth", "--orgs", "5", "--users-per-org", "10", "--seed", "1"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, check=False, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == json.loads(json.dumps(ground_truth(SMALL)))
 
@@ -590,7 +590,7 @@ def test_cli_serves_until_sigterm_and_prints_the_environment() -> None:
                                   ["--rate-429", "0.7", "--reset-rate", "0.7"], ["--slow-match", "["],
                                   ["--fault-scope", "nowhere"]])
 def test_cli_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([*CLI, *args], capture_output=True, check=False, text=True, timeout=30)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -598,7 +598,7 @@ def test_cli_port_in_use_is_one_clear_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = subprocess.run([*CLI, "--port", str(taken.getsockname()[1])], capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run([*CLI, "--port", str(taken.getsockname()[1])], capture_output=True, check=False,
+                              text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in proc.stderr

@@ -7,11 +7,11 @@ from dagster import AssetKey, materialize
 
 from m365_pipeline.assets.core import core_assets, core_checks
 from m365_pipeline.assets.marts import marts_assets, marts_checks
-from m365_pipeline.resources import PublishPolicy
 from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.resources import PublishPolicy
 from m365_pipeline.simulator import ground_truth
 
-from .conftest import make_resources, query
+from .helpers import make_resources, query
 
 ALL_ASSETS = [*raw_assets, *core_assets, *marts_assets, *core_checks, *marts_checks]
 
@@ -27,7 +27,10 @@ def _summary(db_path):
         ORDER BY lower(organization_name), organization_name""")
 
 
-@pytest.mark.parametrize(("orgs", "users_per_org", "seed"), [(50, 40, 42), (20, 25, 9001)])
+@pytest.mark.parametrize(("orgs", "users_per_org", "seed"), [
+    pytest.param(50, 40, 42, marks=pytest.mark.slow),  # 2,000 users
+    (20, 25, 9001),
+])
 def test_org_summary_matches_ground_truth_for_every_organization(start_simulator, db_path, orgs, users_per_org,
                                                                  seed):
     sim = start_simulator(orgs=orgs, users_per_org=users_per_org, seed=seed)

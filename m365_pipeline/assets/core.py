@@ -18,15 +18,16 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     last_collected,
-    read_sql,
+    markdown_table,
+    run_sql,
     table_metadata,
     table_result,
     table_schema,
 )
-from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.license_rules import default_rules_path, load_rules
 from m365_pipeline.raw_tables import RAW_TABLES
 
@@ -87,12 +88,7 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
         ensure_schema(conn, "core")
         frame = pd.DataFrame([rule.as_row() for rule in rules])
         conn.register("rules_frame", frame)
-        conn.execute("""
-            CREATE OR REPLACE TABLE core.license_rules AS
-            SELECT rule_order::INTEGER AS rule_order, rule_id, applies_to, effect, field, match, pattern,
-                   like_pattern, description
-            FROM rules_frame ORDER BY rule_order
-        """)
+        run_sql(conn, "core_license_rules.sql")
         conn.unregister("rules_frame")
         return table_result(conn, "core.license_rules", rules_file=MetadataValue.path(str(path)))
 
@@ -109,9 +105,9 @@ def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) 
     Also maintains core.license_catalog, every license name ever seen, for the new-license check.
     """
     with duckdb.get_connection() as conn:
-        conn.execute(read_sql("core_license_assignments.sql"))
+        run_sql(conn, "core_license_assignments.sql")
         crash_point("transform")
-        _update_license_catalog(conn)
+        run_sql(conn, "core_license_catalog.sql", [last_collected(conn)])
         stats = conn.execute("""
             SELECT count(DISTINCT lower(license_name)), count(*) FILTER (WHERE is_m365_license),
                    count(*) FILTER (WHERE is_email_license)
@@ -129,26 +125,6 @@ def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) 
         )
 
 
-def _update_license_catalog(conn) -> None:
-    """Remember every license name and when it was first seen, across runs."""
-    conn.execute("""
-        CREATE TABLE IF NOT EXISTS core.license_catalog (
-            license_key VARCHAR PRIMARY KEY, license_name VARCHAR, is_m365_license BOOLEAN,
-            is_email_license BOOLEAN, first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ)
-    """)
-    seen_at = last_collected(conn)
-    conn.execute("""
-        INSERT INTO core.license_catalog AS c
-        SELECT lower(license_name), min(license_name), bool_or(is_m365_license), bool_or(is_email_license),
-               $1::TIMESTAMPTZ, $1::TIMESTAMPTZ
-        FROM core.license_assignments GROUP BY lower(license_name)
-        ON CONFLICT (license_key) DO UPDATE SET
-            last_seen = excluded.last_seen, is_m365_license = excluded.is_m365_license,
-            is_email_license = excluded.is_email_license,
-            first_seen = least(c.first_seen, excluded.first_seen)
-    """, [seen_at])
-
-
 @asset(
     key=["core", "users"], group_name=GROUP, kinds={"duckdb"},
     deps=[RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"], RAW["saas_users"],
@@ -162,7 +138,7 @@ def users(context: AssetExecutionContext, duckdb: DuckDBResource) -> Materialize
     the user is M365-licensed and an ES user, which source decided, and whether it is published.
     """
     with duckdb.get_connection() as conn:
-        conn.execute(read_sql("core_users.sql"))
+        run_sql(conn, "core_users.sql")
         counts = conn.execute("""
             SELECT count(*) FILTER (WHERE published), count(*) FILTER (WHERE organization_name IS NULL),
                    count(*) FILTER (WHERE classification_source = 'backup')
@@ -226,13 +202,12 @@ def new_license_names(context: AssetCheckExecutionContext, duckdb: DuckDBResourc
             WHERE first_seen = $1 ORDER BY lower(license_name), license_name""", [now]).fetchall()
     if earlier == 0:  # the first run ever: everything is new, nothing to flag
         return AssetCheckResult(passed=True, metadata={"new_license_names": 0, "first_run": True})
-    listing = "\n".join(f"| {name} | {m365} | {email} |" for name, m365, email in new)
     return AssetCheckResult(
         passed=not new, severity=AssetCheckSeverity.WARN,
         description=None if not new else f"{len(new)} license names never seen before; check license_rules.csv.",
         metadata={
             "new_license_names": len(new),
-            "names": MetadataValue.md("| license | M365 | email |\n|---|---|---|\n" + listing if new else "_none_"),
+            "names": MetadataValue.md(markdown_table(("license", "M365", "email"), new)),
         },
     )
 

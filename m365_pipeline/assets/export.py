@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 from m365_pipeline.assets.core import users
 from m365_pipeline.assets.marts import org_summary, org_summary_history
 from m365_pipeline.crashpoints import crash_point
-from m365_pipeline.settings import ANALYTICS_FILE
+from m365_pipeline.duckdb_helpers import markdown_table
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     SORT_FIELDS,
@@ -26,6 +26,7 @@ from m365_pipeline.publishing import (
     iso_z,
     json_bytes,
 )
+from m365_pipeline.settings import ANALYTICS_FILE
 
 GROUP = "export"
 ANALYTICS_STORAGE = "v1.2.0"
@@ -178,11 +179,7 @@ def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_co
 
 
 def _preview(organizations: list[tuple]) -> str:
-    lines = ["| organization | ES users | M365 licensed |", "|---|---:|---:|"]
-    for name, es, m365, _ in organizations[:15]:
-        cell = str(name).replace("|", "\\|")
-        lines.append(f"| {cell} | {es} | {m365} |")
-    return "\n".join(lines)
+    return markdown_table(("organization", "ES users", "M365 licensed"), [row[:3] for row in organizations[:15]])
 
 
 @asset(

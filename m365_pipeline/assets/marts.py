@@ -20,15 +20,15 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
-from m365_pipeline.resources.publish_policy import PublishPolicy
 from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     last_collected,
-    read_sql,
+    run_sql,
     table_metadata,
     table_result,
     table_schema,
 )
+from m365_pipeline.resources.publish_policy import PublishPolicy
 
 GROUP = "marts"
 
@@ -58,7 +58,7 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
     with duckdb.get_connection() as conn:
         ensure_schema(conn, "marts")
         collected = last_collected(conn)
-        conn.execute(read_sql("marts_org_summary.sql"), [collected])
+        run_sql(conn, "marts_org_summary.sql", [collected])
         totals = conn.execute("""
             SELECT count(*), coalesce(sum(es_user_count), 0), coalesce(sum(m365_licensed_user_count), 0)
             FROM marts.org_summary""").fetchone()
@@ -81,26 +81,8 @@ def org_summary_history(context: AssetExecutionContext, duckdb: DuckDBResource) 
     The vendors only ever show today; this table is the only trend there is.
     """
     with duckdb.get_connection() as conn:
-        conn.execute("""
-            CREATE TABLE IF NOT EXISTS marts.org_summary_history (
-                collection_date DATE NOT NULL, organization_name VARCHAR NOT NULL,
-                es_user_count BIGINT NOT NULL, m365_licensed_user_count BIGINT NOT NULL,
-                last_collected TIMESTAMPTZ,
-                PRIMARY KEY (collection_date, organization_name))
-        """)
-        conn.execute("BEGIN TRANSACTION")
-        try:
-            day = conn.execute("""
-                SELECT (min(last_collected) AT TIME ZONE 'UTC')::DATE FROM marts.org_summary""").fetchone()[0]
-            conn.execute("DELETE FROM marts.org_summary_history WHERE collection_date = $1", [day])
-            conn.execute("""
-                INSERT INTO marts.org_summary_history
-                SELECT $1, organization_name, es_user_count, m365_licensed_user_count, last_collected
-                FROM marts.org_summary""", [day])
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
+        run_sql(conn, "marts_org_summary_history.sql")
+        day = conn.execute("SELECT max(collection_date) FROM marts.org_summary_history").fetchone()[0]
         dates = conn.execute("SELECT count(DISTINCT collection_date) FROM marts.org_summary_history").fetchone()[0]
         return table_result(
             conn, "marts.org_summary_history",

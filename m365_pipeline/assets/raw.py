@@ -15,6 +15,7 @@ from typing import Any
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import ensure_schema, markdown_preview
 from m365_pipeline.landing import StagingFile
 from m365_pipeline.raw_tables import (
@@ -25,8 +26,8 @@ from m365_pipeline.raw_tables import (
     SAAS_USERS,
     RawTable,
 )
-from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.resources.base import VendorApiResource
 from m365_pipeline.resources.http import CallStats, Page, VendorError, run_concurrently
 
 GROUP = "raw"
@@ -75,17 +76,20 @@ def _land(
     context: AssetExecutionContext,
     duckdb: DuckDBResource,
     table: RawTable,
-    pull: Callable[[StagingFile], CallStats] | None,
-    skipped_because: str = "",
+    source: VendorApiResource,
+    pull: Callable[[StagingFile], CallStats],
 ) -> MaterializeResult:
-    """Run ``pull`` into a staging file, then swap the table in one statement."""
+    """Run ``pull`` into a staging file, then swap the table in one statement.
+
+    A source that is not configured is not pulled: its table is emptied, never left stale.
+    """
     collected_at = datetime.now(UTC).replace(microsecond=0)
     staging_dir = Path(duckdb.database).parent / ".staging"
     metadata: dict[str, Any] = {}
     with StagingFile(staging_dir, table) as staging:
-        if pull is None:
-            context.log.warning(f"{table.qualified}: {skipped_because}; the table is emptied, not left stale.")
-            metadata["skipped"] = skipped_because
+        if source.skip_reason:
+            context.log.warning(f"{table.qualified}: {source.skip_reason}; the table is emptied, not left stale.")
+            metadata["skipped"] = source.skip_reason
         else:
             try:
                 stats = pull(staging)
@@ -124,8 +128,6 @@ def saas_users(
     context: AssetExecutionContext, saas: SaasApiResource, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
     _require_some_source(saas, backup)
-    if not saas.is_configured:
-        return _land(context, duckdb, SAAS_USERS, None, "source S skipped: SAAS_API_BASE_URL is not set")
 
     def pull(staging: StagingFile) -> CallStats:
         with saas.client() as client:
@@ -134,16 +136,13 @@ def saas_users(
                 context.log.debug(f"{origin.describe()}: {len(items)} users")
             return client.stats
 
-    return _land(context, duckdb, SAAS_USERS, pull)
+    return _land(context, duckdb, SAAS_USERS, saas, pull)
 
 
 @asset(deps=[saas_users], **_asset_kwargs(SAAS_USER_SUBSCRIPTIONS))
 def saas_user_subscriptions(
     context: AssetExecutionContext, saas: SaasApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
-    if not saas.is_configured:
-        return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, None,
-                     "source S skipped: SAAS_API_BASE_URL is not set")
     user_ids = [row[0] for row in _column_values(duckdb, "SELECT DISTINCT id FROM raw.saas_users ORDER BY id")]
 
     def pull(staging: StagingFile) -> CallStats:
@@ -158,7 +157,7 @@ def saas_user_subscriptions(
                              on_result=_counting(keep, progress))
             return client.stats
 
-    return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, pull)
+    return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, saas, pull)
 
 
 @asset(**_asset_kwargs(BACKUP_ORGANIZATIONS))
@@ -166,8 +165,6 @@ def backup_organizations(
     context: AssetExecutionContext, saas: SaasApiResource, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
     _require_some_source(saas, backup)
-    if not backup.is_configured:
-        return _land(context, duckdb, BACKUP_ORGANIZATIONS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
@@ -182,7 +179,7 @@ def backup_organizations(
                              workers=backup.concurrency, on_result=_counting(keep, progress))
             return client.stats
 
-    return _land(context, duckdb, BACKUP_ORGANIZATIONS, pull)
+    return _land(context, duckdb, BACKUP_ORGANIZATIONS, backup, pull)
 
 
 def _owner_tokens(client: Any) -> dict[str, str]:
@@ -195,8 +192,6 @@ def _owner_tokens(client: Any) -> dict[str, str]:
 def backup_tenants(
     context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
-    if not backup.is_configured:
-        return _land(context, duckdb, BACKUP_TENANTS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
     owner_ids = [row[0] for row in _column_values(duckdb, "SELECT id FROM raw.backup_organizations ORDER BY id")]
 
     def pull(staging: StagingFile) -> CallStats:
@@ -214,15 +209,13 @@ def backup_tenants(
             run_concurrently(owner_ids, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
             return client.stats
 
-    return _land(context, duckdb, BACKUP_TENANTS, pull)
+    return _land(context, duckdb, BACKUP_TENANTS, backup, pull)
 
 
 @asset(deps=[backup_tenants], **_asset_kwargs(BACKUP_ACCOUNTS))
 def backup_accounts(
     context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
-    if not backup.is_configured:
-        return _land(context, duckdb, BACKUP_ACCOUNTS, None, "source B skipped: BACKUP_API_BASE_URL is not set")
     tenants = _column_values(duckdb, "SELECT owner_id, id, type FROM raw.backup_tenants ORDER BY owner_id, id")
 
     def pull(staging: StagingFile) -> CallStats:
@@ -241,7 +234,7 @@ def backup_accounts(
             run_concurrently(tenants, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
             return client.stats
 
-    return _land(context, duckdb, BACKUP_ACCOUNTS, pull)
+    return _land(context, duckdb, BACKUP_ACCOUNTS, backup, pull)
 
 
 def _token_for(tokens: dict[str, str], owner_id: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from pydantic import Field
@@ -86,6 +86,9 @@ def _segment(value: Any) -> str:
 
 class BackupApiResource(VendorApiResource):
     """Source B. Unset ``base_url`` means the source is skipped for the run."""
+
+    source_label: ClassVar[str] = "source B"
+    base_url_variable: ClassVar[str] = "BACKUP_API_BASE_URL"
 
     base_url: str | None = Field(default=None, description="BACKUP_API_BASE_URL, e.g. https://host/api")
     reseller_token: str | None = Field(default=None, description="BACKUP_RESELLER_TOKEN (X-Reseller-Token).")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -21,9 +23,18 @@ class VendorApiResource(ConfigurableResource):
     concurrency: int = Field(default=16, ge=1, le=128, description="Concurrent per-user / per-owner calls.")
     base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
 
+    # Set by each source: its short name and the variable that switches it on.
+    source_label: ClassVar[str] = "vendor"
+    base_url_variable: ClassVar[str] = ""
+
     @property
     def is_configured(self) -> bool:
         return bool(self.base_url and self.base_url.strip())
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the source is skipped this run, or None when it is configured."""
+        return None if self.is_configured else f"{self.source_label} skipped: {self.base_url_variable} is not set"
 
     def http_settings(self) -> HttpSettings:
         return HttpSettings(

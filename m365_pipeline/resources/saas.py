@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from pydantic import Field
@@ -57,6 +57,9 @@ class SaasClient(VendorClient):
 
 class SaasApiResource(VendorApiResource):
     """Source S. Unset ``base_url`` means the source is skipped for the run."""
+
+    source_label: ClassVar[str] = "source S"
+    base_url_variable: ClassVar[str] = "SAAS_API_BASE_URL"
 
     base_url: str | None = Field(default=None, description="SAAS_API_BASE_URL, e.g. https://host/api/saas/consolidated-view/v1")
     token: str | None = Field(default=None, description="SAAS_API_TOKEN, sent as a Bearer token.")

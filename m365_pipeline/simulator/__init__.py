@@ -5,7 +5,7 @@
         sim.env          # SAAS_API_BASE_URL, SAAS_API_TOKEN, BACKUP_API_BASE_URL, BACKUP_*_TOKEN
         sim.dataset      # iterators over everything served
         sim.stats()      # requests per endpoint kind, faults per kind, responses per status
-    truth = ground_truth(sim.dataset)   # DESIGN.md rules 1-10 applied to the same data
+    truth = ground_truth(sim.dataset)   # docs/RULES.md rules 1-10 applied to the same data
 
 ``dataset.py`` documents the data layout, ``faults.py`` the fault semantics, ``truth.py`` how the
 contract's open points are interpreted.

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reseller-token", default=DEFAULT_RESELLER_TOKEN, help="source B X-Reseller-Token")
     p.add_argument("--admin-token", default=DEFAULT_ADMIN_TOKEN, help="source B admin X-Access-Token")
     p.add_argument("--print-ground-truth", action="store_true",
-                   help="print the expected pipeline output (DESIGN.md rules 1-10) as JSON and exit")
+                   help="print the expected pipeline output (docs/RULES.md, rules 1-10) as JSON and exit")
     f = p.add_argument_group("faults", "deterministic given --seed; transient faults hit one URL at most "
                              "--max-faults-per-url times")
     f.add_argument("--fault-scope", dest="scope", choices=SCOPES, default="both",

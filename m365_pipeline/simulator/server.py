@@ -3,9 +3,9 @@
 One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, a thread per connection, backlog 256) serves
 
 * source S under ``/api/saas/consolidated-view/v1`` (``Authorization: Bearer``), paged by
-  ``page_size``/``page_number`` as doc 002 shows;
+  ``page_size``/``page_number`` as docs/RULES.md, Source S, describes;
 * source B under ``/api`` (``X-Reseller-Token`` + ``X-Access-Token``), paged by ``page``/``per_page``
-  with ``next_page``/``prev_page`` links as doc 003 shows, including its quirks (201 on
+  with ``next_page``/``prev_page`` links as docs/RULES.md, Source B, describes, including its quirks (201 on
   ``GET /users/{id}``, ``per_page: 0`` past the end, 401 for a tenant/type mismatch).
 
 Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py``).
@@ -102,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms delayed-ACK stall
     server: _HTTPServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.server.app.handle(self)
 
     def _method_not_allowed(self) -> None:
@@ -311,7 +311,7 @@ def _backup_page(query: Query, path: str, type_: str | None, total: int,
 
 
 def _str_param(query: Query, name: str) -> str | None:
-    """A query parameter, None when absent or blank (doc 003: blank means the default)."""
+    """A query parameter, None when absent or blank (source B: blank means the default)."""
     value = query.get(name, [""])[0]
     return value if value != "" else None
 

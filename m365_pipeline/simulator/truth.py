@@ -1,9 +1,9 @@
-"""Ground truth: DESIGN.md's data contract (rules 1-10) applied, in plain Python, to what the simulator serves.
+"""Ground truth: the data contract (docs/RULES.md, rules 1-10) applied, in plain Python, to what the simulator serves.
 
 Deliberately independent of the pipeline (no DuckDB, no SQL, no shared helpers) and of the
 generator's internals: it reads only the records the two APIs serve, through the dataset's public
 iterators, so the pipeline's published numbers can be compared with it. Interpretations where
-DESIGN.md leaves room:
+docs/RULES.md leaves room:
 
 * rule-2 accounts are accounts of m365 tenants with ``mailbox`` true; key = ``upn.strip().lower()``;
 * a UPN with rule-2 accounts in several orgs goes to the one candidate that has an m365 tenant whose

@@ -4,7 +4,7 @@
 CREATE OR REPLACE TABLE core.license_assignments AS
 WITH saas_users AS (
     SELECT id AS saas_user_id,
-           lower(trim(coalesce(nullif(trim(username), ''), email))) AS user_principal_name
+           saas_upn(username, email) AS user_principal_name
     FROM raw.saas_users
 ),
 subscriptions AS (

@@ -4,14 +4,14 @@ WITH owners AS (
     SELECT id AS owner_id, organization_name FROM raw.backup_organizations
 ),
 m365_tenants AS (
-    SELECT t.owner_id, t.id AS tenant_id, lower(trim(t.domain)) AS domain, o.organization_name
+    SELECT t.owner_id, t.id AS tenant_id, domain_key(t.domain) AS domain, o.organization_name
     FROM raw.backup_tenants AS t
     JOIN owners AS o ON o.owner_id = t.owner_id
     WHERE t.type = 'm365'
 ),
 -- Rule 2: mailboxes of m365 tenants; public folders (mailbox false) and GWS never count.
 accounts AS (
-    SELECT lower(trim(a.upn)) AS upn,
+    SELECT upn_key(a.upn) AS upn,
            nullif(trim(a.name), '') AS name,
            coalesce(a.licensed, false) AS licensed,
            m.organization_name
@@ -23,7 +23,7 @@ accounts AS (
 domain_owners AS (
     SELECT domain, organization_name FROM m365_tenants WHERE domain <> ''
     UNION
-    SELECT regexp_extract(upn, '@([^@]+)$', 1), organization_name FROM accounts
+    SELECT upn_domain(upn), organization_name FROM accounts
 ),
 sole_domain_owner AS (
     SELECT domain, min(organization_name) AS organization_name
@@ -40,7 +40,7 @@ account_orgs AS (
     SELECT DISTINCT a.upn, a.organization_name, d.domain IS NOT NULL AS tenant_has_domain
     FROM accounts AS a
     LEFT JOIN org_tenant_domains AS d
-        ON d.organization_name = a.organization_name AND d.domain = regexp_extract(a.upn, '@([^@]+)$', 1)
+        ON d.organization_name = a.organization_name AND d.domain = upn_domain(a.upn)
 ),
 account_ranked AS (
     SELECT *,
@@ -65,11 +65,11 @@ account_summary AS (
     GROUP BY upn
 ),
 saas AS (
-    SELECT lower(trim(coalesce(nullif(trim(username), ''), email))) AS upn,
+    SELECT saas_upn(username, email) AS upn,
            first(trim(display_name) ORDER BY lower(trim(display_name)), trim(display_name))
                FILTER (WHERE nullif(trim(display_name), '') IS NOT NULL) AS display_name
     FROM raw.saas_users
-    WHERE nullif(trim(coalesce(nullif(trim(username), ''), email)), '') IS NOT NULL
+    WHERE nullif(saas_upn(username, email), '') IS NOT NULL
     GROUP BY 1
 ),
 licenses AS (
@@ -102,7 +102,7 @@ resolved AS (
            coalesce(c.n_orgs, 0)::INTEGER AS account_organizations
     FROM keys AS k
     LEFT JOIN account_choice AS c ON c.upn = k.upn
-    LEFT JOIN sole_domain_owner AS d ON d.domain = regexp_extract(k.upn, '@([^@]+)$', 1)
+    LEFT JOIN sole_domain_owner AS d ON d.domain = upn_domain(k.upn)
     LEFT JOIN account_summary AS b ON b.upn = k.upn
     LEFT JOIN saas AS s ON s.upn = k.upn
     LEFT JOIN licenses AS l ON l.upn = k.upn

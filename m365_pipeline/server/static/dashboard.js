@@ -65,7 +65,7 @@
     return a.length - b.length;
   }
 
-  /** The product's name order (DESIGN.md rule 9): lower-cased first, then exact, by code point.
+  /** The product's name order (docs/RULES.md, rule 9): lower-cased first, then exact, by code point.
    * It is the order the API and the CSV export use, so the table and the export always agree. */
   function compareNames(a, b) {
     return compareCodePoints(a.toLowerCase(), b.toLowerCase()) || compareCodePoints(a, b);

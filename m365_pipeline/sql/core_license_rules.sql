@@ -1,0 +1,6 @@
+-- core.license_rules: one row per classification rule, from the rules file (registered as rules_frame).
+CREATE OR REPLACE TABLE core.license_rules AS
+SELECT rule_order::INTEGER AS rule_order, rule_id, applies_to, effect, field, match, pattern,
+       like_pattern, description
+FROM rules_frame
+ORDER BY rule_order;

@@ -1,0 +1,117 @@
+"""Shared test helpers (no fixtures; those live in conftest.py): resources wired to a simulator,
+whole-graph runs, reading DuckDB files, starting ``m365-serve`` and making certificates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import duckdb
+from dagster_duckdb import DuckDBResource
+
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.settings import DUCKDB_FILE
+from m365_pipeline.simulator import Simulator
+
+# The venv's console scripts (dagster, m365-serve, duckdb, ...), next to the running interpreter.
+BIN = Path(sys.executable).parent
+
+# Small, fast retry settings so fault tests finish in seconds.
+FAST_HTTP = {"timeout_s": 5.0, "max_retries": 4, "backoff_factor": 0.01, "retry_after_max_s": 1}
+
+
+def rule9(text: str) -> tuple[str, str]:
+    """The contract's order (docs/RULES.md, rule 9): lower-cased, then the string itself, by code point."""
+    return (text.lower(), text)
+
+
+# -- resources and runs -------------------------------------------------------------------------
+
+def make_resources(sim: Simulator | None, db_path: Path, *, saas: dict[str, Any] | None = None,
+                   backup: dict[str, Any] | None = None, sources: tuple[str, ...] = ("saas", "backup")
+                   ) -> dict[str, Any]:
+    """Resources pointing at ``sim``; ``sources`` chooses which vendors are configured."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    env = sim.env if sim else {}
+    saas_cfg: dict[str, Any] = {**FAST_HTTP, **(saas or {})}
+    backup_cfg: dict[str, Any] = {**FAST_HTTP, **(backup or {})}
+    if "saas" in sources:
+        saas_cfg = {"base_url": env["SAAS_API_BASE_URL"], "token": env["SAAS_API_TOKEN"], **saas_cfg}
+    if "backup" in sources:
+        backup_cfg = {"base_url": env["BACKUP_API_BASE_URL"], "reseller_token": env["BACKUP_RESELLER_TOKEN"],
+                      "admin_token": env["BACKUP_ADMIN_TOKEN"], **backup_cfg}
+    return {
+        "saas": SaasApiResource(**saas_cfg),
+        "backup": BackupApiResource(**backup_cfg),
+        "duckdb": DuckDBResource(database=str(db_path)),
+    }
+
+
+def all_definitions() -> list[Any]:
+    """Every asset and check of the code location (what the nightly job materializes)."""
+    from m365_pipeline.assets.core import core_assets, core_checks
+    from m365_pipeline.assets.export import export_assets
+    from m365_pipeline.assets.marts import marts_assets, marts_checks
+    from m365_pipeline.assets.raw import raw_assets
+
+    return [*raw_assets, *core_assets, *marts_assets, *export_assets, *core_checks, *marts_checks]
+
+
+def run_pipeline(sim: Simulator | None, data_dir: Path, *, raise_on_error: bool = True, **kwargs: Any):
+    """Materialize every asset and check into ``data_dir`` (as the nightly job does)."""
+    from dagster import materialize
+
+    from m365_pipeline.resources import PublishPolicy
+
+    policy = kwargs.pop("policy", PublishPolicy())
+    resources = {**make_resources(sim, data_dir / DUCKDB_FILE, **kwargs), "publish_policy": policy}
+    return materialize(all_definitions(), resources=resources, raise_on_error=raise_on_error)
+
+
+# -- reading DuckDB files -----------------------------------------------------------------------
+
+def query(db_path: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with duckdb.connect(str(db_path), read_only=True) as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+def dicts(db_path: Path, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Like ``query``, each row a dict by column name."""
+    with duckdb.connect(str(db_path), read_only=True) as conn:
+        cursor = conn.execute(sql, params or [])
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+# -- published data and a running m365-serve ----------------------------------------------------
+
+@dataclass
+class Published:
+    data_dir: Path
+    truth: dict[str, Any]
+
+
+@dataclass
+class Served:
+    base_url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+
+def spawn_serve(data_dir: Path, port: int, log: IO[str], *extra: str) -> subprocess.Popen:
+    """A real ``m365-serve`` process over ``data_dir`` on 127.0.0.1:``port``, output to ``log``."""
+    return subprocess.Popen([str(BIN / "m365-serve"), "--port", str(port), "--data-dir", str(data_dir), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost, made by the test, valid one day."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
