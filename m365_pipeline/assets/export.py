@@ -10,13 +10,22 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from dagster import AssetExecutionContext, FreshnessPolicy, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetSpec,
+    FreshnessPolicy,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
-from m365_pipeline.assets.marts import org_summary, org_summary_history
+from m365_pipeline.assets.marts import org_summary
+from m365_pipeline.assets.nights import NIGHT_SPECS, record_night, write_changes_files, write_history_files
 from m365_pipeline.crashpoints import crash_point
-from m365_pipeline.duckdb_helpers import markdown_table
+from m365_pipeline.duckdb_helpers import markdown_table, table_result
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     SORT_FIELDS,
@@ -53,19 +62,25 @@ def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-@asset(
-    key=["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
-    freshness_policy=NIGHTLY_FRESHNESS,
-    description=(
-        "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
-        "export in JSON and CSV for each sort), published atomically under <data dir>/export/current."
+@multi_asset(specs=[
+    AssetSpec(
+        ["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
+        freshness_policy=NIGHTLY_FRESHNESS,
+        description=(
+            "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
+            "export in JSON and CSV for each sort, history and changes), published atomically under "
+            "<data dir>/export/current."
+        ),
     ),
-)
-def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    # Only published nights count (rule 11): the night is recorded by the publish step itself.
+    *[spec.replace_attributes(deps=[org_summary, users]) for spec in NIGHT_SPECS],
+])
+def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource):
     root = export_dir(Path(duckdb.database).parent)
     writer = VersionWriter(root)
-    try:
-        with duckdb.get_connection() as conn:
+    with duckdb.get_connection() as conn:
+        conn.begin()  # tonight's night is committed only once its version is current
+        try:
             started = time.perf_counter()
             organizations = conn.execute(SUMMARY_SQL).fetchall()
             query_time_ms = int((time.perf_counter() - started) * 1000)
@@ -76,13 +91,20 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
             crash_point("publish")
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
-        writer.commit({"last_collected": last_collected, "totals": totals})
-    except BaseException:
-        writer.abandon()
-        raise
+            night, _ = record_night(conn)
+            nights, history_organizations = write_history_files(conn, writer)
+            write_changes_files(conn, writer, nights)
+            writer.commit({"last_collected": last_collected, "totals": totals, "nights": nights,
+                           "history_organizations": history_organizations})
+        except BaseException:
+            conn.rollback()
+            writer.abandon()
+            raise
+        conn.commit()
+        night_results = _night_results(conn, night)
     context.log.info(f"published version {writer.version_id} to {root / 'current'}")
     size = sum((writer.path / entry["path"]).stat().st_size for entry in writer.files.values())
-    return MaterializeResult(metadata={
+    yield MaterializeResult(asset_key=["export", "dashboard_api"], metadata={
         "dagster/row_count": published_users,
         "version": writer.version_id,
         "path": MetadataValue.path(str(writer.path)),
@@ -90,9 +112,31 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
         "bytes": size,
         "last_collected": last_collected or "never",
         "query_time_ms": query_time_ms,
+        "nights_kept": len(nights),
         **totals,
         "preview": MetadataValue.md(_preview(organizations)),
     })
+    yield from night_results
+
+
+NIGHT_PREVIEWS = (  # in the order of NIGHT_SPECS
+    "SELECT * FROM marts.nights ORDER BY 1 DESC LIMIT 14",
+    """SELECT valid_from AS night, count(*) AS rows_opened FROM marts.published_users_history
+       GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
+    """SELECT collection_date, count(*) AS organizations, sum(es_user_count) AS es_users,
+              sum(m365_licensed_user_count) AS m365_licensed_users
+       FROM marts.org_summary_history GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
+)
+
+
+def _night_results(conn, night: str) -> list[MaterializeResult]:
+    nights = conn.execute("SELECT count(*) FROM marts.nights").fetchone()[0]
+    return [
+        MaterializeResult(asset_key=spec.key, metadata=table_result(
+            conn, spec.metadata["dagster/table_name"], preview_sql=preview, collection_date=night,
+            nights_kept=nights).metadata)
+        for spec, preview in zip(NIGHT_SPECS, NIGHT_PREVIEWS, strict=True)
+    ]
 
 
 def _write_summary(writer: VersionWriter, organizations: list[tuple], last_collected: str | None,
@@ -184,7 +228,7 @@ def _preview(organizations: list[tuple]) -> str:
 
 @asset(
     key=["export", "analytics_db"], group_name=GROUP, kinds={"duckdb"},
-    deps=[dashboard_api, org_summary_history], freshness_policy=NIGHTLY_FRESHNESS,
+    deps=[dashboard_api], freshness_policy=NIGHTLY_FRESHNESS,
     description=(
         "analytics.duckdb: the file analysts open (duckdb -readonly data/analytics.duckdb). Same schemas and "
         "tables as the pipeline's working file, replaced atomically after each successful run, so an open "

@@ -1,4 +1,5 @@
-"""Marts layer: the per-organization summary the dashboard shows, and its nightly history.
+"""Marts layer: the per-organization summary the dashboard shows (its nightly history is recorded
+by the publish step, see ``nights.py``).
 
 Two blocking checks guard the summary: the contract's invariants (rule 8), and a
 plausibility check that stops an outage masquerading as data (no organizations, or far
@@ -68,29 +69,6 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
             total_organizations=totals[0], total_es_users=int(totals[1]),
             total_m365_licensed_users=int(totals[2]),
             last_collected=collected.isoformat() if collected else "never",
-        )
-
-
-@asset(
-    key=["marts", "org_summary_history"], group_name=GROUP, kinds={"duckdb"}, deps=[org_summary],
-    metadata=table_metadata("marts.org_summary_history", HISTORY_SCHEMA),
-)
-def org_summary_history(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
-    """One row = one organization on one collection date. Re-running a day replaces that day.
-
-    The vendors only ever show today; this table is the only trend there is.
-    """
-    with duckdb.get_connection() as conn:
-        run_sql(conn, "marts_org_summary_history.sql")
-        day = conn.execute("SELECT max(collection_date) FROM marts.org_summary_history").fetchone()[0]
-        dates = conn.execute("SELECT count(DISTINCT collection_date) FROM marts.org_summary_history").fetchone()[0]
-        return table_result(
-            conn, "marts.org_summary_history",
-            preview_sql="""
-                SELECT collection_date, count(*) AS organizations, sum(es_user_count) AS es_users,
-                       sum(m365_licensed_user_count) AS m365_licensed_users
-                FROM marts.org_summary_history GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
-            collection_date=str(day), dates_kept=dates,
         )
 
 
@@ -175,5 +153,5 @@ def _has_history(conn) -> bool:
         WHERE table_schema = 'marts' AND table_name = 'org_summary_history'""").fetchone()[0])
 
 
-marts_assets = [org_summary, org_summary_history]
+marts_assets = [org_summary]
 marts_checks = [contract_invariants, pull_is_plausible]

@@ -1,0 +1,144 @@
+"""Nights (docs/RULES.md, rule 11) and their changes (rule 12): recorded by the publish step.
+
+Only published nights count, so the night is recorded inside ``export.dashboard_api``: in one
+DuckDB transaction that is committed right after the new version became current, and rolled back
+when anything before that fails. A blocked run never reaches the publish step and leaves no night.
+The history and changes files of the version are built from the tables inside that transaction,
+so they include tonight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
+
+from m365_pipeline.assets.marts import HISTORY_SCHEMA
+from m365_pipeline.duckdb_helpers import run_sql, table_metadata, table_schema
+from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
+from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
+
+GROUP = "marts"
+NIGHTS_KEY = AssetKey(["marts", "nights"])
+USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
+SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
+# Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
+NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", "marts_nights.sql")
+
+NIGHTS_SCHEMA = table_schema(
+    ("collection_date", "DATE", "UTC date of last_collected; at most one night per date."),
+    ("last_collected", "TIMESTAMPTZ", "When the published run's vendor pulls started (UTC)."),
+)
+USERS_HISTORY_SCHEMA = TableSchema(columns=[
+    TableColumn("organization_name", "VARCHAR", description="The user's organization (rule 3)."),
+    TableColumn("user_principal_name", "VARCHAR", description="The key (rule 2)."),
+    TableColumn("display_name", "VARCHAR", description="As published (rule 7)."),
+    TableColumn("licenses", "VARCHAR", description="As published (rule 6)."),
+    TableColumn("has_email_license", "BOOLEAN", description="As published (rule 6)."),
+    TableColumn("valid_from", "DATE", description="First kept night on which this row was published."),
+    TableColumn("valid_to", "DATE", description="First kept night on which it no longer was; null: still is."),
+])
+
+NIGHT_SPECS = [
+    AssetSpec(NIGHTS_KEY, group_name=GROUP, kinds={"duckdb"},
+              description="One row = one published night (rule 11): its collection_date and last_collected. "
+                          "Recorded by the publish step; a blocked or failed run adds none.",
+              metadata=table_metadata("marts.nights", NIGHTS_SCHEMA)),
+    AssetSpec(USERS_HISTORY_KEY, group_name=GROUP, kinds={"duckdb"},
+              description="One row = one published user's rule-7 values over a span of kept nights "
+                          "[valid_from, valid_to). marts.published_users_on(d) and marts.changes_between(a, b) "
+                          "read it.",
+              metadata=table_metadata("marts.published_users_history", USERS_HISTORY_SCHEMA)),
+    AssetSpec(SUMMARY_HISTORY_KEY, group_name=GROUP, kinds={"duckdb"},
+              description="One row = one organization on one published night. Re-running a day replaces that day.",
+              metadata=table_metadata("marts.org_summary_history", HISTORY_SCHEMA)),
+]
+
+
+class NightOutOfOrder(RuntimeError):
+    pass
+
+
+def record_night(conn: duckdb.DuckDBPyConnection) -> tuple[str, str]:
+    """Record tonight (from marts.org_summary) in the open transaction; returns (date, last_collected).
+
+    Nights are recorded in date order: a clock set back before the latest kept night is refused
+    with a clear error rather than rewriting history.
+    """
+    conn.execute("""
+        CREATE OR REPLACE TEMP VIEW tonight AS
+        SELECT (min(last_collected) AT TIME ZONE 'UTC')::DATE AS collection_date,
+               min(last_collected) AS last_collected
+        FROM marts.org_summary""")
+    day, collected = conn.execute("SELECT collection_date, last_collected FROM tonight").fetchone()
+    if day is None:
+        raise RuntimeError("marts.org_summary has no last_collected: nothing was collected tonight")
+    latest = conn.execute("SELECT max(collection_date) FROM marts.nights").fetchone()[0] \
+        if _exists(conn, "nights") else None
+    if latest is not None and day < latest:
+        raise NightOutOfOrder(
+            f"tonight's collection date {day} is before the latest kept night {latest}; "
+            "check the clock of the machine running the pipeline. Nothing was published.")
+    for name in NIGHT_SQL:
+        run_sql(conn, name)
+    return day.isoformat(), iso_z(collected)
+
+
+def _exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(conn.execute("""
+        SELECT count(*) FROM information_schema.tables WHERE table_schema = 'marts' AND table_name = $1""",
+                             [table]).fetchone()[0])
+
+
+def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> tuple[list[dict], dict]:
+    """history.json/csv (totals per night) and one pair per organization ever kept, keyed by a hash.
+
+    Returns (nights [{date, last_collected}], {organization name: file key}) for the manifest.
+    """
+    nights = [{"date": d.isoformat(), "last_collected": iso_z(c)} for d, c in conn.execute(
+        "SELECT collection_date, last_collected FROM marts.nights ORDER BY collection_date").fetchall()]
+    totals = _dicts(conn.execute("""
+        SELECT strftime(n.collection_date, '%Y-%m-%d') AS date,
+               coalesce(sum(h.es_user_count), 0)::BIGINT AS es_user_count,
+               coalesce(sum(h.m365_licensed_user_count), 0)::BIGINT AS m365_licensed_user_count
+        FROM marts.nights AS n LEFT JOIN marts.org_summary_history AS h USING (collection_date)
+        GROUP BY n.collection_date ORDER BY n.collection_date"""))
+    for fmt in ("json", "csv"):
+        writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(None, totals, fmt),
+                           CONTENT_TYPES[fmt])
+    organizations: dict[str, str] = {}
+    cursor = conn.execute("""
+        SELECT h.organization_name, strftime(h.collection_date, '%Y-%m-%d') AS date, h.es_user_count,
+               h.m365_licensed_user_count
+        FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
+        ORDER BY h.organization_name, h.collection_date""")
+    current, rows = None, []
+    for name, *values in [*cursor.fetchall(), (None, None, None, None)]:
+        if name != current and current is not None:
+            key = file_key(current)
+            organizations[current] = key
+            for fmt in ("json", "csv"):
+                writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(current, rows, fmt),
+                                   CONTENT_TYPES[fmt])
+            rows = []
+        current = name
+        rows.append(dict(zip(HISTORY_FIELDS, values, strict=True)))
+    return nights, organizations
+
+
+def write_changes_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, nights: list[dict]) -> None:
+    """For every kept night A, the changes from A to tonight (the latest night) in JSON and CSV."""
+    tonight = nights[-1]
+    for night in nights:
+        rows = _dicts(conn.execute(f"SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1, $2)",
+                                   [night["date"], tonight["date"]]))
+        for fmt in ("json", "csv"):
+            body = changes_body(night["last_collected"], tonight["last_collected"], rows, fmt)
+            writer.write_bytes(f"changes:{fmt}:{night['date']}", f"changes/{night['date']}.{fmt}", body,
+                               CONTENT_TYPES[fmt])
