@@ -230,6 +230,10 @@ class PublishedVersion:
         self.published_at = datetime.strptime(manifest["published_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         self.files = {key: self._file(entry) for key, entry in manifest["files"].items()}
         self.organizations: dict[str, str] = manifest["organizations"]
+        # Rules 11 and 12: the kept nights, oldest first ([{date, last_collected}]), and the
+        # organizations of any kept night (exact name -> file key of their history files).
+        self.nights: list[dict[str, str]] = manifest.get("nights", [])
+        self.history_organizations: dict[str, str] = manifest.get("history_organizations", {})
 
     def _file(self, entry: dict[str, Any]) -> PublishedFile:
         gz = entry.get("gzip_path")
@@ -247,3 +251,9 @@ class PublishedVersion:
 
     def export(self, sort: str, fmt: str) -> PublishedFile:
         return self.files[f"export:{fmt}:{sort}"]
+
+    def history(self, fmt: str, file_key: str | None = None) -> PublishedFile:
+        return self.files[f"history:{fmt}" + (f":{file_key}" if file_key else "")]
+
+    def changes(self, since_night: str, fmt: str) -> PublishedFile:
+        return self.files[f"changes:{fmt}:{since_night}"]

@@ -115,3 +115,30 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-days", "1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+# -- nights at chosen dates ---------------------------------------------------------------------
+
+_NIGHT_RUNNER = """
+import json, os, sys, types
+from pathlib import Path
+from m365_pipeline_tests.helpers import run_pipeline
+sim = types.SimpleNamespace(env=json.loads(os.environ["M365_TEST_SIM_ENV"]))
+sys.exit(0 if run_pipeline(sim, Path(sys.argv[1]), raise_on_error=False).success else 3)
+"""
+
+
+def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str) -> bool:
+    """The whole graph in a child process whose clock starts at ``moment`` (UTC, libfaketime), as a
+    night on that date would run; True when the run succeeded. The pipeline itself is unchanged."""
+    import json
+    import os
+
+    env = {**os.environ, "TZ": "UTC", "M365_TEST_SIM_ENV": json.dumps(sim.env),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    done = subprocess.run(["faketime", "-f", f"@{moment}", sys.executable, "-c", _NIGHT_RUNNER, str(data_dir)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode not in (0, 3):
+        raise RuntimeError(f"night run at {moment} crashed: {done.stderr[-3000:]}")
+    return done.returncode == 0

@@ -7,6 +7,8 @@ files: nothing is queried or compressed per request.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -23,9 +25,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from m365_pipeline import settings
+from m365_pipeline.history_api import BadDate, changes_body, night_a, parse_date, select_organization
 from m365_pipeline.publishing import (
+    CONTENT_TYPES,
     CURRENT,
     FORMATS,
+    GZIP_MIN_BYTES,
     SORT_FIELDS,
     PublishedFile,
     PublishedVersion,
@@ -41,6 +46,7 @@ MAX_QUERY_LENGTH = 8192
 MAX_QUERY_FIELDS = 16
 MEMORY_CACHE_BYTES = 64 << 20  # small files are served from memory, large ones by sendfile
 MEMORY_FILE_LIMIT = 4 << 20
+SELECTION_CACHE_ENTRIES = 256
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -159,6 +165,37 @@ class _ByteCache:
         return body
 
 
+class _Selections:
+    """One organization's changes since a night, made from that night's published changes file.
+
+    Rule 12 selects by organization_name or previous_organization_name; precomputing every
+    (night, organization) pair would multiply the files, so the selection is made on the first
+    request and kept (bounded, least recently used out first) until the version changes.
+    """
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._items: OrderedDict[tuple[str, str, str, str], tuple[bytes, bytes | None, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version: PublishedVersion, night: str, org: str, fmt: str) -> tuple[bytes, bytes | None, str]:
+        key = (version.version, night, org, fmt)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        published = json.loads(version.changes(night, "json").path.read_bytes())
+        rows = select_organization(published["changes"], org)
+        body = changes_body(published["from"], published["to"], rows, fmt)
+        gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+        item = (body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+        return item
+
+
 class Dashboard:
     """Answers every documented path from the current published version."""
 
@@ -169,6 +206,7 @@ class Dashboard:
         self._target: str | None = None
         self._version: PublishedVersion | None = None
         self._cache = _ByteCache(MEMORY_CACHE_BYTES)
+        self._selections = _Selections(SELECTION_CACHE_ENTRIES)
         self._static = self._load_static()
 
     # -- published data -------------------------------------------------------------------
@@ -185,6 +223,7 @@ class Dashboard:
                     self._version = PublishedVersion(path) if path else None
                     self._target = target
                     self._cache = _ByteCache(MEMORY_CACHE_BYTES)
+                    self._selections = _Selections(SELECTION_CACHE_ENTRIES)
         return self._version
 
     # -- request handling -----------------------------------------------------------------
@@ -200,13 +239,15 @@ class Dashboard:
             if not path.startswith(API_PREFIX):
                 raise HttpError(404, "not found")
             endpoint = path[len(API_PREFIX):]
-            if endpoint not in ("summary", "users", "export"):
+            if endpoint not in ("summary", "users", "export", "history", "changes"):
                 raise HttpError(404, "not found")
             params = parse_query(query_string)
             version = self.current()
             if version is None:
                 raise HttpError(404, "no data available: nothing has been published yet "
                                      "(run the pipeline, e.g. `make demo`)")
+            if endpoint in ("history", "changes"):
+                return self._nights_route(endpoint, params, version, headers)
             published, disposition = self._route(endpoint, params, version)
             return self._published(headers, published, version, disposition)
         except HttpError as exc:
@@ -235,6 +276,56 @@ class Dashboard:
             day = version.published_at.strftime("%Y-%m-%d")
             disposition = f'attachment; filename="m365-users-{day}.csv"'
         return version.export(sort, fmt), disposition
+
+    # -- history and changes (docs/RULES.md, rules 11 and 12) --------------------------------
+    def _nights_route(self, endpoint: str, params: dict[str, str], version: PublishedVersion, headers: Any
+                      ) -> Response:
+        fmt = params.get("format", "json")
+        if fmt not in FORMATS:
+            raise HttpError(400, f"unknown format {fmt[:40]!r}; use one of: {', '.join(FORMATS)}")
+        org = params.get("org")
+        if org == "":
+            raise HttpError(400, "org must not be empty; leave it out for all organizations")
+        if org is not None and org not in version.history_organizations:
+            raise HttpError(404, f"organization not found on any kept night: {org[:200]}")
+        if not version.nights:
+            raise HttpError(404, "no night is kept yet")
+        tonight = version.nights[-1]["date"]
+        if endpoint == "history":
+            key = version.history_organizations[org] if org is not None else None
+            disposition = f'attachment; filename="m365-history-{tonight}.csv"' if fmt == "csv" else None
+            return self._published(headers, version.history(fmt, key), version, disposition)
+        since = params.get("since")
+        if since is not None:
+            try:
+                since = parse_date(since)
+            except BadDate as exc:
+                raise HttpError(400, str(exc)) from None
+        dates = [night["date"] for night in version.nights]
+        night = night_a(dates, since)
+        if night is None:
+            raise HttpError(404, f"no kept night on or before {since}" if since is not None
+                            else "only one night is kept: there is no earlier night to compare with")
+        disposition = f'attachment; filename="m365-changes-{night}-to-{tonight}.csv"' if fmt == "csv" else None
+        if org is None:
+            return self._published(headers, version.changes(night, fmt), version, disposition)
+        body, gz, etag = self._selections.get(version, night, org, fmt)
+        return self._generated(headers, version, body, gz, etag, CONTENT_TYPES[fmt], disposition)
+
+    def _generated(self, headers: Any, version: PublishedVersion, body: bytes, gz: bytes | None, etag: str,
+                   content_type: str, disposition: str | None) -> Response:
+        """Like ``_published`` for a body made from published files at request time (and cached)."""
+        encoding = []
+        if gz is not None and accepts_gzip(headers.get("accept-encoding")):
+            body, etag, encoding = gz, etag[:-1] + '-gzip"', [("content-encoding", "gzip")]
+        common = [*BASE_HEADERS, ("cache-control", "no-cache"), ("vary", "Accept-Encoding"), ("etag", etag),
+                  ("last-modified", version.last_modified)]
+        if self._fresh(headers, etag, version.published_at):
+            return Response(304, common)
+        out = [*common, ("content-type", content_type), *encoding]
+        if disposition:
+            out.append(("content-disposition", disposition))
+        return Response(200, out, body)
 
     def _published(self, headers: Any, published: PublishedFile, version: PublishedVersion,
                    disposition: str | None) -> Response:
