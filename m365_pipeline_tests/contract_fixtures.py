@@ -128,6 +128,16 @@ def run_contract(path: Path) -> None:
     assert result.success
 
 
+def build_and_publish(builder: RawBuilder, *, raise_on_error: bool = True):
+    """Like ``build_and_run`` (no checks), then the publish step, which records the night (rule 11)."""
+    from m365_pipeline.assets.core import core_assets
+    from m365_pipeline.assets.export import dashboard_api
+    from m365_pipeline.assets.marts import marts_assets
+
+    return materialize([*core_assets, *marts_assets, dashboard_api],
+                       resources=contract_resources(builder.write()), raise_on_error=raise_on_error)
+
+
 def build_and_run(builder: RawBuilder) -> Path:
     run_contract(builder.write())
     return builder.path

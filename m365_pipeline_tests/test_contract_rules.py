@@ -19,7 +19,16 @@ import pytest
 
 from m365_pipeline.license_rules import RULES_FILE
 
-from .contract_fixtures import MICROSOFT, RawBuilder, assignments, build_and_run, rule, summary, users
+from .contract_fixtures import (
+    MICROSOFT,
+    RawBuilder,
+    assignments,
+    build_and_publish,
+    build_and_run,
+    rule,
+    summary,
+    users,
+)
 from .helpers import dicts, query, rule9
 
 
@@ -788,21 +797,21 @@ def test_rule10_history_keeps_one_row_set_per_date_and_a_rerun_replaces_the_day(
     org(first, "o2", "Gone", "gone.com")
     mailbox(first, "o1", "a@acme.com").account("o1", "o1-t0", "b@acme.com")
     mailbox(first, "o2", "g@gone.com")
-    build_and_run(first)
+    build_and_publish(first)
     assert _history(path) == {date(2026, 1, 21): {("Acme", 2, 2, at(21, 23, 30)), ("Gone", 1, 1, at(21, 23, 30))}}
 
     rerun = RawBuilder(path, collected_at=at(21, 23, 45))   # the same day, again
     org(rerun, "o1", "Acme", "acme.com")
     org(rerun, "o3", "New")
     mailbox(rerun, "o1", "a@acme.com")
-    build_and_run(rerun)
+    build_and_publish(rerun)
     assert _history(path) == {date(2026, 1, 21): {("Acme", 1, 1, at(21, 23, 45)), ("New", 0, 0, at(21, 23, 45))}}
 
     next_day = RawBuilder(path, collected_at=at(22, 23, 10))
     org(next_day, "o1", "Acme", "acme.com")
     for n in range(3):
         mailbox(next_day, "o1", f"u{n}@acme.com")
-    build_and_run(next_day)
+    build_and_publish(next_day)
     assert _history(path) == {
         date(2026, 1, 21): {("Acme", 1, 1, at(21, 23, 45)), ("New", 0, 0, at(21, 23, 45))},
         date(2026, 1, 22): {("Acme", 3, 3, at(22, 23, 10))},

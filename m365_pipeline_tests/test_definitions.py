@@ -18,7 +18,8 @@ EXPECTED_ASSETS = {
     ("raw", "saas_users"), ("raw", "saas_user_subscriptions"), ("raw", "backup_organizations"),
     ("raw", "backup_tenants"), ("raw", "backup_accounts"), ("core", "license_rules"),
     ("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
-    ("marts", "org_summary_history"), ("export", "dashboard_api"), ("export", "analytics_db"),
+    ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
+    ("export", "dashboard_api"), ("export", "analytics_db"),
 }
 
 

@@ -11,7 +11,7 @@ from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import PublishPolicy
 from m365_pipeline.simulator import ground_truth
 
-from .helpers import make_resources, query
+from .helpers import make_resources, query, run_pipeline
 
 ALL_ASSETS = [*raw_assets, *core_assets, *marts_assets, *core_checks, *marts_checks]
 
@@ -75,13 +75,15 @@ def test_warning_checks_report_unassigned_users_and_multi_org_upns(start_simulat
 
 
 def test_blocking_check_stops_a_broken_pull_before_the_downstream_asset(start_simulator, db_path):
+    # The whole graph: only a published night is kept (rule 11), and the check compares with it.
     good = start_simulator(orgs=12, users_per_org=8, seed=5)
-    _materialize(make_resources(good, db_path), raise_on_error=True)
+    run_pipeline(good, db_path.parent)
     history_before = query(db_path, "SELECT * FROM marts.org_summary_history ORDER BY ALL")
+    nights_before = query(db_path, "SELECT * FROM marts.nights ORDER BY ALL")
 
     # The next night source B shows far fewer organizations: an outage masquerading as data.
     shrunk = start_simulator(orgs=3, users_per_org=8, seed=5)
-    result = _materialize(make_resources(shrunk, db_path), raise_on_error=False)
+    result = run_pipeline(shrunk, db_path.parent, raise_on_error=False)
     assert not result.success
     plausible = _check_results(result)["pull_is_plausible"]
     assert not plausible.passed and "organizations fell from" in plausible.description
@@ -89,11 +91,11 @@ def test_blocking_check_stops_a_broken_pull_before_the_downstream_asset(start_si
     assert AssetKey(["marts", "org_summary"]) in materialized
     assert AssetKey(["marts", "org_summary_history"]) not in materialized
     assert query(db_path, "SELECT * FROM marts.org_summary_history ORDER BY ALL") == history_before
+    assert query(db_path, "SELECT * FROM marts.nights ORDER BY ALL") == nights_before
 
 
 def test_a_looser_publish_policy_lets_an_operator_publish_a_real_drop(start_simulator, db_path):
-    _materialize(make_resources(start_simulator(orgs=12, users_per_org=8, seed=5), db_path), raise_on_error=True)
+    run_pipeline(start_simulator(orgs=12, users_per_org=8, seed=5), db_path.parent)
     shrunk = start_simulator(orgs=3, users_per_org=8, seed=5)
-    result = _materialize(make_resources(shrunk, db_path), policy=PublishPolicy(max_drop_fraction=1.0),
-                          raise_on_error=True)
+    result = run_pipeline(shrunk, db_path.parent, policy=PublishPolicy(max_drop_fraction=1.0))
     assert result.success

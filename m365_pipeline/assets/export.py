@@ -98,6 +98,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource):
                            "history_organizations": history_organizations})
         except BaseException:
             conn.rollback()
+            conn.close()  # dagster_duckdb closes only on success; a failed run must not hold the file
             writer.abandon()
             raise
         conn.commit()

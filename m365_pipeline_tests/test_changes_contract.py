@@ -1,0 +1,119 @@
+"""Rules 11 and 12 on hand-written vendor rows: every change kind, the one-night-per-date rule, and a
+night recorded out of date order, through the publish step (which records the night) and the
+stored macros analysts use. Expected rows are written out by hand from docs/RULES.md."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from .contract_fixtures import RawBuilder, build_and_publish
+from .helpers import dicts, query
+
+E3, APPS, VISIO = "Microsoft 365 E3", "Microsoft 365 Apps for business", "Microsoft Visio Plan 2"
+CHANGES_SQL = "SELECT * FROM marts.changes_between($1::DATE, $2::DATE)"
+
+
+def night(path: Path, when: datetime, *, second: bool) -> RawBuilder:
+    """Acme and Beta; on the second night every change kind of rule 12 happens once."""
+    b = RawBuilder(path, collected_at=when)
+    b.org("oa", "Acme").tenant("oa", "oa-t0", "acme.com")
+    b.org("ob", "Beta").tenant("ob", "ob-t0", "beta.com")
+    b.person("keep@acme.com", E3, display_name="Keep")
+    b.person("rename@acme.com", E3, display_name="New Name" if second else "Old Name")  # not a change
+    b.person("lose@acme.com", APPS if second else E3, display_name="Lose")
+    b.person("gain@acme.com", *([E3, APPS] if second else [APPS]), display_name="Gain")
+    b.person("lic@acme.com", *([E3, VISIO] if second else [E3]), display_name="Lic")
+    b.person("mover@freelance.example", E3, display_name="Mover")
+    # The mailbox decides the organization (rule 3): Acme's on night 1, Beta's on night 2 (a domain
+    # of its own, so neither organization comes to own acme.com or beta.com twice).
+    b.account("ob" if second else "oa", "ob-t0" if second else "oa-t0", "mover@freelance.example")
+    if not second:
+        b.person("gone@beta.com", E3, display_name="Gone <b>")
+    else:
+        b.person("new@beta.com", APPS, display_name="New, \"Hire\"")
+    return b
+
+
+def at(day: int, hh: int = 23, mm: int = 0) -> datetime:
+    return datetime(2026, 1, day, hh, mm, tzinfo=UTC)
+
+
+EXPECTED = [
+    {"organization_name": "Acme", "previous_organization_name": None, "user_principal_name": "gain@acme.com",
+     "display_name": "Gain", "change": "email_gained", "licenses_before": APPS,
+     "licenses_after": f"{APPS}, {E3}", "has_email_license_before": False, "has_email_license_after": True},
+    {"organization_name": "Acme", "previous_organization_name": None, "user_principal_name": "lic@acme.com",
+     "display_name": "Lic", "change": "licenses_changed", "licenses_before": E3,
+     "licenses_after": f"{E3}, {VISIO}", "has_email_license_before": True, "has_email_license_after": True},
+    {"organization_name": "Acme", "previous_organization_name": None, "user_principal_name": "lose@acme.com",
+     "display_name": "Lose", "change": "email_lost", "licenses_before": E3, "licenses_after": APPS,
+     "has_email_license_before": True, "has_email_license_after": False},
+    {"organization_name": "Beta", "previous_organization_name": None, "user_principal_name": "gone@beta.com",
+     "display_name": "Gone <b>", "change": "removed", "licenses_before": E3, "licenses_after": None,
+     "has_email_license_before": True, "has_email_license_after": None},
+    {"organization_name": "Beta", "previous_organization_name": "Acme",
+     "user_principal_name": "mover@freelance.example", "display_name": "Mover", "change": "moved",
+     "licenses_before": E3, "licenses_after": E3,
+     "has_email_license_before": True, "has_email_license_after": True},
+    {"organization_name": "Beta", "previous_organization_name": None, "user_principal_name": "new@beta.com",
+     "display_name": "New, \"Hire\"", "change": "added", "licenses_before": None, "licenses_after": APPS,
+     "has_email_license_before": None, "has_email_license_after": False},
+]
+
+
+@pytest.fixture
+def two_nights(tmp_path: Path) -> Path:
+    path = tmp_path / "data" / "m365.duckdb"
+    build_and_publish(night(path, at(20), second=False))
+    build_and_publish(night(path, at(21), second=True))
+    return path
+
+
+def test_rule12_every_change_kind_once_in_rule_order_and_a_rename_alone_is_none(two_nights):
+    assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == EXPECTED
+
+
+def test_rule12_changes_file_of_the_published_version_is_the_same(two_nights):
+    current = two_nights.parent / "export" / "current"
+    body = json.loads((current / "changes" / "2026-01-20.json").read_bytes())
+    assert body == {"status": "success", "from": "2026-01-20T23:00:00Z", "to": "2026-01-21T23:00:00Z",
+                    "changes": EXPECTED, "total_changes": len(EXPECTED)}
+    assert json.loads((current / "changes" / "2026-01-21.json").read_bytes())["changes"] == []
+
+
+def test_rule11_published_users_on_a_date_are_that_nights(two_nights):
+    first = {r["user_principal_name"]: (r["organization_name"], r["display_name"])
+             for r in dicts(two_nights, "SELECT * FROM marts.published_users_on('2026-01-20')")}
+    assert first["mover@freelance.example"] == ("Acme", "Mover") and first["rename@acme.com"] == ("Acme", "Old Name")
+    assert "new@beta.com" not in first and "gone@beta.com" in first
+    # A date between or after nights reads the latest night on or before it.
+    later = dicts(two_nights, "SELECT * FROM marts.published_users_on('2026-02-01')")
+    assert {r["user_principal_name"] for r in later} == {
+        "keep@acme.com", "rename@acme.com", "lose@acme.com", "gain@acme.com", "lic@acme.com", "mover@freelance.example",
+        "new@beta.com"}
+
+
+def test_rule11_a_rerun_on_the_same_date_replaces_that_nights_users_and_changes(two_nights):
+    rerun = night(two_nights, at(21, 23, 40), second=False)  # the 21st again, now like the 20th
+    build_and_publish(rerun)
+    assert [d for (d,) in query(two_nights, "SELECT strftime(collection_date, '%Y-%m-%d') FROM marts.nights "
+                                            "ORDER BY 1")] == ["2026-01-20", "2026-01-21"]
+    assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == []
+    # Only the first night's rows remain: the replaced night's rows were undone, not kept.
+    assert query(two_nights, "SELECT count(*), count(valid_to) FROM marts.published_users_history") == [(7, 0)]
+
+
+def test_rule11_a_night_dated_before_a_kept_one_is_refused_and_nothing_is_published(two_nights):
+    current = (two_nights.parent / "export" / "current").resolve()
+    result = build_and_publish(night(two_nights, at(19), second=False), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "before the latest kept night 2026-01-21" in failure.event_specific_data.error.to_string()
+    assert (two_nights.parent / "export" / "current").resolve() == current
+    assert [d for (d,) in query(two_nights, "SELECT strftime(collection_date, '%Y-%m-%d') FROM marts.nights "
+                                            "ORDER BY 1")] == ["2026-01-20", "2026-01-21"]
+    assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == EXPECTED
