@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from m365_pipeline.history_api import BadDate, night_a, parse_date
+
 from .contract_fixtures import RawBuilder, build_and_publish
 from .helpers import dicts, query
 
@@ -117,3 +119,22 @@ def test_rule11_a_night_dated_before_a_kept_one_is_refused_and_nothing_is_publis
     assert [d for (d,) in query(two_nights, "SELECT strftime(collection_date, '%Y-%m-%d') FROM marts.nights "
                                             "ORDER BY 1")] == ["2026-01-20", "2026-01-21"]
     assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == EXPECTED
+
+
+@pytest.mark.parametrize(("since", "expected"), [
+    (None, "2026-01-21"), ("2026-01-19", None), ("2026-01-20", "2026-01-20"), ("2026-01-22", "2026-01-21"),
+    ("2026-01-23", "2026-01-23"), ("2099-12-31", "2026-01-23"),
+])
+def test_api_night_a_is_the_latest_kept_night_on_or_before_since_else_the_one_before_tonight(since, expected):
+    assert night_a(["2026-01-20", "2026-01-21", "2026-01-23"], since) == expected
+
+
+def test_api_without_since_one_kept_night_has_no_night_a():
+    assert night_a(["2026-01-20"], None) is None
+
+
+@pytest.mark.parametrize("text", ["2026-1-20", "20260120", "2026-02-30", "2026-01-20T00:00", " 2026-01-20",
+                                  "２０２６-01-20", "", "2026-13-01"])
+def test_api_since_must_be_a_yyyy_mm_dd_calendar_date(text):
+    with pytest.raises(BadDate):
+        parse_date(text)
