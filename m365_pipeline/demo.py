@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from m365_pipeline.processes import free_port, port_is_free, read_simulator_banner, wait_for_port
 
 BIN = Path(sys.executable).parent
 DAGSTER_YAML = """\
@@ -31,31 +31,15 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(preferred: int) -> int:
-    if port_is_free(preferred):
-        return preferred
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port_near(preferred: int) -> int:
+    return preferred if port_is_free(preferred) else free_port()
 
 
 def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if not port_is_free(port):
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"[demo] m365-serve did not start listening on port {port}; see its message above")
+    try:
+        wait_for_port(port, proc, timeout)
+    except (RuntimeError, TimeoutError):
+        raise SystemExit(f"[demo] m365-serve did not start listening on port {port}; see its message above") from None
 
 
 def prepare_environment(root: Path) -> dict[str, str]:
@@ -98,21 +82,15 @@ class Children:
 
 
 def start_simulator(children: Children, env: dict[str, str]) -> dict[str, str]:
-    port = free_port(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
+    port = free_port_near(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
     proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port)], env,
                           stdout=subprocess.PIPE, text=True)
-    variables: dict[str, str] = {}
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].strip().partition("=")
-            variables[name] = shlex.split(value)[0] if value else ""
-        elif line.startswith("#"):
-            say(f"simulator: {line.lstrip('# ').strip()}")
-            break
-    if proc.poll() is not None or "SAAS_API_BASE_URL" not in variables:
+    banner = read_simulator_banner(proc.stdout)
+    if banner is None or proc.poll() is not None or "SAAS_API_BASE_URL" not in banner.env:
         raise SystemExit("[demo] the simulator did not start; see its message above")
-    return variables
+    say(f"simulator: {banner.summary}")
+    return banner.env
 
 
 def run_pipeline_once(env: dict[str, str]) -> None:
