@@ -15,15 +15,17 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+# faketime lets the demo run its past nights at their dates; without it the demo shows one night.
 demo: $(STAMP)
+	@sh scripts/system-packages.sh faketime || echo "[demo] faketime is not installed: the demo will show one night only"
 	$(BIN)/python -m m365_pipeline.demo demo
 
 dev: $(STAMP)
 	$(BIN)/python -m m365_pipeline.demo dev
 
-# The browser and load tests drive Debian's chromium and wrk for real.
+# The browser, load and nights tests drive Debian's chromium, wrk and faketime for real.
 test-system-packages:
-	@sh scripts/system-packages.sh chromium wrk
+	@sh scripts/system-packages.sh chromium wrk faketime
 
 # Lint and the code location's own validation first: both take seconds and fail loudly.
 check: $(STAMP)

@@ -20,7 +20,7 @@ import requests
 from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 
-from .helpers import dicts, query, rule9, run_pipeline_at, spawn_serve
+from .helpers import dicts, expected_changes, query, rule9, run_pipeline_at, spawn_serve
 
 pytestmark = [
     pytest.mark.slow,  # every night is a whole pipeline run in its own process
@@ -52,35 +52,6 @@ def published(shape: tuple[int, int]) -> dict[str, dict[str, Any]]:
     truth = ground_truth(config(shape))
     return {u["user_principal_name"]: {**u, "organization_name": org}
             for org, users in truth["users"].items() for u in users}
-
-
-def expected_changes(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, Any]]:
-    """Rule 12, read independently of the SQL: each UPN's first applicable change, in rule 12's order."""
-    rows = []
-    for upn in a.keys() | b.keys():
-        before, after = a.get(upn), b.get(upn)
-        if before is None:
-            kind = "added"
-        elif after is None:
-            kind = "removed"
-        elif before["organization_name"] != after["organization_name"]:
-            kind = "moved"
-        elif before["has_email_license"] != after["has_email_license"]:
-            kind = "email_gained" if after["has_email_license"] else "email_lost"
-        elif before["licenses"] != after["licenses"]:
-            kind = "licenses_changed"
-        else:
-            continue
-        shown = after or before
-        rows.append({
-            "organization_name": shown["organization_name"],
-            "previous_organization_name": before["organization_name"] if kind == "moved" else None,
-            "user_principal_name": upn, "display_name": shown["display_name"], "change": kind,
-            "licenses_before": before and before["licenses"], "licenses_after": after and after["licenses"],
-            "has_email_license_before": before and before["has_email_license"],
-            "has_email_license_after": after and after["has_email_license"],
-        })
-    return sorted(rows, key=lambda r: (rule9(r["organization_name"]), rule9(r["user_principal_name"])))
 
 
 def history_rows(shape: tuple[int, int], org: str | None) -> dict[str, int] | None:

@@ -22,6 +22,7 @@ from m365_pipeline.simulator.dataset import (
     DEFAULT_ADMIN_TOKEN,
     DEFAULT_RESELLER_TOKEN,
     DEFAULT_SAAS_TOKEN,
+    MAX_NIGHT,
     SimulatorConfig,
 )
 from m365_pipeline.simulator.faults import SCOPES, FaultConfig
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orgs", type=count, default=40, help="organizations (default: %(default)s)")
     p.add_argument("--users-per-org", type=count, default=17, help="users per organization (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="data and fault seed (default: %(default)s)")
+    p.add_argument("--night", type=_bounded_int(0, MAX_NIGHT), default=0,
+                   help="serve the data as it has evolved after this many nights: hires, leavers, license "
+                        "changes, a tenant moving between customers, a customer arriving and one leaving "
+                        "(default: %(default)s, the base data)")
     p.add_argument("--saas-token", default=DEFAULT_SAAS_TOKEN, help="source S bearer token")
     p.add_argument("--reseller-token", default=DEFAULT_RESELLER_TOKEN, help="source B X-Reseller-Token")
     p.add_argument("--admin-token", default=DEFAULT_ADMIN_TOKEN, help="source B admin X-Access-Token")
@@ -104,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     faults = FaultConfig(**{f.name: values[f.name] for f in fields(FaultConfig)})
     return SimulatorConfig(orgs=args.orgs, users_per_org=args.users_per_org, seed=args.seed,
                            saas_token=args.saas_token, reseller_token=args.reseller_token,
-                           admin_token=args.admin_token, faults=faults)
+                           admin_token=args.admin_token, faults=faults, night=args.night)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in sim.env.items():
             print(f"export {name}={shlex.quote(value)}")
         print(f"# {PROG}: serving {config.orgs} organizations, {sim.dataset.saas_user_count} source S users "
-              f"on {sim.base_url} (seed {config.seed}); Ctrl-C to stop", flush=True)
+              f"on {sim.base_url} (seed {config.seed}, night {config.night}); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

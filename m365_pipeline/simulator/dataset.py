@@ -38,8 +38,8 @@ import bisect
 import datetime as dt
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from dataclasses import dataclass, field, replace
+from functools import cache, cached_property, lru_cache
 from typing import Any
 
 from m365_pipeline.simulator.faults import FaultConfig, stable_digest, stable_hash
@@ -49,6 +49,7 @@ DEFAULT_RESELLER_TOKEN = "sim-reseller-token"
 DEFAULT_ADMIN_TOKEN = "sim-admin-token"
 MAX_ORGS = 100_000
 MAX_USERS_PER_ORG = 100_000
+MAX_NIGHT = 3650
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,13 @@ class SimulatorConfig:
     reseller_token: str = DEFAULT_RESELLER_TOKEN
     admin_token: str = DEFAULT_ADMIN_TOKEN
     faults: FaultConfig = field(default_factory=FaultConfig)
+    night: int = 0  # nights after the first: the data evolves (see "nights" below); 0 = the base data
 
     def __post_init__(self) -> None:
         if not 0 <= self.orgs <= MAX_ORGS:
             raise ValueError(f"orgs must be between 0 and {MAX_ORGS}, not {self.orgs}")
+        if not 0 <= self.night <= MAX_NIGHT:
+            raise ValueError(f"night must be between 0 and {MAX_NIGHT}, not {self.night}")
         if not 0 <= self.users_per_org <= MAX_USERS_PER_ORG:
             raise ValueError(f"users_per_org must be between 0 and {MAX_USERS_PER_ORG}, not {self.users_per_org}")
         for name in ("saas_token", "reseller_token", "admin_token"):
@@ -257,6 +261,9 @@ _SPECIAL_EXTRAS: dict[tuple[str, int], tuple[Extra, ...]] = {
 _PERSON_DEFAULTS: dict[str, Any] = {"subs": None, "s_spell": "plain", "b_spell": "plain", "username": "plain",
                                     "b_licensed": True, "email_alias": False}
 
+TURNOVER_SPAN, RELICENSE_SPAN = 60, 30  # a slot's turnover / relicense night is uniform in 1..SPAN
+MOVE_NIGHT, ARRIVAL_NIGHT, DEPARTURE_NIGHT = 3, 5, 8
+
 _EPOCH = dt.date(2023, 1, 1)
 _DAYS = tuple((_EPOCH + dt.timedelta(days=d)).isoformat() for d in range(730))
 _TIMES = tuple(f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86400))  # formatting is hot
@@ -397,10 +404,11 @@ class Dataset:
         self._roles = [_SPECIAL_OWNERS[o][0] if o in _SPECIAL_OWNERS else "regular" for o in range(n)]
         if n > MUELLER:
             self._roles.append("twin")
+        self._roles += ["regular"] * len(self._arrivals())
         self._owner_base = 20_000 + stable_hash(self.seed, "owner-base") % 60_000
         self._shard = 2 + stable_hash(self.seed, "shard") % 17
         self._tenant_base = 10_000 + stable_hash(self.seed, "tenant-base") % 50_000 * 4
-        self.owners: list[Owner] = [self._build_owner(o) for o in range(len(self._roles))]
+        self.owners: list[Owner] = self._evolve([self._build_owner(o) for o in range(len(self._roles))])
         self._by_id = {owner.id: owner for owner in self.owners}
         self._saas_offsets = [0]
         for owner in self.owners:
@@ -422,7 +430,7 @@ class Dataset:
 
     def backup_owners(self) -> Iterator[dict[str, Any]]:
         """Full owner records as GET /users/{id} gives them (with organization_name)."""
-        return (self.owner_record(owner, full=True) for owner in self.owners)
+        return (self.owner_record(owner, full=True) for owner in self.listed_owners())
 
     def backup_tenants(self, owner_id: str) -> Iterator[dict[str, Any]]:
         return iter(self.tenant_records(self._owner_or_key_error(owner_id)))
@@ -458,7 +466,8 @@ class Dataset:
         return [dict(sub) for sub in subs] if user["id"] == user_id else None
 
     def owner(self, owner_id: str) -> Owner | None:
-        return self._by_id.get(owner_id)
+        owner = self._by_id.get(owner_id)
+        return None if owner is None or owner.index in self._departed else owner
 
     def owner_record(self, owner: Owner, *, full: bool) -> dict[str, Any]:
         bits = _Bits(stable_hash(self.seed, "owner", owner.index))
@@ -482,11 +491,11 @@ class Dataset:
     def tenant(self, owner: Owner, tenant_id: str) -> Tenant | None:
         if not tenant_id.isdigit():
             return None
-        return next((t for t in owner.tenants if t.id == int(tenant_id)), None)
+        return next((t for t in self._listed_tenants(owner) if t.id == int(tenant_id)), None)
 
     def tenant_records(self, owner: Owner) -> list[dict[str, Any]]:
         out = []
-        for tenant in owner.tenants:
+        for tenant in self._listed_tenants(owner):
             bits = _Bits(stable_hash(self.seed, "tenant", tenant.id))
             created = bits.below(10**12)
             out.append({"id": tenant.id, "organization_id": owner.organization_id, "created_at": _stamp(created),
@@ -498,14 +507,74 @@ class Dataset:
     def account_page(self, owner: Owner, tenant: Tenant, start: int, stop: int) -> list[dict[str, Any]]:
         slots = tenant.slot_stop - tenant.slot_start
         out = []
+        slot_owner = (tenant.id - self._tenant_base) // 4  # not ``owner`` once the tenant has moved
         for k in range(start, min(stop, tenant.account_count)):
             if k < slots:
-                out.append(self._slot_account(owner.index, tenant.slot_start + k))
+                out.append(self._slot_account(slot_owner, tenant.slot_start + k))
             elif k < slots + tenant.generated:
                 out.append(self._gws_account(tenant, k - slots))
             else:
                 out.append(self._extra_account(tenant, tenant.extras[k - slots - tenant.generated]))
         return out
+
+    # -- nights: how the data evolves after night 0 -------------------------------------------------
+    # Every change is a pure function of (seed, night), so night N serves the same data in every
+    # process, and the ground truth of each night (truth.py) follows from what that night serves.
+    # Per regular slot, at most one turnover (the person leaves; a new hire takes the slot: another
+    # UPN) and at most one license redraw (upgrade, downgrade, email gained or lost), each on a
+    # night drawn from the slot's hash. The organization-level events happen on fixed nights:
+    # MOVE_NIGHT: one regular owner's last m365 tenant (its mailboxes, and with it the users of its
+    # domain) moves to the next regular owner; ARRIVAL_NIGHT: a new customer arrives;
+    # DEPARTURE_NIGHT: the last regular customer leaves (gone from both sources).
+    def _successor(self, o: int, j: int, tag: str | None) -> tuple[str, ...]:
+        """Extra digest parts for slot (o, j) once its first person has left; () before."""
+        if tag is not None or not self.config.night:
+            return ()
+        turnover = 1 + int.from_bytes(stable_digest(self.seed, "turnover", o, j, size=2), "big") % TURNOVER_SPAN
+        return ("hire",) if self.config.night >= turnover else ()
+
+    def _license_draws(self, o: int, j: int, draws: bytes) -> bytes:
+        """The slot's license draws: redrawn from the night its licenses change on."""
+        if not self.config.night or self.owners[o].slot_kind(j)[1] is not None:
+            return draws
+        change = 1 + int.from_bytes(stable_digest(self.seed, "relicense", o, j, size=2), "big") % RELICENSE_SPAN
+        return stable_digest(self.seed, "licenses", o, j, size=16) if self.config.night >= change else draws
+
+    def _regular_indexes(self) -> list[int]:
+        return [o for o in range(self.config.orgs) if self._roles[o] == "regular"]
+
+    def _arrivals(self) -> list[int]:
+        return [0] if self.config.night >= ARRIVAL_NIGHT and self.config.orgs > MUELLER else []
+
+    @cached_property
+    def _departed(self) -> frozenset[int]:
+        regular = self._regular_indexes()
+        return frozenset(regular[-1:] if self.config.night >= DEPARTURE_NIGHT and len(regular) >= 3 else ())
+
+    @cached_property
+    def _move(self) -> tuple[int, int] | None:
+        """(from owner, to owner) of the tenant move, once it has happened."""
+        regular = self._regular_indexes()
+        if self.config.night < MOVE_NIGHT or len(regular) < 3:
+            return None
+        return regular[0], regular[1]
+
+    def _evolve(self, owners: list[Owner]) -> list[Owner]:
+        """Departed owners serve nothing (and are not listed; see ``listed_owners``)."""
+        return [replace(owner, bounds=(0, 0, 0), tenants=()) if owner.index in self._departed else owner
+                for owner in owners]
+
+    def listed_owners(self) -> list[Owner]:
+        return [owner for owner in self.owners if owner.index not in self._departed]
+
+    def _listed_tenants(self, owner: Owner) -> tuple[Tenant, ...]:
+        move = self._move
+        if move is None:
+            return owner.tenants
+        source = [t for t in self.owners[move[0]].tenants if t.type == "m365"][-1]
+        if owner.index == move[0]:
+            return tuple(t for t in owner.tenants if t is not source)
+        return owner.tenants + (source,) if owner.index == move[1] else owner.tenants
 
     # -- owners and tenants ---------------------------------------------------------------------
     def _owner_or_key_error(self, owner_id: str) -> Owner:
@@ -563,7 +632,7 @@ class Dataset:
     def _person(self, o: int, j: int) -> _Person:
         owner = self.owners[o]
         seg, tag = owner.slot_kind(j)
-        d = stable_digest(self.seed, "slot", o, j, size=64)
+        d = stable_digest(self.seed, "slot", o, j, *self._successor(o, j, tag), size=64)
         first, first_ascii = FIRST_NAMES[d[0] % len(FIRST_NAMES)]
         last, last_ascii = LAST_NAMES[d[1] % len(LAST_NAMES)]
         roll = (d[2] << 8 | d[3]) * 1000 >> 16
@@ -600,7 +669,7 @@ class Dataset:
     def _make_saas_record(self, o: int, j: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
         p = self._person(o, j)
         d = p.draws[11:]  # draws[:11] belong to the id
-        specs = p.subs if p.subs is not None else _random_subs(p.tier, d[:16])
+        specs = p.subs if p.subs is not None else _random_subs(p.tier, self._license_draws(o, j, d[:16]))
         subs = tuple(self._subscription(o, j, k, spec) for k, spec in enumerate(specs))
         if p.username is None or p.username == "":
             username, email = p.username, _spell(p.local, p.domain, p.s_spell)

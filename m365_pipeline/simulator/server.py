@@ -237,7 +237,7 @@ class _App:
 
     def _backup_owners(self, handler: _Handler, query: Query) -> Response:
         self._backup_auth(handler, self.config.admin_token)
-        records = [self.dataset.owner_record(owner, full=False) for owner in self.dataset.owners]
+        records = [self.dataset.owner_record(owner, full=False) for owner in self.dataset.listed_owners()]
         for name in ("email", "external_id"):  # the documented optional filters
             if name in query:
                 wanted = query[name][0].lower()
