@@ -1,6 +1,8 @@
 """``make demo`` and ``make dev``: the whole product on this machine with no vendor account.
 
-demo: start the simulator, run the ``nightly_refresh`` job once, serve the API and dashboard.
+demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at its date, under
+      libfaketime, against the simulator as it was that night), then once tonight, and serve the
+      API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
 Ctrl-C stops every process this started.
 """
@@ -8,7 +10,10 @@ Ctrl-C stops every process this started.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,9 +86,9 @@ class Children:
                 proc.wait()
 
 
-def start_simulator(children: Children, env: dict[str, str]) -> dict[str, str]:
+def start_simulator(children: Children, env: dict[str, str], *options: str) -> dict[str, str]:
     port = free_port_near(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
-    proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port)], env,
+    proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port), *options], env,
                           stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     banner = read_simulator_banner(proc.stdout)
@@ -112,11 +117,44 @@ def run_pipeline_once(env: dict[str, str]) -> None:
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
 
 
+# -- past nights ----------------------------------------------------------------------------------
+PAST_NIGHTS = 14  # two weeks of history before tonight (docs/RULES.md, rule 11)
+_NIGHT_CHILD = """
+import json, os, sys
+from m365_pipeline.demo import run_pipeline_once
+from m365_pipeline.simulator import Simulator, SimulatorConfig
+with Simulator(SimulatorConfig(night=int(sys.argv[1])), host="127.0.0.1", port=0) as sim:
+    run_pipeline_once({**json.loads(os.environ["M365_DEMO_ENV"]), **sim.env})
+"""
+
+
+def run_past_nights(env: dict[str, str]) -> int:
+    """Run the real job once per past night, oldest first, each in a child process whose clock
+    (libfaketime) says 23:00 UTC on that night's date, against the simulator's data of that night.
+    Returns the simulator night tonight is (0 when the history cannot be made)."""
+    nights = int(env.get("M365_DEMO_PAST_NIGHTS", PAST_NIGHTS))
+    if nights and shutil.which("faketime") is None:
+        say("faketime is not installed (sh scripts/system-packages.sh faketime): serving tonight only, no history")
+        return 0
+    today = dt.datetime.now(dt.UTC).date()
+    for night in range(nights):
+        day = today - dt.timedelta(days=nights - night)
+        say(f"night {night + 1} of {nights + 1}: {day} (the pipeline at 23:00 UTC that day)")
+        child_env = {**env, "TZ": "UTC", "FAKETIME_DONT_FAKE_MONOTONIC": "1", "M365_DEMO_ENV": json.dumps(env)}
+        done = subprocess.run(["faketime", "-f", f"@{day} 23:00:00", sys.executable, "-c", _NIGHT_CHILD,
+                               str(night)], env=child_env)
+        if done.returncode:
+            raise SystemExit(f"[demo] the run for {day} failed; see its message above")
+    say(f"night {nights + 1} of {nights + 1}: tonight")
+    return nights
+
+
 def demo(root: Path, env: dict[str, str], children: Children) -> None:
     port = int(env.get("M365_DEMO_PORT", "5400"))
     if not port_is_free(port):
         raise SystemExit(f"[demo] port {port} is in use (another `make demo`?); stop it or set M365_DEMO_PORT")
-    env.update(start_simulator(children, env))
+    tonight = run_past_nights(env)
+    env.update(start_simulator(children, env, "--night", str(tonight)))
     run_pipeline_once(env)
     data_dir = Path(env["M365_DATA_DIR"])
     server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
@@ -126,6 +164,7 @@ def demo(root: Path, env: dict[str, str], children: Children) -> None:
     print(f"""
   M365 Usage Dashboard   {base}/
   API                    {base}/api/m365/summary
+                         {base}/api/m365/history   {base}/api/m365/changes?since=<YYYY-MM-DD>
                          {base}/api/m365/users?org=<name>
                          {base}/api/m365/export?format=csv
   DuckDB (analysts)      duckdb -readonly {data_dir / 'analytics.duckdb'}

@@ -1,7 +1,9 @@
-"""`make demo` as a new user meets it: correct data on the API, and Ctrl-C leaves nothing behind."""
+"""`make demo` as a new user meets it: correct data and two weeks of nights on the API, and Ctrl-C leaves
+nothing behind."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from m365_pipeline.demo import PAST_NIGHTS
 from m365_pipeline.processes import free_port
 from m365_pipeline.settings import ANALYTICS_FILE
 from m365_pipeline.simulator import SimulatorConfig, ground_truth
@@ -41,7 +44,7 @@ def test_demo_serves_the_correct_summary_and_ctrl_c_stops_everything(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 900  # fifteen real pipeline runs, one per night
         while time.monotonic() < deadline:
             line = demo.stdout.readline()
             assert line or demo.poll() is None, "".join(output)
@@ -52,9 +55,17 @@ def test_demo_serves_the_correct_summary_and_ctrl_c_stops_everything(tmp_path):
         assert f"http://127.0.0.1:{api_port}/" in text and "analytics.duckdb" in text and "make dev" in text
 
         summary = requests.get(f"http://127.0.0.1:{api_port}/api/m365/summary", timeout=5).json()
-        truth = ground_truth(SimulatorConfig(orgs=40, users_per_org=17, seed=42))
+        # Tonight is the simulator's night 14; the 14 nights before ran at their own dates.
+        truth = ground_truth(SimulatorConfig(orgs=40, users_per_org=17, seed=42, night=PAST_NIGHTS))
         assert summary["organizations"] == truth["organizations"]
         assert summary["totals"] == truth["totals"]
+        history = requests.get(f"http://127.0.0.1:{api_port}/api/m365/history", timeout=5).json()["history"]
+        today = dt.datetime.now(dt.UTC).date()
+        assert [row["date"] for row in history] == [str(today - dt.timedelta(days=d))
+                                                   for d in range(PAST_NIGHTS, -1, -1)]
+        first = ground_truth(SimulatorConfig(orgs=40, users_per_org=17, seed=42))["totals"]
+        assert history[0]["m365_licensed_user_count"] == first["total_m365_licensed_users"]
+        assert history[-1]["es_user_count"] == truth["totals"]["total_es_users"]
         home = tmp_path / ".dagster_home"
         assert "enabled: false" in (home / "dagster.yaml").read_text()  # telemetry off, project-local
         assert (tmp_path / "data" / ANALYTICS_FILE).is_file()

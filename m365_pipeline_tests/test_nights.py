@@ -19,6 +19,7 @@ import requests
 
 from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
+from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
 from .helpers import dicts, expected_changes, query, rule9, run_pipeline_at, spawn_serve
 
@@ -240,3 +241,33 @@ def test_history_and_changes_revalidate_and_gzip_like_the_documented_endpoints(n
             assert gzip.decompress(raw) == first.content
         else:
             assert len(first.content) < 1024 and raw == first.content
+
+
+# -- the simulator's evolving nights (SimulatorConfig.night) ----------------------------------------
+EVOLVING = {"2026-03-01": 0, "2026-03-02": DEPARTURE_NIGHT}  # date -> simulator night
+
+
+def evolving_config(night: int) -> SimulatorConfig:
+    return SimulatorConfig(orgs=10, users_per_org=12, seed=SEED, night=night, faults=FaultConfig())
+
+
+@pytest.fixture(scope="module")
+def evolving_nights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("evolving") / "data"
+    for day, night in EVOLVING.items():
+        with Simulator(evolving_config(night), host="127.0.0.1", port=0) as sim:
+            assert run_pipeline_at(sim, data_dir, f"{day} 23:00:00"), day
+    return data_dir / DUCKDB_FILE
+
+
+def test_every_change_kind_between_two_evolving_simulator_nights_matches_their_ground_truth(evolving_nights):
+    def users(night: int) -> dict[str, dict[str, Any]]:
+        truth = ground_truth(evolving_config(night))
+        return {u["user_principal_name"]: {**u, "organization_name": org}
+                for org, rows in truth["users"].items() for u in rows}
+
+    expected = expected_changes(*(users(n) for n in EVOLVING.values()))
+    kinds = {r["change"] for r in expected}
+    assert kinds == {"added", "removed", "moved", "email_gained", "email_lost", "licenses_changed"}, kinds
+    sql = f"SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1::DATE, $2::DATE)"
+    assert dicts(evolving_nights, sql, list(EVOLVING)) == expected
