@@ -25,7 +25,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from m365_pipeline import settings
-from m365_pipeline.history_api import BadDate, changes_body, night_a, parse_date, select_organization
+from m365_pipeline.history_api import (
+    BadDate,
+    changes_body,
+    history_body,
+    night_a,
+    parse_date,
+    select_organization,
+)
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     CURRENT,
@@ -289,6 +296,10 @@ class Dashboard:
         if org is not None and org not in version.history_organizations:
             raise HttpError(404, f"organization not found on any kept night: {org[:200]}")
         if not version.nights:
+            if endpoint == "history":  # zero kept nights: zero rows (a version published before nights were kept)
+                body = history_body(None, [], fmt)
+                return self._generated(headers, version, body, None, f'"{hashlib.sha256(body).hexdigest()[:32]}"',
+                                       CONTENT_TYPES[fmt], None)
             raise HttpError(404, "no night is kept yet")
         tonight = version.nights[-1]["date"]
         if endpoint == "history":

@@ -11,6 +11,8 @@
     summary: "api/m365/summary",
     users: (name) => `api/m365/users?${new URLSearchParams({ org: name })}`,
     csv: "api/m365/export?format=csv",
+    history: "api/m365/history",
+    changes: "api/m365/changes",
   };
   const STALE_AFTER_MS = 24 * 60 * 60 * 1000;
   const REQUEST_TIMEOUT_MS = 20000;
@@ -29,6 +31,7 @@
     usersClose: $("users-close"), userSearch: $("user-search"), usersLoading: $("users-loading"),
     usersError: $("users-error"), usersErrorText: $("users-error-text"), usersRetry: $("users-retry"),
     usersEmpty: $("users-empty"), usersTable: $("users-table"), userRows: $("user-rows"),
+    deltaHeading: $("delta-heading"), totalDelta: $("total-delta"),
   };
 
   const numberFormat = new Intl.NumberFormat();
@@ -140,6 +143,7 @@
         throw Object.assign(new Error("The summary has no organization list."), { kind: "format" });
       }
       renderSummary(body, headers);
+      loadDeltas(controller.signal);
       showState("content");
       updateFreshness();
       if (viewerAsked) el.main.focus({ preventScroll: true });
@@ -250,7 +254,7 @@
       const cell = make("td", "", state.organizations.length === 0
         ? "No organizations have been published."
         : `No organizations match “${query.trim()}”.`);
-      cell.colSpan = 3;
+      cell.colSpan = el.orgTable.tHead.rows[0].cells.length;
       row.append(cell);
       fragment.append(row);
     }
@@ -272,6 +276,64 @@
       state.sortDir = key === NAME_KEY ? "ascending" : "descending"; // counts: largest first
     }
     applyOrder();
+  }
+
+  // -- nights: change since the previous night (docs/RULES.md, rules 11 and 12) -------------
+
+  /** Per organization, licensed users that arrived (added, moved in) and left (removed, moved out). */
+  function deltasOf(changes) {
+    const deltas = new Map();
+    const bump = (name, key) => {
+      if (typeof name !== "string") return;
+      const entry = deltas.get(name) || { in: 0, out: 0 };
+      entry[key] += 1;
+      deltas.set(name, entry);
+    };
+    for (const change of changes) {
+      if (change.change === "added" || change.change === "moved") bump(change.organization_name, "in");
+      if (change.change === "removed") bump(change.organization_name, "out");
+      if (change.change === "moved") bump(change.previous_organization_name, "out");
+    }
+    return deltas;
+  }
+
+  function deltaText(entry) {
+    return `+${fmt(entry.in)} / \u2212${fmt(entry.out)}`;
+  }
+
+  function deltaCell(entry, since) {
+    const cell = make("td", "num col-delta", deltaText(entry));
+    if (entry.in === 0 && entry.out === 0) cell.classList.add("is-zero");
+    cell.title = `${fmt(entry.in)} added or moved in, ${fmt(entry.out)} removed or moved out since ${since}`;
+    return cell;
+  }
+
+  /** The delta column appears only when an earlier night is kept to compare tonight with. */
+  async function loadDeltas(signal) {
+    try {
+      const { body: history } = await fetchJson(API.history, signal);
+      const nights = Array.isArray(history.history) ? history.history : [];
+      if (nights.length < 2) return;
+      const { body } = await fetchJson(API.changes, signal);
+      const changes = Array.isArray(body.changes) ? body.changes : [];
+      const since = nights[nights.length - 2].date;
+      const deltas = deltasOf(changes);
+      const zero = { in: 0, out: 0 };
+      for (const item of state.organizations) {
+        item.row.querySelector(".col-delta")?.remove();
+        item.row.append(deltaCell(deltas.get(String(item.org[NAME_KEY])) || zero, since));
+      }
+      const total = [...deltas.values()].reduce((s, e) => ({ in: s.in + e.in, out: s.out + e.out }), zero);
+      const totalIn = changes.filter((c) => c.change === "added").length;
+      const totalOut = changes.filter((c) => c.change === "removed").length;
+      el.totalDelta.textContent = deltaText({ in: totalIn, out: totalOut });
+      el.totalDelta.title = `${fmt(totalIn)} added, ${fmt(totalOut)} removed since ${since}`
+        + ` (${fmt(total.in - totalIn)} moved between organizations)`;
+      el.deltaHeading.hidden = false;
+      el.totalDelta.hidden = false;
+    } catch (_) {
+      // The counts stand without the delta column; nothing to tell the viewer beyond its absence.
+    }
   }
 
   // -- freshness --------------------------------------------------------------------------
