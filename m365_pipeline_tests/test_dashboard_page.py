@@ -154,7 +154,7 @@ def org_button(page: Page, name: str):
 
 
 def sort_states(page: Page) -> dict[str, str]:
-    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#org-table thead th')]
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#org-table thead th[data-key]')]
         .map((th) => [th.dataset.key, th.getAttribute('aria-sort')]))""")
 
 

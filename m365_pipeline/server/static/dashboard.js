@@ -260,7 +260,7 @@
     }
     el.orgRows.replaceChildren(fragment);
     el.orgCount.textContent = `${fmt(shown)} of ${fmt(state.organizations.length)} organizations`;
-    for (const th of el.orgTable.tHead.rows[0].cells) {
+    for (const th of el.orgTable.tHead.querySelectorAll("th[data-key]")) {
       th.setAttribute("aria-sort", th.dataset.key === state.sortKey ? state.sortDir : "none");
     }
   }
