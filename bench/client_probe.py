@@ -36,11 +36,14 @@ def main() -> int:
         ids = ids[:users]
         calls_before = client.stats.calls
         started, cpu_started = time.monotonic(), cpu_s()
-        run_concurrently(ids, client.subscription_pages, workers=concurrency, on_result=lambda *_: None)
+        run_concurrently(ids, client.subscription_pages, workers=concurrency, on_result=lambda *_: None,
+                         pace=client.pace)
         wall, cpu = time.monotonic() - started, cpu_s() - cpu_started
         calls = client.stats.calls - calls_before
     print(json.dumps({"users": len(ids), "concurrency": concurrency, "calls": calls, "wall_s": wall,
-                      "calls_per_s": calls / wall, "client_cpu_ms_per_call": cpu / calls * 1000}), flush=True)
+                      "calls_per_s": calls / wall, "client_cpu_ms_per_call": cpu / calls * 1000,
+                      **{k: v for k, v in client.stats.as_metadata().items()
+                         if k in ("vendor_429s", "concurrency_peak", "concurrency_final")}}), flush=True)
     return 0
 
 

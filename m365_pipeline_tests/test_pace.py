@@ -1,0 +1,133 @@
+"""The client's pace (resources/pace.py) and the simulator's rate limit (simulator/faults.py), as plain logic.
+
+A fake clock drives both, so nothing here waits or measures time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from m365_pipeline.resources.pace import AdaptiveLimit
+from m365_pipeline.simulator.faults import FaultConfig, TokenBuckets
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def busy_round(limit: AdaptiveLimit, latency_s: float) -> None:
+    """One round trip of a busy client: as many calls as the limit allows complete with ``latency_s``,
+    each replaced at once by a new call (so the client stays at its limit), then the rest drain."""
+    tickets = deque(limit.acquire() for _ in range(limit.limit))
+    for _ in range(len(tickets)):
+        limit.release(tickets.popleft(), latency_s=latency_s)
+        while len(tickets) < limit.limit:
+            tickets.append(limit.acquire())
+    for ticket in tickets:
+        limit.release(ticket)  # no sample: these calls belong to the next round
+
+
+def test_slow_start_doubles_the_limit_every_round_while_latency_holds():
+    limit = AdaptiveLimit(ceiling=1000, initial=4, clock=Clock())
+    seen = []
+    for _ in range(5):
+        busy_round(limit, 0.100)
+        seen.append(limit.limit)
+    assert seen == [8, 16, 32, 64, 128]
+
+
+@pytest.mark.parametrize("ceiling", [1, 5, 64])
+def test_the_limit_never_passes_the_ceiling(ceiling):
+    limit = AdaptiveLimit(ceiling=ceiling, initial=4, clock=Clock())
+    for _ in range(12):
+        busy_round(limit, 0.100)
+    assert limit.limit == ceiling == limit.snapshot().peak
+
+
+def test_an_idle_client_does_not_grow_its_limit():
+    limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())
+    for _ in range(50):  # one call at a time: far below the limit, so success says nothing
+        limit.release(limit.acquire(), latency_s=0.1)
+    assert limit.limit == 8
+
+
+def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=1000, initial=32, clock=clock)
+    tickets = [limit.acquire() for _ in range(32)]
+    for ticket in tickets[:10]:  # ten calls of the same round answered 429: one decrease, not ten
+        limit.release(ticket, throttled=True, retry_after_s=3)
+    snap = limit.snapshot()
+    assert (snap.limit, snap.throttled, snap.decreases) == (16, 10, 1)
+    assert limit.pause_remaining() == 3
+    clock.now += 3
+    assert limit.pause_remaining() == 0
+
+
+def test_after_a_429_the_limit_regrows_fast_to_near_it_then_probes_slowly():
+    limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    assert limit.limit == 20
+    busy_round(limit, 0.1)
+    busy_round(limit, 0.1)
+    assert limit.limit == 36  # back to 90 % of where the 429 came: 20 -> 36 in two rounds
+    for _ in range(10):
+        busy_round(limit, 0.1)
+    assert limit.limit <= 37  # then well under one more per round
+
+
+def test_rising_latency_shrinks_the_limit_and_steady_latency_does_not():
+    limit = AdaptiveLimit(ceiling=1000, initial=64, clock=Clock())
+    busy_round(limit, 0.100)
+    busy_round(limit, 0.120)
+    before = limit.limit
+    assert limit.snapshot().decreases == 0 and before > 64
+    for _ in range(3):
+        busy_round(limit, 0.400)
+    assert limit.snapshot().decreases == 3  # one per round trip, not one per slow answer
+    assert limit.limit < 0.75 * before
+
+
+def test_latency_noise_below_the_absolute_floor_is_not_congestion():
+    # 0.2 ms -> 1 ms is five times slower but only 0.8 ms more: scheduler noise on a busy machine.
+    limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())
+    busy_round(limit, 0.0002)
+    for _ in range(3):
+        busy_round(limit, 0.001)
+    assert limit.snapshot().decreases == 0
+
+
+def test_a_decrease_never_goes_below_one_call_in_flight():
+    limit = AdaptiveLimit(ceiling=10, initial=2, clock=Clock())
+    for _ in range(5):
+        limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    assert limit.limit == 1
+
+
+# -- the simulator's token bucket -------------------------------------------------------------------
+
+def test_token_bucket_allows_a_burst_then_answers_the_seconds_until_a_token():
+    clock = Clock()
+    buckets = TokenBuckets(rate=2.0, burst=3, clock=clock)
+    assert [buckets.take("a") for _ in range(4)] == [None, None, None, 1]
+    assert buckets.take("b") is None  # each token has its own bucket
+    clock.now += 0.5  # one token back at 2/s
+    assert buckets.take("a") is None and buckets.take("a") == 1
+
+
+def test_token_bucket_retry_after_is_whole_seconds_at_a_slow_rate():
+    buckets = TokenBuckets(rate=0.25, burst=1, clock=Clock())
+    assert [buckets.take("a"), buckets.take("a")] == [None, 4]
+
+
+@pytest.mark.parametrize("bad", [{"jitter_ms": 5}, {"latency_ms": 5, "jitter_ms": 6}, {"rate_limit": -1},
+                                 {"rate_burst": -1}])
+def test_fault_config_rejects_impossible_latency_and_limits(bad):
+    with pytest.raises(ValueError):
+        FaultConfig(**bad)
