@@ -10,7 +10,7 @@ from collections import deque
 import pytest
 
 from m365_pipeline.resources.pace import AdaptiveLimit
-from m365_pipeline.simulator.faults import FaultConfig, TokenBuckets
+from m365_pipeline.simulator.faults import Counters, FaultConfig, FaultInjector, TokenBuckets
 
 
 class Clock:
@@ -70,16 +70,30 @@ def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
     assert limit.pause_remaining() == 0
 
 
-def test_after_a_429_the_limit_regrows_fast_to_near_it_then_probes_slowly():
-    limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
+def test_a_429_at_the_first_try_halves_the_mark_too():
+    limit = AdaptiveLimit(ceiling=1000, initial=40, clock=Clock())
     limit.release(limit.acquire(), throttled=True, retry_after_s=0)
-    assert limit.limit == 20
+    for _ in range(3):
+        busy_round(limit, 0.1)
+    assert limit.limit == 20  # no regrowth past where it is known to be safe, yet
+
+
+def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():
+    limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)  # mark 20
+    for _ in range(60):  # probing: about one more call per 50 round trips
+        busy_round(limit, 0.1)
+    assert 20 < limit.limit < 24
+    at_429 = limit.limit
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    assert limit.limit == at_429 // 2
     busy_round(limit, 0.1)
     busy_round(limit, 0.1)
-    assert limit.limit == 36  # back to 90 % of where the 429 came: 20 -> 36 in two rounds
+    mark = limit.limit  # back to 90 % of where the 429 came (a fraction of a call more), in two rounds
+    assert int(0.9 * at_429) <= mark <= int(0.9 * (at_429 + 1))
     for _ in range(10):
         busy_round(limit, 0.1)
-    assert limit.limit <= 37  # then well under one more per round
+    assert limit.limit <= mark + 1  # then well under one more per round
 
 
 def test_rising_latency_shrinks_the_limit_and_steady_latency_does_not():
@@ -131,3 +145,10 @@ def test_token_bucket_retry_after_is_whole_seconds_at_a_slow_rate():
 def test_fault_config_rejects_impossible_latency_and_limits(bad):
     with pytest.raises(ValueError):
         FaultConfig(**bad)
+
+
+def test_latency_jitter_varies_each_delay_within_its_bounds():
+    injector = FaultInjector(FaultConfig(latency_ms=40, jitter_ms=30), seed=1, counters=Counters())
+    delays = [injector.plan("saas", "/users").delay_s for _ in range(200)]
+    assert 0.010 <= min(delays) and max(delays) <= 0.070
+    assert max(delays) - min(delays) > 0.030  # it does vary

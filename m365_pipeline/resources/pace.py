@@ -6,8 +6,10 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
 
 * **Slow start**: from a few calls in flight, one more per success (doubling every round trip)
   while calls succeed and latency holds, up to the ceiling.
-* **429**: halve, and remember 90 % of where it happened; regrow quickly to there, then probe
-  above it slowly (one more per ``probe_rounds`` round trips), since every 429 costs a pause.
+* **429**: halve. If it came after probing a whole call above the last mark, the vendor's limit lies
+  just below: the new mark is 90 % of where it came; otherwise the mark was too high, and halves too.
+  Regrow quickly to the mark, then probe above it slowly (one more per ``probe_rounds`` round
+  trips), since every 429 costs every worker a pause.
   ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
   call that got it.
 * **Rising latency** (the smoothed latency above ``tolerance`` times the lowest seen, and by
@@ -96,7 +98,9 @@ class AdaptiveLimit:
                 self._throttled += 1
                 self._paused_until = max(self._paused_until, self._clock() + retry_after_s)
                 if ticket == self._epoch:
-                    self._threshold = max(1.0, 0.9 * self._limit)
+                    # At or above the old threshold: the vendor's limit is just below here. Still
+                    # regrowing towards it: the old threshold was too high as well.
+                    self._threshold = max(1.0, (0.9 if self._limit >= self._threshold + 1 else 0.5) * self._limit)
                     self._decrease(0.5)
             elif latency_s is not None:
                 self._observe(ticket, latency_s, busy)
@@ -117,8 +121,10 @@ class AdaptiveLimit:
             # The latency a smaller limit brings is the new normal only once it is seen again.
             self._smoothed = None
         elif busy:
-            step = 1.0 if self._limit < self._threshold else 1.0 / (self._limit * self.probe_rounds)
-            self._limit = min(float(self.ceiling), self._limit + step)
+            if self._limit < self._threshold:
+                self._limit = min(self._threshold, self._limit + 1.0)
+            else:
+                self._limit = min(float(self.ceiling), self._limit + 1.0 / (self._limit * self.probe_rounds))
             self._peak = max(self._peak, int(self._limit))
 
     def _decrease(self, factor: float) -> None:
