@@ -7,7 +7,9 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
 * **Slow start**: from a few calls in flight, one more per success (doubling every round trip)
   while calls succeed and latency holds, up to the ceiling.
 * **429**: halve. If it came after probing a whole call above the last mark, the vendor's limit lies
-  just below: the new mark is 90 % of where it came; otherwise the mark was too high, and halves too.
+  just below: the new mark is 90 % of where it came; otherwise the mark was too high, and halves too,
+  but not below 90 % of the calls in flight that the last second's successes needed (Little's law:
+  rate times latency), so a throttled client does not collapse far below the vendor's rate.
   Regrow quickly to the mark, then probe above it slowly (one more per ``probe_rounds`` round
   trips), since every 429 costs every worker a pause.
   ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
@@ -60,6 +62,9 @@ class AdaptiveLimit:
         self._smoothed: float | None = None
         self._lowest: float | None = None
         self._paused_until = 0.0
+        self._second = 0  # successes per whole second of the clock, for _sustained
+        self._successes = 0
+        self._last_second_successes = 0
         self._cond = threading.Condition()
 
     @property
@@ -98,11 +103,15 @@ class AdaptiveLimit:
                 self._throttled += 1
                 self._paused_until = max(self._paused_until, self._clock() + retry_after_s)
                 if ticket == self._epoch:
-                    # At or above the old threshold: the vendor's limit is just below here. Still
-                    # regrowing towards it: the old threshold was too high as well.
-                    self._threshold = max(1.0, (0.9 if self._limit >= self._threshold + 1 else 0.5) * self._limit)
+                    # Probed past the mark: the vendor's limit is just below here. Still regrowing
+                    # towards it: the mark was too high as well. Never below what the calls that
+                    # succeeded in the last second need at today's latency (Little's law).
+                    factor = 0.9 if self._limit >= self._threshold + 1 else 0.5
+                    self._threshold = max(1.0, min(0.9 * self._limit,
+                                                   max(factor * self._limit, 0.9 * self._sustained())))
                     self._decrease(0.5)
             elif latency_s is not None:
+                self._count_success()
                 self._observe(ticket, latency_s, busy)
             self._cond.notify(max(1, int(self._limit) - self._in_flight))
 
@@ -126,6 +135,19 @@ class AdaptiveLimit:
             else:
                 self._limit = min(float(self.ceiling), self._limit + 1.0 / (self._limit * self.probe_rounds))
             self._peak = max(self._peak, int(self._limit))
+
+    def _count_success(self) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self._last_second_successes = self._successes if second == self._second + 1 else 0
+            self._second, self._successes = second, 0
+        self._successes += 1
+
+    def _sustained(self) -> float:
+        """Calls in flight that the last whole second's successes took at the smoothed latency."""
+        if self._smoothed is None or int(self._clock()) != self._second:
+            return 0.0
+        return self._last_second_successes * self._smoothed
 
     def _decrease(self, factor: float) -> None:
         self._limit = max(1.0, math.floor(self._limit * factor))
