@@ -9,6 +9,7 @@ from collections import deque
 
 import pytest
 
+from m365_pipeline.resources.http import CallStats
 from m365_pipeline.resources.pace import AdaptiveLimit
 from m365_pipeline.simulator.faults import Counters, FaultConfig, FaultInjector, TokenBuckets
 
@@ -152,3 +153,14 @@ def test_latency_jitter_varies_each_delay_within_its_bounds():
     delays = [injector.plan("saas", "/users").delay_s for _ in range(200)]
     assert 0.010 <= min(delays) and max(delays) <= 0.070
     assert max(delays) - min(delays) > 0.030  # it does vary
+
+
+def test_the_progress_line_shows_calls_per_second_calls_in_flight_and_429s():
+    limit = AdaptiveLimit(ceiling=100, initial=6, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    stats = CallStats(pace=limit)
+    stats.record(retries=1)
+    line = stats.progress()
+    assert "2 calls, 1 retries" in line and "calls/s" in line
+    assert "concurrency 3 (peak 6), 1 answered 429" in line
+    assert stats.as_metadata()["vendor_429s"] == 1 and stats.as_metadata()["concurrency_final"] == 3

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import requests
-from dagster import materialize
+from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import SaasApiResource
@@ -72,8 +72,9 @@ def test_the_ceiling_bounds_calls_in_flight(start_simulator):
 def test_both_sources_and_every_paged_list_land_exactly_under_a_rate_limit(start_simulator, db_path):
     # Tiny pages: the per-owner tenant and mailbox lists take many pages each, all throttled alike.
     sim = start_simulator(latency_ms=10, rate_limit=40, rate_burst=10)
-    result = materialize(raw_assets, resources=make_resources(sim, db_path, saas={"page_size": 9},
-                                                              backup={"per_page": 4}))
+    instance = DagsterInstance.ephemeral()
+    result = materialize(raw_assets, instance=instance,
+                         resources=make_resources(sim, db_path, saas={"page_size": 9}, backup={"per_page": 4}))
     assert result.success
     _assert_landed_exactly(sim, db_path)
     throttled = {node: result.asset_materializations_for_node(node)[0].metadata["vendor_429s"].value
@@ -81,6 +82,11 @@ def test_both_sources_and_every_paged_list_land_exactly_under_a_rate_limit(start
                               "raw__backup_accounts")}
     assert sum(throttled.values()) == sim.stats()["faults"]["rate_limit"] > 0, throttled
     assert throttled["raw__saas_user_subscriptions"] > 0 and throttled["raw__backup_accounts"] > 0, throttled
+    # The run log says, as the pull goes, how fast it is, how many calls are in flight and how many 429s.
+    progress = [entry.user_message for entry in instance.all_logs(result.run_id)
+                if entry.user_message.startswith("tenants' mailboxes:")]
+    assert progress and all("calls/s" in line and "concurrency" in line and "answered 429" in line
+                            for line in progress), progress
 
 
 # -- the simulator's side ---------------------------------------------------------------------------
