@@ -5,6 +5,7 @@ A fake clock drives both, so nothing here waits or measures time.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import pytest
@@ -77,6 +78,21 @@ def test_a_429_at_the_first_try_halves_the_mark_too():
     for _ in range(3):
         busy_round(limit, 0.1)
     assert limit.limit == 20  # no regrowth past where it is known to be safe, yet
+
+
+def test_a_429s_retry_after_holds_back_every_other_caller_until_it_has_passed():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=10, initial=4, clock=clock)
+    other = limit.acquire()
+    limit.release(limit.acquire(), throttled=True, retry_after_s=30)
+    started = threading.Event()
+    worker = threading.Thread(target=lambda: (limit.acquire(), started.set()), daemon=True)
+    worker.start()
+    assert not started.wait(0.3), "a call started during the pause"  # slots are free; only the pause holds it
+    clock.now += 30
+    limit.release(other, latency_s=0.1)  # any release wakes the waiters, who see the pause is over
+    assert started.wait(10)
+    worker.join(10)
 
 
 def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():
