@@ -1,18 +1,22 @@
 """The simulator alone, driven by the project's own source S client: per-user subscription calls/s.
 
 Run by bench/run.py against a running simulator (its variables in the environment):
-``python bench/client_probe.py USERS CONCURRENCY``. Lists USERS user ids first (not timed), then
-fetches each user's subscriptions exactly as raw.saas_user_subscriptions does (SaasClient on the
-bounded pool of run_concurrently), without staging. Prints one JSON line.
+``python bench/client_probe.py USERS CONCURRENCY``, CONCURRENCY a number or ``default`` (the resource's own
+default: a fixed 16 before issue 15, the ceiling of the adaptive limit since). Lists USERS user ids first (not
+timed), then fetches each user's subscriptions exactly as raw.saas_user_subscriptions does (SaasClient on
+run_concurrently), without staging. Prints one JSON line. Works with older clients too (bench/pace.py runs
+the one from before issue 15 from an extracted copy on PYTHONPATH).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
 import sys
 import time
+from typing import Any
 
 from m365_pipeline.resources import SaasApiResource
 from m365_pipeline.resources.http import run_concurrently
@@ -24,9 +28,10 @@ def cpu_s() -> float:
 
 
 def main() -> int:
-    users, concurrency = int(sys.argv[1]), int(sys.argv[2])
+    users = int(sys.argv[1])
+    settings: dict[str, Any] = {} if sys.argv[2] == "default" else {"concurrency": int(sys.argv[2])}
     resource_ = SaasApiResource(base_url=os.environ["SAAS_API_BASE_URL"], token=os.environ["SAAS_API_TOKEN"],
-                                concurrency=concurrency)
+                                **settings)
     with resource_.client() as client:
         ids: list[str] = []
         for _, items in client.user_pages():
@@ -34,13 +39,25 @@ def main() -> int:
             if len(ids) >= users:
                 break
         ids = ids[:users]
-        calls_before = client.stats.calls
+        calls_before, retries_before = client.stats.calls, client.stats.retries
+        items = 0
+
+        def count(_: str, pages: list[Any]) -> None:
+            nonlocal items
+            items += sum(len(page_items) for _, page_items in pages)
+
+        paced = {"pace": client.pace} if "pace" in inspect.signature(run_concurrently).parameters else {}
         started, cpu_started = time.monotonic(), cpu_s()
-        run_concurrently(ids, client.subscription_pages, workers=concurrency, on_result=lambda *_: None)
+        run_concurrently(ids, client.subscription_pages, workers=resource_.concurrency, on_result=count, **paced)
         wall, cpu = time.monotonic() - started, cpu_s() - cpu_started
         calls = client.stats.calls - calls_before
-    print(json.dumps({"users": len(ids), "concurrency": concurrency, "calls": calls, "wall_s": wall,
-                      "calls_per_s": calls / wall, "client_cpu_ms_per_call": cpu / calls * 1000}), flush=True)
+        meta = client.stats.as_metadata()
+    print(json.dumps({"users": len(ids), "concurrency": resource_.concurrency, "calls": calls, "wall_s": wall,
+                      "calls_per_s": calls / wall, "users_per_s": len(ids) / wall,
+                      "client_cpu_ms_per_call": cpu / calls * 1000, "retries": client.stats.retries - retries_before,
+                      "subscriptions": items,
+                      **{k: v for k, v in meta.items()
+                         if k in ("vendor_429s", "concurrency_peak", "concurrency_final")}}), flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BENCH, system_tool
+from pace import BASELINE_REF, pace_table
 from pipeline import PHASES, SEED, ScaleResult
 from server import REPEATS, Published
 
@@ -155,8 +156,17 @@ def server_table(server: dict[str, Any], published: dict[str, Published]) -> lis
     return lines
 
 
+PACE_INTRO = (
+    "Each row: a fresh `m365-simulate --orgs 600` with the flags in the first column; bench/client_probe.py over "
+    "that many users, each user's subscriptions, in its own process with the resource's defaults. *before*: the "
+    "client of commit `" + BASELINE_REF + "` (16 calls in flight, each 429 retried alone); *after*: this tree's "
+    "(the adaptive limit under its 256 ceiling). calls/s counts every call, 429s included, over the wall time; "
+    "CPU is the client's own (getrusage). *every row*: the subscriptions counted equal an unthrottled pass.")
+
+
 def write_report(path: Path, args: argparse.Namespace, results: dict[str, ScaleResult], server: dict[str, Any],
-                 published: dict[str, Published], gzip_rows: dict[str, list[dict[str, Any]]], started: float) -> None:
+                 published: dict[str, Published], gzip_rows: dict[str, list[dict[str, Any]]], started: float,
+                 pace_rows: list[dict[str, Any]] | None = None) -> None:
     v = versions()
     lines = [
         "# Benchmark results", "",
@@ -172,6 +182,9 @@ def write_report(path: Path, args: argparse.Namespace, results: dict[str, ScaleR
          "`export.analytics_db` (the analysts' copy). Dagster overhead = job wall − sum of steps."),
         "", "## Pipeline, per scale (medians)", "", *scale_table(list(results.values())), "",
     ]
+    if pace_rows:
+        lines += ["## The pull at the vendor's pace: latency and rate limits (`bench/pace.py`)", "",
+                  PACE_INTRO, "", *pace_table(pace_rows), ""]
     probes = [(name, r.probe) for name, r in results.items() if r.probe]
     if probes:
         lines += ["## The simulator alone (per-user subscriptions endpoint)", ""]

@@ -3,9 +3,11 @@
     .venv/bin/python bench/run.py            # demo, 100k and 1M users, then the server; writes bench/RESULTS.md
     .venv/bin/python bench/run.py --quick    # demo scale only (< 2 min); writes bench/RESULTS-quick.md
 
-Per scale: one simulator subprocess, a probe of the simulator alone, then N runs of the `nightly_refresh` job,
-each in a child process with a fresh data directory; phases come from Dagster's own step events and the
-reported values are medians over the runs (bench/pipeline.py, bench/simulator_probe.py, bench/job.py). Then
+First the pull against vendors with latency and rate limits, today's client against the one before issue 15
+(bench/pace.py). Per scale: one simulator subprocess, a probe of the simulator alone, then N runs of the
+`nightly_refresh` job, each in a child process with a fresh data directory; phases come from Dagster's own
+step events and the reported values are medians over the runs (bench/pipeline.py, bench/simulator_probe.py,
+bench/job.py). Then
 the server: m365-serve against nginx serving the same files and a stdlib ThreadingHTTPServer baseline, with
 wrk at 50 connections, and the exports served gzip-compressed (bench/server.py). The report is written by
 bench/report.py.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BENCH, ROOT, Children, say
+from pace import bench_pace
 from pipeline import PHASES, SCALES, Scale, ScaleResult, run_job, start_simulator
 from report import gib, machine, targets, write_report
 from server import REPEATS, Published, bench_server, check_gzip, published_version
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-seconds", type=int, default=None,
                         help=f"duration of each of the {REPEATS} wrk runs per cell (default 5, quick 2)")
     parser.add_argument("--no-server", action="store_true", help="skip the server comparison")
+    parser.add_argument("--no-pace", action="store_true", help="skip the latency and rate-limit comparison")
     parser.add_argument("--output", type=Path, default=None, help="report path")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -61,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     published: dict[str, Published] = {}
     server: dict[str, Any] = {}
     gzip_rows: dict[str, list[dict[str, Any]]] = {}
+    pace_rows: list[dict[str, Any]] = []
     try:
         say(f"machine: {machine()}; work directory {work}")
+        if not args.no_pace:
+            pace_rows = bench_pace(children, work, args.quick)
         for name in names:
             base = SCALES[name]
             scale = Scale(base.name, base.orgs, base.users_per_org, args.runs or base.runs, base.timeout_s)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"(p99 {res['users']['p99_ms']} ms)")
         largest = names[-1]
         gzip_rows[largest] = check_gzip(children, published[largest])
-        write_report(output, args, results, server, published, gzip_rows, started)
+        write_report(output, args, results, server, published, gzip_rows, started, pace_rows)
         say(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} "
             f"in {(time.monotonic() - started) / 60:.1f} min")
         print("\n".join(targets(results, server)))

@@ -83,6 +83,7 @@ def assert_no_leftovers(data_dir: Path) -> None:
 
 ABSORBED = {
     "bursts of 429 with Retry-After": ({"rate_429": 0.4, "retry_after": 1}, {}, "429"),
+    "a vendor rate limit of 20 requests/s per token": ({"rate_limit": 20, "latency_ms": 20}, {}, "rate_limit"),
     "5xx on some pages": ({"rate_5xx": 0.3}, {}, "5xx"),
     "connection resets": ({"reset_rate": 0.25}, {}, "reset"),
     "responses slower than the client timeout": (

@@ -66,10 +66,7 @@ class _Progress:
         if done == self.total or now - self._last >= self.every_s:
             self._last = now
             pct = 100 * done / self.total if self.total else 100
-            self.context.log.info(
-                f"{self.what}: {done:,}/{self.total:,} ({pct:.0f}%), {self.stats.calls:,} calls, "
-                f"{self.stats.retries:,} retries, {self.stats.calls / max(self.stats.elapsed_s, 1e-9):.0f} calls/s"
-            )
+            self.context.log.info(f"{self.what}: {done:,}/{self.total:,} ({pct:.0f}%), {self.stats.progress()}")
 
 
 def _land(
@@ -154,7 +151,7 @@ def saas_user_subscriptions(
                     staging.add(items, origin=origin, user_id=user_id)
 
             run_concurrently(user_ids, client.subscription_pages, workers=saas.concurrency,
-                             on_result=_counting(keep, progress))
+                             on_result=_counting(keep, progress), pace=client.pace)
             return client.stats
 
     return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, saas, pull)
@@ -176,7 +173,7 @@ def backup_organizations(
                 staging.add([{**owner, **detail}], origin=origin)
 
             run_concurrently(owners, lambda owner: client.owner_detail(owner["id"]),
-                             workers=backup.concurrency, on_result=_counting(keep, progress))
+                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
             return client.stats
 
     return _land(context, duckdb, BACKUP_ORGANIZATIONS, backup, pull)
@@ -206,7 +203,8 @@ def backup_tenants(
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=owner_id)
 
-            run_concurrently(owner_ids, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
+            run_concurrently(owner_ids, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
+                             pace=client.pace)
             return client.stats
 
     return _land(context, duckdb, BACKUP_TENANTS, backup, pull)
@@ -231,7 +229,8 @@ def backup_accounts(
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=tenant[0], tenant_id=tenant[1])
 
-            run_concurrently(tenants, fetch, workers=backup.concurrency, on_result=_counting(keep, progress))
+            run_concurrently(tenants, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
+                             pace=client.pace)
             return client.stats
 
     return _land(context, duckdb, BACKUP_ACCOUNTS, backup, pull)

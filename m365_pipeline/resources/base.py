@@ -16,11 +16,16 @@ class VendorApiResource(ConfigurableResource):
     timeout_s: float = Field(default=30.0, gt=0, description="Per-call connect and read timeout, seconds.")
     max_retries: int = Field(
         default=5, ge=0, le=20,
-        description="Retries per call on connection errors, 429 and 5xx (exponential backoff, Retry-After honoured).",
+        description="Retries per call on connection errors and 5xx (exponential backoff), and as many on 429 "
+                    "(Retry-After honoured, pausing every call of the source).",
     )
     backoff_factor: float = Field(default=0.5, ge=0, description="urllib3 backoff factor, seconds.")
     retry_after_max_s: int = Field(default=120, ge=0, description="Longest Retry-After we wait for.")
-    concurrency: int = Field(default=16, ge=1, le=128, description="Concurrent per-user / per-owner calls.")
+    concurrency: int = Field(
+        default=256, ge=1, le=1024,
+        description="Ceiling on calls in flight. Below it the client finds the vendor's pace by itself "
+                    "(more while calls succeed and latency holds, fewer on 429 or rising latency).",
+    )
     base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
 
     # Set by each source: its short name and the variable that switches it on.

@@ -1,9 +1,10 @@
 """HTTP plumbing shared by both vendor clients.
 
-Retries, backoff and ``Retry-After`` handling are urllib3's ``Retry`` on a pooled
-urllib3 ``PoolManager``; this module only turns what comes back into errors a data
-engineer can act on. Tokens travel in headers only, and no message built
-here ever contains a header value.
+Retries and backoff on connection errors and 5xx are urllib3's ``Retry`` on a pooled urllib3
+``PoolManager``. A 429 is retried here instead: its ``Retry-After`` pauses every worker of the
+client, and the calls in flight follow the vendor's pace (``pace.AdaptiveLimit``). This module
+also turns what comes back into errors a data engineer can act on. Tokens travel in headers
+only, and no message built here ever contains a header value.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3
@@ -24,7 +25,10 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import make_headers
 from urllib3.util.retry import Retry
 
+from m365_pipeline.resources.pace import AdaptiveLimit
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+THROTTLED = 429  # retried by VendorClient itself, with a pause shared by all its workers
 TOKEN_HEADERS = ("Authorization", "X-Access-Token", "X-Reseller-Token")
 
 T = TypeVar("T")
@@ -67,6 +71,7 @@ class CallStats:
     retries: int = 0
     pages: int = 0
     started: float = field(default_factory=time.monotonic)
+    pace: AdaptiveLimit | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, *, retries: int, page: bool = True) -> None:
@@ -81,13 +86,25 @@ class CallStats:
 
     def as_metadata(self) -> dict[str, float | int]:
         elapsed = self.elapsed_s
+        pace = self.pace.snapshot() if self.pace else None
         return {
             "vendor_calls": self.calls,
             "vendor_retries": self.retries,
             "pages": self.pages,
             "elapsed_s": round(elapsed, 3),
             "calls_per_s": round(self.calls / elapsed, 1) if elapsed > 0 else 0.0,
+            **({"vendor_429s": pace.throttled, "concurrency_peak": pace.peak, "concurrency_final": pace.limit}
+               if pace else {}),
         }
+
+    def progress(self) -> str:
+        """One line for the run log: calls/s, calls in flight and 429s so far."""
+        line = (f"{self.calls:,} calls, {self.retries:,} retries, "
+                f"{self.calls / max(self.elapsed_s, 1e-9):.0f} calls/s")
+        if self.pace:
+            pace = self.pace.snapshot()
+            line += f", concurrency {pace.limit} (peak {pace.peak}), {pace.throttled:,} answered 429"
+        return line
 
 
 @dataclass(frozen=True)
@@ -97,19 +114,24 @@ class HttpSettings:
     backoff_factor: float = 0.5
     backoff_max_s: float = 30.0
     retry_after_max_s: int = 120
-    pool_size: int = 16
+    pool_size: int = 256  # the ceiling on calls in flight; the client finds its pace below it
 
 
-def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.PoolManager:
-    """A connection pool that retries connection errors, 429 and 5xx with backoff."""
-    retry = Retry(
+class _Retry(Retry):
+    # urllib3 would retry any 429 carrying Retry-After on its own, pausing only that call.
+    RETRY_AFTER_STATUS_CODES = frozenset({503})
+
+
+def retry_policy(settings: HttpSettings) -> Retry:
+    """Connection errors and 5xx, with exponential backoff; 429 is left to VendorClient."""
+    return _Retry(
         total=settings.max_retries,
         connect=settings.max_retries,
         read=settings.max_retries,
         status=settings.max_retries,
         other=0,
         allowed_methods=frozenset({"GET"}),
-        status_forcelist=RETRY_STATUSES,
+        status_forcelist=RETRY_STATUSES - {THROTTLED},
         backoff_factor=settings.backoff_factor,
         backoff_max=settings.backoff_max_s,
         respect_retry_after_header=True,
@@ -119,6 +141,10 @@ def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.
         # A redirect to another host never carries our credentials along.
         remove_headers_on_redirect=Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT | set(TOKEN_HEADERS),
     )
+
+
+def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.PoolManager:
+    """A connection pool that retries connection errors and 5xx with backoff."""
     # urllib3 without requests on top: requests' per-call overhead halved the calls/s of the
     # per-user pull (bench/RESULTS.md: 1.15k -> 2.3k calls/s against the simulator, 0.82 -> 0.41 ms CPU/call).
     # urllib3 never reads proxy variables, so a stray one cannot reroute vendor traffic.
@@ -126,7 +152,7 @@ def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.
         num_pools=2,
         maxsize=settings.pool_size,
         block=True,
-        retries=retry,
+        retries=retry_policy(settings),
         timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
         headers={**make_headers(accept_encoding=True), "Accept": "application/json",
                  "User-Agent": "m365-pipeline", **base_headers},
@@ -172,7 +198,9 @@ class VendorClient:
         self.base_url = base_url
         self.settings = settings
         self.pool = build_pool(settings, headers)
-        self.stats = CallStats()
+        self.pace = AdaptiveLimit(settings.pool_size)
+        self.stats = CallStats(pace=self.pace)
+        self._retry = retry_policy(settings)
 
     def close(self) -> None:
         self.pool.clear()
@@ -194,13 +222,36 @@ class VendorClient:
         """GET base_url+path and return decoded JSON, or raise a VendorError that says where."""
         where = Endpoint(self.source_name, path, page)
         url = self.base_url + path
-        try:
-            response = self.pool.request(
-                "GET", url, fields=params,
-                headers={**self.pool.headers, **headers} if headers else None,  # merged, not replaced
-            )
-        except MaxRetryError as exc:
-            self.stats.record(retries=self.settings.max_retries, page=False)
+        throttled = 0
+        while True:
+            ticket = self.pace.acquire()
+            started = time.perf_counter()
+            try:
+                response = self.pool.request(
+                    "GET", url, fields=params,
+                    headers={**self.pool.headers, **headers} if headers else None,  # merged, not replaced
+                )
+            except BaseException as exc:
+                self.pace.release(ticket)
+                self._raise_transport_error(where, exc, throttled)
+            latency = time.perf_counter() - started
+            if response.status == THROTTLED and throttled < self.settings.max_retries:
+                self.pace.release(ticket, throttled=True, retry_after_s=self._retry_after(response, throttled))
+                throttled += 1
+                continue
+            self.pace.release(ticket, latency_s=latency if 200 <= response.status < 300 else None)
+            return self._decode(where, response, throttled)
+
+    def _retry_after(self, response: urllib3.BaseHTTPResponse, attempt: int) -> float:
+        """The vendor's Retry-After (capped at retry_after_max_s), else exponential backoff."""
+        given = self._retry.get_retry_after(response)
+        if given is not None:
+            return given
+        return min(self.settings.backoff_max_s, self.settings.backoff_factor * 2 ** attempt)
+
+    def _raise_transport_error(self, where: Endpoint, exc: BaseException, throttled: int) -> NoReturn:
+        if isinstance(exc, MaxRetryError):
+            self.stats.record(retries=self.settings.max_retries + throttled, page=False)
             # urllib3 files a refused connection (NewConnectionError) under timeouts too.
             if isinstance(exc.reason, Urllib3Timeout) and not isinstance(exc.reason, NewConnectionError):
                 raise VendorUnavailableError(
@@ -211,11 +262,14 @@ class VendorClient:
                 f"cannot reach {self.source_name} at {self.base_url} ({where.describe()}) after "
                 f"{self.settings.max_retries + 1} attempts: {_root_cause(exc)}"
             ) from None
-        except HTTPError as exc:
-            self.stats.record(retries=0, page=False)
+        if isinstance(exc, HTTPError):
+            self.stats.record(retries=throttled, page=False)
             raise VendorError(f"{where.describe()} failed: {type(exc).__name__}") from None
+        raise exc
 
-        retries = _retries_used(response)
+    def _decode(self, where: Endpoint, response: urllib3.BaseHTTPResponse, throttled: int) -> Any:
+        """Map the final answer to decoded JSON or a VendorError that says where."""
+        retries = _retries_used(response) + throttled
         self.stats.record(retries=retries)
         status = response.status
         if status in (401, 403):
@@ -266,22 +320,28 @@ def run_concurrently(
     *,
     workers: int,
     on_result: Callable[[T, R], None],
+    pace: AdaptiveLimit | None = None,
 ) -> int:
     """Apply ``fn`` to every item on a bounded thread pool, handing results back in order.
 
     Results reach ``on_result`` on the calling thread and in input order, so the caller
-    can stream them to disk without holding them all; at most ``2 * workers`` calls are
-    in flight. The first failure cancels everything not yet started and is re-raised.
+    can stream them to disk without holding them all. At most ``2 * workers`` items are
+    started ahead, or twice the client's current limit when ``pace`` is given (the limit
+    then decides how many calls are in flight, and only that many threads are busy).
+    The first failure cancels everything not yet started and is re-raised.
     """
     done = 0
-    window = max(1, workers * 2)
     iterator: Iterator[T] = iter(items)
     pending: deque[tuple[T, Future[R]]] = deque()
+
+    def window() -> int:
+        return max(1, 2 * min(workers, pace.limit if pace else workers))
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vendor") as pool:
         try:
             for item in iterator:
                 pending.append((item, pool.submit(fn, item)))
-                while len(pending) >= window:
+                while len(pending) >= window():
                     head, future = pending.popleft()
                     on_result(head, future.result())
                     done += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -55,6 +56,16 @@ def _rate(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} must be a number of at least 0")
+    return value
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -87,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-scope", dest="scope", choices=SCOPES, default="both",
                    help="source that --latency-ms and the random faults apply to")
     f.add_argument("--latency-ms", type=count, default=0, help="delay added to every response")
+    f.add_argument("--jitter-ms", type=count, default=0, help="each delay varies by up to this, either way")
+    f.add_argument("--rate-limit", type=_positive, default=0.0, metavar="PER_S",
+                   help="requests/s allowed per API token; more are answered 429 with Retry-After (0: no limit)")
+    f.add_argument("--rate-burst", type=count, default=0,
+                   help="requests a token may save up (default: one second's worth of --rate-limit)")
     f.add_argument("--slow-match", type=_regex, metavar="REGEX", help="requests (path+query) to make slow")
     f.add_argument("--slow-ms", type=count, default=0, help="delay for --slow-match requests")
     f.add_argument("--rate-429", type=_rate, default=0.0, help="share of requests answered 429")

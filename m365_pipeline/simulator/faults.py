@@ -14,9 +14,13 @@ proportional to the faults, not to the requests, on million-user pulls.
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 import re
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,9 @@ class FaultConfig:
 
     scope: str = "both"  # which source the latency and the random faults apply to
     latency_ms: int = 0
+    jitter_ms: int = 0  # each delayed answer takes latency_ms plus or minus up to this
+    rate_limit: float = 0.0  # requests/s per API token (a token bucket answering 429); 0 = none
+    rate_burst: int = 0  # the bucket's size; 0 = one second's worth of rate_limit
     slow_match: str | None = None
     slow_ms: int = 0
     rate_429: float = 0.0
@@ -53,9 +60,12 @@ class FaultConfig:
                 raise ValueError(f"{name} must be between 0 and 1, not {value}")
         if self.rate_429 + self.rate_5xx + self.reset_rate > 1.0:
             raise ValueError("rate_429 + rate_5xx + reset_rate must not exceed 1")
-        for name in ("latency_ms", "slow_ms", "retry_after", "max_faults_per_url"):
+        for name in ("latency_ms", "jitter_ms", "rate_limit", "rate_burst", "slow_ms", "retry_after",
+                     "max_faults_per_url"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.jitter_ms > self.latency_ms:
+            raise ValueError("jitter_ms must not exceed latency_ms")
         if self.down_after is not None and self.down_after < 0:
             raise ValueError("down_after must not be negative")
         for name in ("slow_match", "fail_once", "malformed_match", "missing_field_match"):
@@ -120,6 +130,8 @@ class FaultInjector:
         self._malformed = _compile(config.malformed_match)
         self._missing = _compile(config.missing_field_match)
         self._random_total = config.rate_429 + config.rate_5xx + config.reset_rate
+        self._jitter = random.Random(seed)
+        self._buckets = TokenBuckets(config.rate_limit, config.rate_burst or max(1, math.ceil(config.rate_limit)))
 
     def plan(self, source: str | None, target: str) -> Plan:
         cfg = self.config
@@ -133,7 +145,8 @@ class FaultInjector:
         in_scope = source is not None and cfg.scope in ("both", source)
         plan = Plan(malformed=_matches(self._malformed, target), missing_field=_matches(self._missing, target))
         if in_scope and cfg.latency_ms:
-            plan.delay_s += cfg.latency_ms / 1000
+            jitter = self._jitter.uniform(-cfg.jitter_ms, cfg.jitter_ms) if cfg.jitter_ms else 0.0
+            plan.delay_s += (cfg.latency_ms + jitter) / 1000
             self._counters.add("faults", "latency")
         kind = self._transient(target, in_scope)
         if kind == "fail_once":
@@ -178,9 +191,39 @@ class FaultInjector:
                 state.failed_once = state.failed_once or kind == "fail_once"
         return kind
 
+    def throttle(self, plan: Plan, source: str | None, token: str | None) -> None:
+        """Answer 429 with the bucket's Retry-After when this token is over its rate limit."""
+        if source is None or not self.config.rate_limit or plan.status is not None or plan.reset:
+            return
+        wait = self._buckets.take((source, token or ""))
+        if wait is not None:
+            plan.status, plan.retry_after = 429, wait
+            self._counters.add("faults", "rate_limit")
+
     def record(self, kind: str) -> None:
         """Count a fault the server applied after routing (malformed, missing_field)."""
         self._counters.add("faults", kind)
+
+
+class TokenBuckets:
+    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._lock = threading.Lock()
+        self._buckets: dict[object, tuple[float, float]] = {}  # key -> (tokens, when)
+
+    def take(self, key: object) -> int | None:
+        """None when a token was taken; else the whole seconds until one is there (Retry-After)."""
+        now = self._clock()
+        with self._lock:
+            tokens, when = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return None
+            self._buckets[key] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) / self.rate))
 
 
 def _compile(pattern: str | None) -> re.Pattern[str] | None:

@@ -138,6 +138,7 @@ class _App:
         source, kind, args = _route(parts.path)
         self.counters.add("requests", kind)
         plan = self.faults.plan(source, target)
+        self.faults.throttle(plan, source, _api_token(handler, source))
         if plan.delay_s:
             time.sleep(plan.delay_s)
         if plan.reset:
@@ -322,6 +323,11 @@ def _int_param(query: Query, name: str, default: int) -> int | None:
     if value is None:
         return default
     return int(value) if re.fullmatch(r"[0-9]{1,12}", value) else None
+
+
+def _api_token(handler: BaseHTTPRequestHandler, source: str | None) -> str | None:
+    """The credential a vendor's rate limit counts against: source S's bearer, source B's reseller token."""
+    return handler.headers.get("Authorization" if source == "saas" else "X-Reseller-Token")
 
 
 def _same(given: str | None, expected: str) -> bool:

@@ -1,0 +1,120 @@
+"""The pull against vendors with latency and rate limits: today's client against the one before issue 15.
+
+    .venv/bin/python bench/pace.py [--quick]    # prints the markdown table for bench/RESULTS.md
+
+Per scenario one simulator subprocess (``m365-simulate --latency-ms --jitter-ms --rate-limit``), then
+bench/client_probe.py twice over the same users, each in its own process with its resource defaults: once
+with the client before issue 15 (``BASELINE_REF``, extracted with ``git archive`` and put first on
+PYTHONPATH; a fixed 16 calls in flight, urllib3 retrying each 429 alone) and once with this tree's client
+(the adaptive limit under its default ceiling). Figures are the client's own: per-user calls/s (every call,
+429s included, over the wall time), the share answered 429, its CPU seconds per call (getrusage, so other
+load on the machine inflates it less than wall time), and whether every subscription landed (the count
+equals the one from an unthrottled pass over the same users).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from harness import BENCH, BIN, ROOT, Children, say
+from pipeline import SEED
+
+from m365_pipeline.processes import read_simulator_banner
+
+BASELINE_REF = "9b14aa2"  # main before issue 15
+ORGS = 600  # ~9,400 source S users, as in issue 15's measurements
+
+
+# (name, simulator flags, users for the baseline, users for this client)
+SCENARIOS: list[tuple[str, list[str], int, int]] = [
+    ("zero latency (CPU per call)", [], 5000, 5000),
+    ("100 ms ± 20 ms, no limit", ["--latency-ms", "100", "--jitter-ms", "20"], 3000, 9000),
+    ("100 ms ± 20 ms, 200 requests/s per token", ["--latency-ms", "100", "--jitter-ms", "20",
+                                                  "--rate-limit", "200"], 6000, 6000),
+    ("100 ms ± 20 ms, 20 requests/s per token", ["--latency-ms", "100", "--jitter-ms", "20",
+                                                 "--rate-limit", "20"], 600, 600),
+]
+
+
+def extract_baseline(work: Path) -> Path:
+    target = work / "baseline"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE_REF, "m365_pipeline"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def probe(children: Children, flags: list[str], users: int, pythonpath: Path) -> dict[str, Any]:
+    args = [str(BIN / "m365-simulate"), "--port", "0", "--orgs", str(ORGS), "--seed", str(SEED), *flags]
+    sim = children.start("m365-simulate", args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        banner = read_simulator_banner(sim.stdout)
+        if banner is None:
+            raise RuntimeError("the simulator did not start")
+        env = {**os.environ, **banner.env, "PYTHONPATH": str(pythonpath)}
+        out = subprocess.run([sys.executable, str(BENCH / "client_probe.py"), str(users), "default"], env=env,
+                             capture_output=True, text=True, timeout=900, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        children.stop(sim)
+
+
+def bench_pace(children: Children, work: Path, quick: bool = False) -> list[dict[str, Any]]:
+    baseline = extract_baseline(work)
+    rows = []
+    expected: dict[int, int] = {}
+    for name, flags, before_users, after_users in SCENARIOS[:2] if quick else SCENARIOS:
+        row: dict[str, Any] = {"scenario": name}
+        for label, users, path in (("before", before_users, baseline), ("after", after_users, ROOT)):
+            result = probe(children, flags, users, path)
+            if users not in expected:
+                expected[users] = probe(children, [], users, ROOT)["subscriptions"] if flags else \
+                    result["subscriptions"]
+            result["complete"] = result["subscriptions"] == expected[users]
+            row[label] = result
+            say(f"pace: {name}, {label}: {result['calls_per_s']:,.0f} calls/s, "
+                f"{result['client_cpu_ms_per_call']:.2f} ms CPU/call, {result['retries']} retries, "
+                f"peak {result.get('concurrency_peak', result['concurrency'])} in flight")
+        rows.append(row)
+    return rows
+
+
+def pace_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| vendor | client | users | calls/s | answered 429 | in flight (peak → end) | CPU ms/call | "
+             "every row |", "|---|---|---:|---:|---:|---|---:|---|"]
+    for row in rows:
+        for label in ("before", "after"):
+            r = row[label]
+            flight = (f"{r['concurrency_peak']} → {r['concurrency_final']} (ceiling {r['concurrency']})"
+                      if "concurrency_peak" in r else f"{r['concurrency']} (fixed)")
+            lines.append(f"| {row['scenario']} | {label} | {r['users']:,} | {r['calls_per_s']:,.0f} | "
+                         f"{100 * r['retries'] / r['calls']:.1f} % | {flight} | "
+                         f"{r['client_cpu_ms_per_call']:.2f} | {'yes' if r['complete'] else '**no**'} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench/pace.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the first two scenarios only")
+    args = parser.parse_args()
+    children = Children()
+    try:
+        with tempfile.TemporaryDirectory(prefix="m365-pace-") as work:
+            rows = bench_pace(children, Path(work), args.quick)
+    finally:
+        children.stop_all()
+    print("\n".join(pace_table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""How many vendor calls may be in flight: found by the client itself, no per-vendor tuning.
+
+TCP-style AIMD on calls in flight, with a latency signal in the spirit of Netflix's
+concurrency-limits (Gradient): no well-kept Python library does adaptive concurrency for
+threads (the few on PyPI are a release or two old), so this is a small one of our own.
+
+* **Slow start**: from a few calls in flight, one more per success (doubling every round trip)
+  while calls succeed and latency holds, up to the ceiling.
+* **429**: halve. If it came after probing a whole call above the last mark, the vendor's limit lies
+  just below: the new mark is 90 % of where it came; otherwise the mark was too high, and halves too,
+  but not below 90 % of the calls in flight that the last second's successes needed (Little's law:
+  rate times latency), so a throttled client does not collapse far below the vendor's rate.
+  Regrow quickly to the mark, then probe above it slowly (one more per ``probe_rounds`` round
+  trips), since every 429 costs every worker a pause.
+  ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
+  call that got it.
+* **Rising latency** (the smoothed latency above ``tolerance`` times the lowest seen, and by
+  more than ``min_rise_s``): shrink by 10 % and grow slowly from there.
+* At most one decrease per round trip: answers to calls sent before the last decrease say
+  nothing about the new limit, so they cannot shrink it again.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PaceSnapshot:
+    """What the run log and the asset metadata show."""
+
+    limit: int
+    in_flight: int
+    peak: int
+    throttled: int
+    decreases: int
+
+
+class AdaptiveLimit:
+    """A semaphore whose size follows the vendor: ``acquire`` before a call, ``release`` after it."""
+
+    def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.005,
+                 probe_rounds: int = 50, clock: Callable[[], float] = time.monotonic) -> None:
+        if ceiling < 1:
+            raise ValueError("ceiling must be at least 1")
+        self.ceiling = ceiling
+        self.tolerance = tolerance
+        self.min_rise_s = min_rise_s
+        self.probe_rounds = probe_rounds
+        self._clock = clock
+        self._limit = float(min(initial, ceiling))
+        self._threshold = float(ceiling)  # below it: slow start; above it: slow probing
+        self._in_flight = 0
+        self._peak = int(self._limit)
+        self._throttled = 0
+        self._decreases = 0
+        self._epoch = 0  # bumped by each decrease
+        self._smoothed: float | None = None
+        self._lowest: float | None = None
+        self._paused_until = 0.0
+        self._second = 0  # successes per whole second of the clock, for _sustained
+        self._successes = 0
+        self._last_second_successes = 0
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        return int(self._limit)
+
+    def snapshot(self) -> PaceSnapshot:
+        with self._cond:
+            return PaceSnapshot(int(self._limit), self._in_flight, self._peak, self._throttled, self._decreases)
+
+    def pause_remaining(self) -> float:
+        """Seconds until calls may start again after a 429's Retry-After (0 when not paused)."""
+        with self._cond:
+            return max(0.0, self._paused_until - self._clock())
+
+    def acquire(self) -> int:
+        """Wait for a free slot and for any shared pause to end; returns a ticket for ``release``."""
+        with self._cond:
+            while True:
+                pause = self._paused_until - self._clock()
+                if pause > 0:
+                    self._cond.wait(pause)
+                elif self._in_flight < int(self._limit):
+                    self._in_flight += 1
+                    return self._epoch
+                else:
+                    self._cond.wait()
+
+    def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
+                retry_after_s: float = 0.0) -> None:
+        """Report how the call went: its latency when it succeeded, or that the vendor said 429."""
+        with self._cond:
+            busy = self._in_flight >= self._limit / 2  # an idle client learns nothing about the vendor
+            self._in_flight -= 1
+            if throttled:
+                self._throttled += 1
+                self._paused_until = max(self._paused_until, self._clock() + retry_after_s)
+                if ticket == self._epoch:
+                    # Probed past the mark: the vendor's limit is just below here. Still regrowing
+                    # towards it: the mark was too high as well. Never below what the calls that
+                    # succeeded in the last second need at today's latency (Little's law).
+                    factor = 0.9 if self._limit >= self._threshold + 1 else 0.5
+                    self._threshold = max(1.0, min(0.9 * self._limit,
+                                                   max(factor * self._limit, 0.9 * self._sustained())))
+                    self._decrease(0.5)
+            elif latency_s is not None:
+                self._count_success()
+                self._observe(ticket, latency_s, busy)
+            self._cond.notify(max(1, int(self._limit) - self._in_flight))
+
+    def _observe(self, ticket: int, latency_s: float, busy: bool) -> None:
+        smoothed = latency_s if self._smoothed is None else self._smoothed + 0.1 * (latency_s - self._smoothed)
+        self._smoothed = smoothed
+        # The lowest latency seen drifts up slowly, so a vendor that became slower for good is not
+        # taken for a congested one forever.
+        lowest = smoothed if self._lowest is None else self._lowest
+        self._lowest = min(smoothed, lowest + 0.0001 * (smoothed - lowest))
+        if ticket != self._epoch:
+            return
+        if smoothed > self.tolerance * self._lowest and smoothed - self._lowest > self.min_rise_s:
+            self._decrease(0.9)
+            self._threshold = self._limit
+            # The latency a smaller limit brings is the new normal only once it is seen again.
+            self._smoothed = None
+        elif busy:
+            if self._limit < self._threshold:
+                self._limit = min(self._threshold, self._limit + 1.0)
+            else:
+                self._limit = min(float(self.ceiling), self._limit + 1.0 / (self._limit * self.probe_rounds))
+            self._peak = max(self._peak, int(self._limit))
+
+    def _count_success(self) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self._last_second_successes = self._successes if second == self._second + 1 else 0
+            self._second, self._successes = second, 0
+        self._successes += 1
+
+    def _sustained(self) -> float:
+        """Calls in flight that the last whole second's successes took at the smoothed latency."""
+        if self._smoothed is None or int(self._clock()) != self._second:
+            return 0.0
+        return self._last_second_successes * self._smoothed
+
+    def _decrease(self, factor: float) -> None:
+        self._limit = max(1.0, math.floor(self._limit * factor))
+        self._epoch += 1
+        self._decreases += 1

@@ -1,0 +1,182 @@
+"""The client's pace (resources/pace.py) and the simulator's rate limit (simulator/faults.py), as plain logic.
+
+A fake clock drives both, so nothing here waits or measures time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import pytest
+
+from m365_pipeline.resources.http import CallStats
+from m365_pipeline.resources.pace import AdaptiveLimit
+from m365_pipeline.simulator.faults import Counters, FaultConfig, FaultInjector, TokenBuckets
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def busy_round(limit: AdaptiveLimit, latency_s: float) -> None:
+    """One round trip of a busy client: as many calls as the limit allows complete with ``latency_s``,
+    each replaced at once by a new call (so the client stays at its limit), then the rest drain."""
+    tickets = deque(limit.acquire() for _ in range(limit.limit))
+    for _ in range(len(tickets)):
+        limit.release(tickets.popleft(), latency_s=latency_s)
+        while len(tickets) < limit.limit:
+            tickets.append(limit.acquire())
+    for ticket in tickets:
+        limit.release(ticket)  # no sample: these calls belong to the next round
+
+
+def test_slow_start_doubles_the_limit_every_round_while_latency_holds():
+    limit = AdaptiveLimit(ceiling=1000, initial=4, clock=Clock())
+    seen = []
+    for _ in range(5):
+        busy_round(limit, 0.100)
+        seen.append(limit.limit)
+    assert seen == [8, 16, 32, 64, 128]
+
+
+@pytest.mark.parametrize("ceiling", [1, 5, 64])
+def test_the_limit_never_passes_the_ceiling(ceiling):
+    limit = AdaptiveLimit(ceiling=ceiling, initial=4, clock=Clock())
+    for _ in range(12):
+        busy_round(limit, 0.100)
+    assert limit.limit == ceiling == limit.snapshot().peak
+
+
+def test_an_idle_client_does_not_grow_its_limit():
+    limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())
+    for _ in range(50):  # one call at a time: far below the limit, so success says nothing
+        limit.release(limit.acquire(), latency_s=0.1)
+    assert limit.limit == 8
+
+
+def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=1000, initial=32, clock=clock)
+    tickets = [limit.acquire() for _ in range(32)]
+    for ticket in tickets[:10]:  # ten calls of the same round answered 429: one decrease, not ten
+        limit.release(ticket, throttled=True, retry_after_s=3)
+    snap = limit.snapshot()
+    assert (snap.limit, snap.throttled, snap.decreases) == (16, 10, 1)
+    assert limit.pause_remaining() == 3
+    clock.now += 3
+    assert limit.pause_remaining() == 0
+
+
+def test_a_429_at_the_first_try_halves_the_mark_too():
+    limit = AdaptiveLimit(ceiling=1000, initial=40, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    for _ in range(3):
+        busy_round(limit, 0.1)
+    assert limit.limit == 20  # no regrowth past where it is known to be safe, yet
+
+
+def test_a_429s_retry_after_holds_back_every_other_caller_until_it_has_passed():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=10, initial=4, clock=clock)
+    other = limit.acquire()
+    limit.release(limit.acquire(), throttled=True, retry_after_s=30)
+    started = threading.Event()
+    worker = threading.Thread(target=lambda: (limit.acquire(), started.set()), daemon=True)
+    worker.start()
+    assert not started.wait(0.3), "a call started during the pause"  # slots are free; only the pause holds it
+    clock.now += 30
+    limit.release(other, latency_s=0.1)  # any release wakes the waiters, who see the pause is over
+    assert started.wait(10)
+    worker.join(10)
+
+
+def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():
+    limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)  # mark 20
+    for _ in range(60):  # probing: about one more call per 50 round trips
+        busy_round(limit, 0.1)
+    assert 20 < limit.limit < 24
+    at_429 = limit.limit
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    assert limit.limit == at_429 // 2
+    busy_round(limit, 0.1)
+    busy_round(limit, 0.1)
+    mark = limit.limit  # back to 90 % of where the 429 came (a fraction of a call more), in two rounds
+    assert int(0.9 * at_429) <= mark <= int(0.9 * (at_429 + 1))
+    for _ in range(10):
+        busy_round(limit, 0.1)
+    assert limit.limit <= mark + 1  # then well under one more per round
+
+
+def test_rising_latency_shrinks_the_limit_and_steady_latency_does_not():
+    limit = AdaptiveLimit(ceiling=1000, initial=64, clock=Clock())
+    busy_round(limit, 0.100)
+    busy_round(limit, 0.120)
+    before = limit.limit
+    assert limit.snapshot().decreases == 0 and before > 64
+    for _ in range(3):
+        busy_round(limit, 0.400)
+    assert limit.snapshot().decreases == 3  # one per round trip, not one per slow answer
+    assert limit.limit < 0.75 * before
+
+
+def test_latency_noise_below_the_absolute_floor_is_not_congestion():
+    # 0.2 ms -> 1 ms is five times slower but only 0.8 ms more: scheduler noise on a busy machine.
+    limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())
+    busy_round(limit, 0.0002)
+    for _ in range(3):
+        busy_round(limit, 0.001)
+    assert limit.snapshot().decreases == 0
+
+
+def test_a_decrease_never_goes_below_one_call_in_flight():
+    limit = AdaptiveLimit(ceiling=10, initial=2, clock=Clock())
+    for _ in range(5):
+        limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    assert limit.limit == 1
+
+
+# -- the simulator's token bucket -------------------------------------------------------------------
+
+def test_token_bucket_allows_a_burst_then_answers_the_seconds_until_a_token():
+    clock = Clock()
+    buckets = TokenBuckets(rate=2.0, burst=3, clock=clock)
+    assert [buckets.take("a") for _ in range(4)] == [None, None, None, 1]
+    assert buckets.take("b") is None  # each token has its own bucket
+    clock.now += 0.5  # one token back at 2/s
+    assert buckets.take("a") is None and buckets.take("a") == 1
+
+
+def test_token_bucket_retry_after_is_whole_seconds_at_a_slow_rate():
+    buckets = TokenBuckets(rate=0.25, burst=1, clock=Clock())
+    assert [buckets.take("a"), buckets.take("a")] == [None, 4]
+
+
+@pytest.mark.parametrize("bad", [{"jitter_ms": 5}, {"latency_ms": 5, "jitter_ms": 6}, {"rate_limit": -1},
+                                 {"rate_burst": -1}])
+def test_fault_config_rejects_impossible_latency_and_limits(bad):
+    with pytest.raises(ValueError):
+        FaultConfig(**bad)
+
+
+def test_latency_jitter_varies_each_delay_within_its_bounds():
+    injector = FaultInjector(FaultConfig(latency_ms=40, jitter_ms=30), seed=1, counters=Counters())
+    delays = [injector.plan("saas", "/users").delay_s for _ in range(200)]
+    assert 0.010 <= min(delays) and max(delays) <= 0.070
+    assert max(delays) - min(delays) > 0.030  # it does vary
+
+
+def test_the_progress_line_shows_calls_per_second_calls_in_flight_and_429s():
+    limit = AdaptiveLimit(ceiling=100, initial=6, clock=Clock())
+    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    stats = CallStats(pace=limit)
+    stats.record(retries=1)
+    line = stats.progress()
+    assert "2 calls, 1 retries" in line and "calls/s" in line
+    assert "concurrency 3 (peak 6), 1 answered 429" in line
+    assert stats.as_metadata()["vendor_429s"] == 1 and stats.as_metadata()["concurrency_final"] == 3

@@ -1,0 +1,104 @@
+"""The real clients find the vendor's pace: the simulator with latency and rate limits over real HTTP.
+
+No timing assertions (speed belongs in ``make bench``): these prove that calls in flight rise when
+nothing holds them back, fall under a rate limit, that 429s pause and are retried, and that
+every row lands either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+from dagster import DagsterInstance, materialize
+
+from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.resources import SaasApiResource
+from m365_pipeline.resources.http import Page, run_concurrently
+from m365_pipeline.simulator import Simulator
+
+from .helpers import FAST_HTTP, make_resources
+from .test_raw_assets import _assert_landed_exactly
+
+INITIAL_LIMIT = 4  # AdaptiveLimit's default start
+
+
+def pull_subscriptions(sim: Simulator, **resource: Any) -> tuple[dict[str, list[Page]], dict[str, Any]]:
+    """Every user's subscriptions via SaasClient on run_concurrently, as raw.saas_user_subscriptions does."""
+    saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **{**FAST_HTTP, **resource})
+    got: dict[str, list[Page]] = {}
+    with saas.client() as client:
+        ids = [item["id"] for _, items in client.user_pages() for item in items]
+        run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
+                         on_result=got.__setitem__, pace=client.pace)
+        return got, client.stats.as_metadata()
+
+
+def assert_every_subscription_landed(sim: Simulator, got: dict[str, list[Page]]) -> None:
+    expected = {u["id"]: sorted(s["id"] for s in sim.dataset.saas_subscriptions(u["id"]))
+                for u in sim.dataset.saas_users()}
+    landed = {user: sorted(item["id"] for _, items in pages for item in items) for user, pages in got.items()}
+    assert landed == expected
+
+
+def test_calls_in_flight_rise_while_a_slow_vendor_keeps_answering(start_simulator):
+    sim = start_simulator(orgs=20, users_per_org=20, latency_ms=30, jitter_ms=10)
+    got, meta = pull_subscriptions(sim)
+    assert_every_subscription_landed(sim, got)
+    assert meta["vendor_429s"] == 0
+    # Slow start doubles per round trip: far past where it started.
+    assert meta["concurrency_peak"] >= 8 * INITIAL_LIMIT, meta
+
+
+def test_calls_in_flight_fall_under_a_rate_limit_and_every_row_still_lands(start_simulator):
+    sim = start_simulator(orgs=10, users_per_org=16, latency_ms=30, jitter_ms=10, rate_limit=60, rate_burst=10)
+    got, meta = pull_subscriptions(sim)
+    assert_every_subscription_landed(sim, got)
+    assert meta["vendor_429s"] > 0 and sim.stats()["faults"]["rate_limit"] == meta["vendor_429s"]
+    assert meta["concurrency_final"] < meta["concurrency_peak"], meta
+    assert meta["vendor_retries"] >= meta["vendor_429s"]
+
+
+def test_the_ceiling_bounds_calls_in_flight(start_simulator):
+    sim = start_simulator(orgs=10, users_per_org=20, latency_ms=20)
+    got, meta = pull_subscriptions(sim, concurrency=3)
+    assert_every_subscription_landed(sim, got)
+    assert meta["concurrency_peak"] == 3
+
+
+@pytest.mark.slow
+def test_both_sources_and_every_paged_list_land_exactly_under_a_rate_limit(start_simulator, db_path):
+    # Tiny pages: the per-owner tenant and mailbox lists take many pages each, all throttled alike.
+    sim = start_simulator(latency_ms=10, rate_limit=40, rate_burst=10)
+    instance = DagsterInstance.ephemeral()
+    result = materialize(raw_assets, instance=instance,
+                         resources=make_resources(sim, db_path, saas={"page_size": 9}, backup={"per_page": 4}))
+    assert result.success
+    _assert_landed_exactly(sim, db_path)
+    throttled = {node: result.asset_materializations_for_node(node)[0].metadata["vendor_429s"].value
+                 for node in ("raw__saas_users", "raw__saas_user_subscriptions", "raw__backup_tenants",
+                              "raw__backup_accounts")}
+    assert sum(throttled.values()) == sim.stats()["faults"]["rate_limit"] > 0, throttled
+    assert throttled["raw__saas_user_subscriptions"] > 0 and throttled["raw__backup_accounts"] > 0, throttled
+    # The run log says, as the pull goes, how fast it is, how many calls are in flight and how many 429s.
+    progress = [entry.user_message for entry in instance.all_logs(result.run_id)
+                if entry.user_message.startswith("tenants' mailboxes:")]
+    assert progress and all("calls/s" in line and "concurrency" in line and "answered 429" in line
+                            for line in progress), progress
+
+
+# -- the simulator's side ---------------------------------------------------------------------------
+
+def test_simulator_rate_limit_answers_429_with_retry_after_per_token(start_simulator):
+    sim = start_simulator(rate_limit=1, rate_burst=3)
+    saas: Callable[[], requests.Response] = lambda: requests.get(  # noqa: E731
+        sim.saas_base_url + "/users", headers={"Authorization": f"Bearer {sim.config.saas_token}"}, timeout=10)
+    statuses = [saas() for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert int(statuses[-1].headers["Retry-After"]) >= 1
+    # Source B's reseller token has a bucket of its own.
+    backup = requests.get(sim.backup_base_url + "/users", timeout=10, headers={
+        "X-Reseller-Token": sim.config.reseller_token, "X-Access-Token": sim.config.admin_token})
+    assert backup.status_code == 200
