@@ -9,7 +9,6 @@ from dagster import (
     Backoff,
     DefaultScheduleStatus,
     Definitions,
-    EnvVar,
     Jitter,
     RetryPolicy,
     ScheduleDefinition,
@@ -23,15 +22,10 @@ from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import marts_assets, marts_checks
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import BackupApiResource, PublishPolicy, SaasApiResource, WarehouseResource
-from m365_pipeline.settings import DUCKDB_FILE, data_dir, env_is_set, load_env_file, schedule_timezone
+from m365_pipeline.settings import DUCKDB_FILE, data_dir, load_env_file, schedule_timezone
 
 NIGHTLY_JOB = "nightly_refresh"
 NIGHTLY_SCHEDULE = "nightly_refresh_at_2300"
-
-
-def optional_env(name: str) -> EnvVar | None:
-    """An EnvVar when the variable is set, so the Dagster UI shows its name, never its value."""
-    return EnvVar(name) if env_is_set(name) else None
 
 
 @definitions
@@ -62,15 +56,9 @@ def defs() -> Definitions:
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
         resources={
-            "saas": SaasApiResource(
-                base_url=optional_env("SAAS_API_BASE_URL"),
-                token=optional_env("SAAS_API_TOKEN"),
-            ),
-            "backup": BackupApiResource(
-                base_url=optional_env("BACKUP_API_BASE_URL"),
-                reseller_token=optional_env("BACKUP_RESELLER_TOKEN"),
-                admin_token=optional_env("BACKUP_ADMIN_TOKEN"),
-            ),
+            # URLs and tokens stay bound to their variables whatever run config changes (resources/base.py).
+            "saas": SaasApiResource.from_environment(),
+            "backup": BackupApiResource.from_environment(),
             # DuckDB takes up to 80 % of RAM by default; capped, it spills to <db>.tmp instead
             # (peak memory with and without the cap: bench/RESULTS.md).
             "duckdb": WarehouseResource(database=str(data_dir() / DUCKDB_FILE),

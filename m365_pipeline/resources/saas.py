@@ -59,7 +59,7 @@ class SaasApiResource(VendorApiResource):
     """Source S. Unset ``base_url`` means the source is skipped for the run."""
 
     source_label: ClassVar[str] = "source S"
-    base_url_variable: ClassVar[str] = "SAAS_API_BASE_URL"
+    env_fields: ClassVar[dict[str, str]] = {"base_url": "SAAS_API_BASE_URL", "token": "SAAS_API_TOKEN"}
 
     base_url: str | None = Field(default=None, description="SAAS_API_BASE_URL, e.g. https://host/api/saas/consolidated-view/v1")
     token: str | None = Field(default=None, description="SAAS_API_TOKEN, sent as a Bearer token.")
@@ -68,7 +68,8 @@ class SaasApiResource(VendorApiResource):
     def client(self) -> SaasClient:
         if not self.is_configured:
             raise VendorError("source S is not configured: set SAAS_API_BASE_URL and SAAS_API_TOKEN")
-        if not self.token:
+        token = self.deployed("token")
+        if not token:
             raise VendorError("SAAS_API_BASE_URL is set but SAAS_API_TOKEN is empty: set the source S token")
-        base_url = validate_base_url(self.base_url or "", "SAAS_API_BASE_URL")
-        return SaasClient(base_url, self.token, self.http_settings(), self.page_size)
+        base_url = validate_base_url(self.url or "", "SAAS_API_BASE_URL")
+        return SaasClient(base_url, token, self.http_settings(), self.page_size)
