@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from m365_pipeline.publishing import CURRENT, export_dir
+from m365_pipeline.assets.marts import missing_sources
+from m365_pipeline.publishing import CURRENT, export_dir, published_manifest
 from m365_pipeline.simulator import Simulator, ground_truth
 
 from .helpers import BIN, SOURCE_VARIABLES
@@ -55,3 +56,47 @@ def test_run_config_tuning_one_setting_keeps_base_urls_and_tokens_bound_to_the_e
     assert summary["totals"] == truth["totals"]
     assert summary["organizations"] == truth["organizations"]
     assert sim.config.saas_token not in output and sim.config.admin_token not in output
+
+
+def test_a_source_that_contributed_to_the_last_published_night_and_is_unset_tonight_holds_publishing_back(
+        start_simulator, tmp_path):
+    sim = start_simulator(orgs=5, users_per_org=8, seed=4)
+    env = cli_env(tmp_path, sim)
+    good = materialize_all(env, tmp_path)
+    assert good.returncode == 0, (good.stdout + good.stderr)[-4000:]
+    data_dir = tmp_path / "data"
+    first = published_manifest(export_dir(data_dir))
+    assert first["sources"] == ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"]
+
+    # Tonight the service unit lost source S's URL (say, a misspelled variable name).
+    tonight = {k: v for k, v in env.items() if k != "SAAS_API_BASE_URL"}
+    tonight["SAAS_API_BASE_URL_TYPO"] = sim.env["SAAS_API_BASE_URL"]
+    held = materialize_all(tonight, tmp_path)
+    output = held.stdout + held.stderr
+    assert held.returncode != 0, "a night without source S was published"
+    assert "no_source_went_missing" in output
+    assert "SAAS_API_BASE_URL is not set tonight" in output
+    assert published_manifest(export_dir(data_dir))["version"] == first["version"]
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+    # Retiring source S on purpose is an explicit, documented choice.
+    allowed = materialize_all(tonight, tmp_path,
+                              {"resources": {"publish_policy": {"config": {"allow_missing_sources": True}}}})
+    assert allowed.returncode == 0, (allowed.stdout + allowed.stderr)[-4000:]
+    after = published_manifest(export_dir(data_dir))
+    assert after["version"] != first["version"]
+    assert after["sources"] == ["BACKUP_API_BASE_URL"]
+    totals, truth = published_summary(data_dir)["totals"], ground_truth(sim.dataset)["totals"]
+    assert totals["total_organizations"] == truth["total_organizations"]  # organizations come from source B
+    assert totals != truth  # and the counts now lack source S's licenses
+
+
+@pytest.mark.parametrize(("last_published", "tonight", "missing"), [
+    ([], ["SAAS_API_BASE_URL"], []),  # first night, or a manifest from before sources were recorded
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], []),
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], ["BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL"]),
+    (["BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], []),  # a source added is fine
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], [], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"]),
+])
+def test_missing_sources_are_those_the_last_published_night_had_and_tonight_lacks(last_published, tonight, missing):
+    assert missing_sources(last_published, tonight) == missing

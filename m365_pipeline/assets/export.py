@@ -26,6 +26,8 @@ from m365_pipeline.publishing import (
     iso_z,
     json_bytes,
 )
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.resources.base import configured_sources
 from m365_pipeline.settings import ANALYTICS_FILE
 
 GROUP = "export"
@@ -61,7 +63,8 @@ def _sql_path(path: Path) -> str:
         "export in JSON and CSV for each sort), published atomically under <data dir>/export/current."
     ),
 )
-def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: SaasApiResource,
+                  backup: BackupApiResource) -> MaterializeResult:
     root = export_dir(Path(duckdb.database).parent)
     writer = VersionWriter(root)
     try:
@@ -76,7 +79,9 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
             crash_point("publish")
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
-        writer.commit({"last_collected": last_collected, "totals": totals})
+        # The sources tonight's numbers came from: the next night must not silently lose one.
+        writer.commit({"last_collected": last_collected, "totals": totals,
+                       "sources": configured_sources(saas, backup)})
     except BaseException:
         writer.abandon()
         raise

@@ -69,3 +69,8 @@ class VendorApiResource(ConfigurableResource):
             retry_after_max_s=self.retry_after_max_s,
             pool_size=self.concurrency,
         )
+
+
+def configured_sources(*sources: VendorApiResource) -> list[str]:
+    """The base-URL variables of the sources configured for this run: how a night records its sources."""
+    return [source.base_url_variable() for source in sources if source.is_configured]
