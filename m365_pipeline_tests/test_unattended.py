@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dagster import instance_for_test, materialize
 
 from m365_pipeline.assets.marts import missing_sources
+from m365_pipeline.definitions import NIGHTLY_TAGS
 from m365_pipeline.publishing import CURRENT, export_dir, published_manifest
+from m365_pipeline.resources import PublishPolicy, SaasApiResource
+from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import Simulator, ground_truth
 
-from .helpers import BIN, SOURCE_VARIABLES
+from .helpers import BIN, SOURCE_VARIABLES, all_definitions, make_resources, run_pipeline
 
-pytestmark = pytest.mark.slow  # each starts the dagster CLI (a few seconds to load) and runs the whole job
+# Tests marked slow start the dagster CLI (seconds to load) and run the whole job, some several times.
 
 
 def cli_env(tmp_path: Path, sim: Simulator | None, **extra: str) -> dict[str, str]:
@@ -42,6 +46,7 @@ def published_summary(data_dir: Path) -> dict[str, Any]:
     return json.loads((export_dir(data_dir) / CURRENT / "summary.json").read_bytes())
 
 
+@pytest.mark.slow
 def test_run_config_tuning_one_setting_keeps_base_urls_and_tokens_bound_to_the_environment(
         start_simulator, tmp_path):
     sim = start_simulator(orgs=5, users_per_org=8, seed=3)
@@ -58,6 +63,7 @@ def test_run_config_tuning_one_setting_keeps_base_urls_and_tokens_bound_to_the_e
     assert sim.config.saas_token not in output and sim.config.admin_token not in output
 
 
+@pytest.mark.slow
 def test_a_source_that_contributed_to_the_last_published_night_and_is_unset_tonight_holds_publishing_back(
         start_simulator, tmp_path):
     sim = start_simulator(orgs=5, users_per_org=8, seed=4)
@@ -100,3 +106,25 @@ def test_a_source_that_contributed_to_the_last_published_night_and_is_unset_toni
 ])
 def test_missing_sources_are_those_the_last_published_night_had_and_tonight_lacks(last_published, tonight, missing):
     assert missing_sources(last_published, tonight) == missing
+
+
+def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(start_simulator, tmp_path,
+                                                                                unused_port):
+    sim = start_simulator(orgs=4, users_per_org=6, seed=5)
+    data_dir = tmp_path / "data"
+    run_pipeline(sim, data_dir)  # a good night from both sources
+
+    def night(resources) -> str:
+        """A run with the nightly job's retry tags; returns Dagster's own verdict on retrying it."""
+        with instance_for_test(overrides={"run_retries": {"enabled": True}}) as instance:
+            result = materialize(all_definitions(), instance=instance, tags=NIGHTLY_TAGS, raise_on_error=False,
+                                 resources={**resources, "publish_policy": PublishPolicy()})
+            assert not result.success
+            return instance.get_run_by_id(result.run_id).tags.get("dagster/will_retry")
+
+    # Held back: source S is missing tonight; retrying cannot change that.
+    assert night(make_resources(sim, data_dir / DUCKDB_FILE, sources=("backup",))) == "false"
+    # An outage: source S's host does not answer. Worth another try later.
+    outage = make_resources(sim, data_dir / DUCKDB_FILE, saas={"max_retries": 0})
+    outage["saas"] = SaasApiResource(base_url=f"http://127.0.0.1:{unused_port}/v1", token="t", max_retries=0)
+    assert night(outage) == "true"

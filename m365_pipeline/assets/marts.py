@@ -35,6 +35,7 @@ from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import configured_sources
 from m365_pipeline.resources.publish_policy import PublishPolicy
+from m365_pipeline.run_retries import do_not_retry_this_run
 
 GROUP = "marts"
 
@@ -100,6 +101,13 @@ def org_summary_history(context: AssetExecutionContext, duckdb: DuckDBResource) 
         )
 
 
+def blocking_result(context: AssetCheckExecutionContext, *, passed: bool, **kwargs) -> AssetCheckResult:
+    """A blocking check's verdict. A night held back fails the same way when retried, so it is not."""
+    if not passed:
+        do_not_retry_this_run(context)
+    return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.ERROR, **kwargs)
+
+
 INVARIANT_SQL = {
     "every organization of source B appears exactly once": """
         SELECT count(*) FROM (
@@ -126,8 +134,8 @@ def contract_invariants(context: AssetCheckExecutionContext, duckdb: DuckDBResou
     with duckdb.get_connection() as conn:
         broken = {name: conn.execute(sql).fetchone()[0] for name, sql in INVARIANT_SQL.items()}
     failed = {name: n for name, n in broken.items() if n}
-    return AssetCheckResult(
-        passed=not failed, severity=AssetCheckSeverity.ERROR,
+    return blocking_result(
+        context, passed=not failed,
         description=None if not failed else "Broken: " + "; ".join(f"{k} ({v} rows)" for k, v in failed.items()),
         metadata={name: n for name, n in broken.items()},
     )
@@ -150,8 +158,8 @@ def pull_is_plausible(
                                      WHERE last_collected < $1)""", [collected]).fetchone() \
             if _has_history(conn) and collected is not None else (0, 0, None)
     problems = verdict(orgs, licensed, previous[0], previous[1], publish_policy)
-    return AssetCheckResult(
-        passed=not problems, severity=AssetCheckSeverity.ERROR,
+    return blocking_result(
+        context, passed=not problems,
         description="; ".join(problems) + ". The previous data stays published." if problems else None,
         metadata={
             "organizations": orgs, "m365_licensed_users": int(licensed),
@@ -195,8 +203,8 @@ def no_source_went_missing(
                "purpose, run with publish_policy allow_missing_sources: true. The previous data stays published."
                if held else "Published without it: publish_policy allow_missing_sources is true.")
         )
-    return AssetCheckResult(
-        passed=not held, severity=AssetCheckSeverity.ERROR, description=description,
+    return blocking_result(
+        context, passed=not held, description=description,
         metadata={"last_published_sources": ", ".join(before) or "none",
                   "tonight_sources": ", ".join(tonight) or "none",
                   "missing": ", ".join(missing) or "none"},
