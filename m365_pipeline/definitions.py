@@ -4,14 +4,21 @@ Dagster loads ``defs`` (``[tool.dagster]`` and ``workspace.yaml`` name this modu
 module does nothing else: the environment is read, and ``.env`` loaded, only when ``defs`` is built.
 """
 
+from datetime import UTC, datetime
+
 from dagster import (
     AssetSelection,
     Backoff,
+    DagsterRunStatus,
     DefaultScheduleStatus,
     Definitions,
     Jitter,
     RetryPolicy,
+    RunRequest,
+    RunsFilter,
     ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
     define_asset_job,
     definitions,
     in_process_executor,
@@ -29,6 +36,19 @@ NIGHTLY_SCHEDULE = "nightly_refresh_at_2300"
 # A failed night is re-executed once from the failed step: an outage, a killed run worker. A night a
 # blocking check held back is not (its checks tag the run, m365_pipeline/run_retries.py).
 NIGHTLY_TAGS = {"dagster/max_retries": 1, "dagster/retry_strategy": "FROM_FAILURE"}
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+
+
+def nightly_tick(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    """Start the night, unless a run is still going or queued: it would only wait behind it and pull twice."""
+    busy = context.instance.get_run_records(RunsFilter(statuses=IN_PROGRESS), limit=1)
+    if busy:
+        run = busy[0].dagster_run
+        started = busy[0].start_time or busy[0].create_timestamp.timestamp()
+        return SkipReason(f"run {run.run_id} of {run.job_name} ({run.status.value}, since "
+                          f"{datetime.fromtimestamp(started, UTC):%Y-%m-%d %H:%M:%S} UTC) is still in progress")
+    return RunRequest()
 
 
 @definitions
@@ -51,7 +71,9 @@ def defs() -> Definitions:
         cron_schedule="0 23 * * *",
         execution_timezone=schedule_timezone(),
         default_status=DefaultScheduleStatus.RUNNING,
-        description="Every day at 23:00 in M365_SCHEDULE_TIMEZONE (default UTC), as the dashboard document says.",
+        execution_fn=nightly_tick,
+        description="Every day at 23:00 in M365_SCHEDULE_TIMEZONE (default UTC), as the dashboard document says; "
+                    "skipped while a run is in progress.",
     )
     return Definitions(
         assets=[*raw_assets, *core_assets, *marts_assets, *export_assets],

@@ -16,4 +16,8 @@ RETRY_ON_STEP_FAILURE_TAG = "dagster/retry_on_asset_or_op_failure"
 
 def do_not_retry_this_run(context: Any) -> None:
     """Mark the running run so its failure is not retried (an asset or asset-check context)."""
-    context.instance.add_run_tags(context.run.run_id, {RETRY_ON_STEP_FAILURE_TAG: "false"})
+    do_not_retry_run(context.instance, context.run.run_id)
+
+
+def do_not_retry_run(instance: Any, run_id: str) -> None:
+    instance.add_run_tags(run_id, {RETRY_ON_STEP_FAILURE_TAG: "false"})

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import instance_for_test, materialize
+from dagster import DagsterRunStatus, build_schedule_context, instance_for_test, materialize
 
+from m365_pipeline import definitions as code_location
+from m365_pipeline.assets.export import remove_stale_copies
 from m365_pipeline.assets.marts import missing_sources
 from m365_pipeline.definitions import NIGHTLY_TAGS
 from m365_pipeline.publishing import CURRENT, export_dir, published_manifest
 from m365_pipeline.resources import PublishPolicy, SaasApiResource
-from m365_pipeline.settings import DUCKDB_FILE
+from m365_pipeline.run_lock import LOCK_FILE
+from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import Simulator, ground_truth
 
 from .helpers import BIN, SOURCE_VARIABLES, all_definitions, make_resources, run_pipeline
@@ -33,13 +38,16 @@ def cli_env(tmp_path: Path, sim: Simulator | None, **extra: str) -> dict[str, st
             "M365_DATA_DIR": str(tmp_path / "data"), **extra}
 
 
-def materialize_all(env: dict[str, str], cwd: Path, config: dict[str, Any] | None = None,
-                    timeout: float = 300) -> subprocess.CompletedProcess:
+def materialize_args(config: dict[str, Any] | None = None) -> list[str]:
     """The README's CLI run, ``dagster asset materialize --select '*'``, as an operator types it."""
     args = [str(BIN / "dagster"), "asset", "materialize", "-m", "m365_pipeline.definitions", "--select", "*"]
-    if config is not None:
-        args += ["--config-json", json.dumps(config)]
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return args + (["--config-json", json.dumps(config)] if config is not None else [])
+
+
+def materialize_all(env: dict[str, str], cwd: Path, config: dict[str, Any] | None = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(materialize_args(config), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def published_summary(data_dir: Path) -> dict[str, Any]:
@@ -128,3 +136,74 @@ def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(s
     outage = make_resources(sim, data_dir / DUCKDB_FILE, saas={"max_retries": 0})
     outage["saas"] = SaasApiResource(base_url=f"http://127.0.0.1:{unused_port}/v1", token="t", max_retries=0)
     assert night(outage) == "true"
+
+
+def wait_for_lock_holder(data_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 90) -> dict[str, Any]:
+    """The lock file's record of the run holding it, once a run has taken it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the first run ended before taking the lock: {log.read_text()[-3000:]}"
+        try:
+            return json.loads((data_dir / LOCK_FILE).read_bytes())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise AssertionError("the first run never took the lock")
+
+
+@pytest.mark.slow
+def test_a_second_cli_run_is_refused_naming_the_running_one_and_a_killed_run_leaves_no_lock(
+        start_simulator, tmp_path):
+    # Source S's user list answers after 10 s, so the first run is surely still going.
+    sim = start_simulator(orgs=4, users_per_org=6, seed=6, slow_match=r"/users\?page_size", slow_ms=10_000)
+    env, data_dir = cli_env(tmp_path, sim), tmp_path / "data"
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        holder = wait_for_lock_holder(data_dir, first, log)
+        second = materialize_all(env, tmp_path)
+        output = second.stdout + second.stderr
+        assert second.returncode != 0, "a second run wrote alongside the first"
+        assert f"another run is writing to {data_dir}: run {holder['run_id']}, started {holder['started_at']}" \
+            in output, output[-3000:]
+        assert first.poll() is None, "the refused run disturbed the running one"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a run killed mid-pull: its lock dies with it
+        first.wait()
+    third = materialize_all(env, tmp_path)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+
+def test_stale_analytics_copy_cleanup_removes_only_copies_whose_writer_is_gone(tmp_path):
+    alive = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        others = [f".{ANALYTICS_FILE}.{alive.pid}.tmp", f".{ANALYTICS_FILE}.{alive.pid}.tmp.wal"]
+        stale = [f".{ANALYTICS_FILE}.{dead.pid}.tmp", f".{ANALYTICS_FILE}.{dead.pid}.tmp.wal"]
+        for name in others + stale:
+            (tmp_path / name).write_bytes(b"x")
+        assert sorted(remove_stale_copies(tmp_path)) == sorted(stale)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)  # another run's copy is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_the_schedule_skips_its_tick_while_a_run_is_in_progress_and_fires_otherwise(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
+    schedule = code_location.defs().resolve_schedule_def(code_location.NIGHTLY_SCHEDULE)
+    with instance_for_test() as instance:
+        idle = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert len(idle.run_requests or []) == 1 and not idle.skip_message
+        running = instance.create_run_for_job(job_def=code_location.defs().resolve_job_def(code_location.NIGHTLY_JOB),
+                                              status=DagsterRunStatus.STARTED)
+        busy = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert not busy.run_requests
+        assert f"run {running.run_id} of nightly_refresh (STARTED" in busy.skip_message
+        instance.report_run_failed(running)
+        again = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert len(again.run_requests or []) == 1

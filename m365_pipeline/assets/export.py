@@ -17,6 +17,7 @@ from m365_pipeline.assets.core import users
 from m365_pipeline.assets.marts import org_summary, org_summary_history
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import markdown_table
+from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     SORT_FIELDS,
@@ -199,8 +200,7 @@ def _preview(organizations: list[tuple]) -> str:
 def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     source = Path(duckdb.database)
     target = source.with_name(ANALYTICS_FILE)
-    for stale in source.parent.glob(f".{ANALYTICS_FILE}.*.tmp*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_copies(source.parent)
     temporary = source.with_name(f".{ANALYTICS_FILE}.{os.getpid()}.tmp")
     with duckdb.get_connection() as conn:
         source_name = conn.execute("SELECT current_database()").fetchone()[0]
@@ -222,6 +222,21 @@ def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mate
         "tables": MetadataValue.md("\n".join(f"- `{name}`" for (name,) in tables)),
         "open_with": f"duckdb -readonly {target}",
     })
+
+
+def remove_stale_copies(data_dir: Path) -> list[str]:
+    """Delete half-written analytics copies (and their DuckDB WAL) whose writing process is gone.
+
+    A copy whose writer is alive is another run's, still being written: it is left alone.
+    """
+    removed = []
+    for stale in data_dir.glob(f".{ANALYTICS_FILE}.*.tmp*"):
+        pid = stale.name[len(ANALYTICS_FILE) + 2:].split(".", 1)[0]
+        if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        stale.unlink(missing_ok=True)
+        removed.append(stale.name)
+    return removed
 
 
 export_assets = [dashboard_api, analytics_db]
