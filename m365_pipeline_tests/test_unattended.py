@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dagster import DagsterRunStatus, build_schedule_context, instance_for_test, materialize
 
 from m365_pipeline import definitions as code_location
@@ -207,3 +209,27 @@ def test_the_schedule_skips_its_tick_while_a_run_is_in_progress_and_fires_otherw
         instance.report_run_failed(running)
         again = schedule.evaluate_tick(build_schedule_context(instance=instance))
         assert len(again.run_requests or []) == 1
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_RUN_PER_LOCATION = [{"key": "dagster/code_location", "value": "m365_pipeline", "limit": 1}]
+
+
+def test_shipped_and_dev_instances_queue_runs_one_at_a_time_under_the_one_code_location_name(tmp_path):
+    from dagster._core.instance.config import dagster_instance_config
+
+    from m365_pipeline.demo import DAGSTER_YAML
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "dagster.yaml").write_text(DAGSTER_YAML)
+    for home in (ROOT / "deploy", dev):
+        config, _ = dagster_instance_config(str(home))  # validates against Dagster's schema
+        assert config["concurrency"]["runs"]["tag_concurrency_limits"] == ONE_RUN_PER_LOCATION, home
+        assert config["run_retries"]["enabled"] and config["telemetry"]["enabled"] is False
+    # The limit's value is the code location name, which the daemon ([tool.dagster]) and the
+    # webserver (workspace.yaml) must both use.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dagster"]
+    workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    assert pyproject["code_location_name"] == workspace["location_name"] == ONE_RUN_PER_LOCATION[0]["value"]
+    assert pyproject["module_name"] == workspace["module_name"]
