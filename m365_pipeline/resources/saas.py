@@ -17,7 +17,7 @@ from m365_pipeline.resources.http import (
     VendorError,
     validate_base_url,
 )
-from m365_pipeline.resources.paging import require_fields, saas_pages
+from m365_pipeline.resources.paging import ListRead, require_fields, saas_pages
 
 SOURCE = "source S (SaaS management API)"
 USER_REQUIRED = ("id",)
@@ -34,7 +34,7 @@ class SaasClient(VendorClient):
         super().__init__(base_url, {"Authorization": f"Bearer {token}"}, settings)
         self.page_size = page_size
 
-    def _collection(self, path: str, required: tuple[str, ...]) -> Iterator[Page]:
+    def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None) -> Iterator[Page]:
         def fetch(page_number: int) -> Any:
             return self.get_json(
                 path, params={"page_size": self.page_size, "page_number": page_number}, page=page_number
@@ -43,11 +43,11 @@ class SaasClient(VendorClient):
         def where(page_number: int) -> Endpoint:
             return Endpoint(self.source_name, path, page_number)
 
-        for page_number, items in saas_pages(fetch, where):
+        for page_number, items in saas_pages(fetch, where, listing):
             yield where(page_number), require_fields(items, required, where(page_number))
 
-    def user_pages(self) -> Iterator[Page]:
-        return self._collection("/users", USER_REQUIRED)
+    def user_pages(self, listing: ListRead | None = None) -> Iterator[Page]:
+        return self._collection("/users", USER_REQUIRED, listing)
 
     def subscription_pages(self, user_id: str) -> list[Page]:
         """Every page of one user's subscriptions (usually one)."""
