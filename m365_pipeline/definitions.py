@@ -29,6 +29,7 @@ from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import marts_assets, marts_checks
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import BackupApiResource, PublishPolicy, SaasApiResource, WarehouseResource
+from m365_pipeline.sensors import alert_sensors
 from m365_pipeline.settings import DUCKDB_FILE, data_dir, load_env_file, schedule_timezone
 
 NIGHTLY_JOB = "nightly_refresh"
@@ -80,6 +81,7 @@ def defs() -> Definitions:
         asset_checks=[*core_checks, *marts_checks],
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
+        sensors=alert_sensors,
         resources={
             # URLs and tokens stay bound to their variables whatever run config changes (resources/base.py).
             "saas": SaasApiResource.from_environment(),
