@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -233,3 +234,6 @@ def test_shipped_and_dev_instances_queue_runs_one_at_a_time_under_the_one_code_l
     workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
     assert pyproject["code_location_name"] == workspace["location_name"] == ONE_RUN_PER_LOCATION[0]["value"]
     assert pyproject["module_name"] == workspace["module_name"]
+    for unit in ("m365-dagster-webserver.service", "m365-dagster-daemon.service"):
+        exec_start = re.search(r"^ExecStart=(.*)$", (ROOT / "deploy" / unit).read_text(), re.M)[1]
+        assert " -w workspace.yaml" in exec_start, unit  # both load the location under that one name
