@@ -23,7 +23,7 @@ dev: $(STAMP)
 
 # The browser and load tests drive Debian's chromium and wrk for real.
 test-system-packages:
-	@sh scripts/system-packages.sh chromium wrk
+	@sh scripts/system-packages.sh chromium wrk postgresql
 
 # Lint and the code location's own validation first: both take seconds and fail loudly.
 check: $(STAMP)
