@@ -25,7 +25,7 @@ class VendorApiResource(ConfigurableResource):
     base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
 
     # Set by each source: its short name, and each deployment field with the variable it comes from
-    # (the first one, the base URL, switches the source on).
+    # (``base_url``'s switches the source on).
     source_label: ClassVar[str] = "vendor"
     env_fields: ClassVar[dict[str, str]] = {}
 
@@ -36,7 +36,7 @@ class VendorApiResource(ConfigurableResource):
 
     @classmethod
     def base_url_variable(cls) -> str:
-        return next(iter(cls.env_fields.values()))
+        return cls.env_fields["base_url"]
 
     def deployed(self, name: str) -> str | None:
         """A deployment field (URL, token): its configured value, else its environment variable.
