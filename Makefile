@@ -25,7 +25,7 @@ dev: $(STAMP)
 
 # The browser, load and nights tests drive Debian's chromium, wrk and faketime for real.
 test-system-packages:
-	@sh scripts/system-packages.sh chromium wrk faketime
+	@sh scripts/system-packages.sh chromium wrk faketime postgresql
 
 # Lint and the code location's own validation first: both take seconds and fail loudly.
 check: $(STAMP)

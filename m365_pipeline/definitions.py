@@ -4,15 +4,21 @@ Dagster loads ``defs`` (``[tool.dagster]`` and ``workspace.yaml`` name this modu
 module does nothing else: the environment is read, and ``.env`` loaded, only when ``defs`` is built.
 """
 
+from datetime import UTC, datetime
+
 from dagster import (
     AssetSelection,
     Backoff,
+    DagsterRunStatus,
     DefaultScheduleStatus,
     Definitions,
-    EnvVar,
     Jitter,
     RetryPolicy,
+    RunRequest,
+    RunsFilter,
     ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
     define_asset_job,
     definitions,
     in_process_executor,
@@ -23,15 +29,27 @@ from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import marts_assets, marts_checks
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import BackupApiResource, PublishPolicy, SaasApiResource, WarehouseResource
-from m365_pipeline.settings import DUCKDB_FILE, data_dir, env_is_set, load_env_file, schedule_timezone
+from m365_pipeline.sensors import alert_sensors
+from m365_pipeline.settings import DUCKDB_FILE, data_dir, load_env_file, schedule_timezone
 
 NIGHTLY_JOB = "nightly_refresh"
 NIGHTLY_SCHEDULE = "nightly_refresh_at_2300"
+# A failed night is re-executed once from the failed step: an outage, a killed run worker. A night a
+# blocking check held back is not (its checks tag the run, m365_pipeline/run_retries.py).
+NIGHTLY_TAGS = {"dagster/max_retries": 1, "dagster/retry_strategy": "FROM_FAILURE"}
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-def optional_env(name: str) -> EnvVar | None:
-    """An EnvVar when the variable is set, so the Dagster UI shows its name, never its value."""
-    return EnvVar(name) if env_is_set(name) else None
+def nightly_tick(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    """Start the night, unless a run is still going or queued: it would only wait behind it and pull twice."""
+    busy = context.instance.get_run_records(RunsFilter(statuses=IN_PROGRESS), limit=1)
+    if busy:
+        run = busy[0].dagster_run
+        started = busy[0].start_time or busy[0].create_timestamp.timestamp()
+        return SkipReason(f"run {run.run_id} of {run.job_name} ({run.status.value}, since "
+                          f"{datetime.fromtimestamp(started, UTC):%Y-%m-%d %H:%M:%S} UTC) is still in progress")
+    return RunRequest()
 
 
 @definitions
@@ -46,7 +64,7 @@ def defs() -> Definitions:
         # A vendor outage (5xx, 429, timeouts past the client's own retries) is retried a few minutes
         # later; bad credentials or malformed data fail at once (Failure(allow_retries=False)).
         op_retry_policy=RetryPolicy(max_retries=2, delay=120, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS),
-        tags={"dagster/max_retries": 1, "dagster/retry_strategy": "FROM_FAILURE"},
+        tags=NIGHTLY_TAGS,
     )
     nightly_schedule = ScheduleDefinition(
         name=NIGHTLY_SCHEDULE,
@@ -54,23 +72,20 @@ def defs() -> Definitions:
         cron_schedule="0 23 * * *",
         execution_timezone=schedule_timezone(),
         default_status=DefaultScheduleStatus.RUNNING,
-        description="Every day at 23:00 in M365_SCHEDULE_TIMEZONE (default UTC), as the dashboard document says.",
+        execution_fn=nightly_tick,
+        description="Every day at 23:00 in M365_SCHEDULE_TIMEZONE (default UTC), as the dashboard document says; "
+                    "skipped while a run is in progress.",
     )
     return Definitions(
         assets=[*raw_assets, *core_assets, *marts_assets, *export_assets],
         asset_checks=[*core_checks, *marts_checks],
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
+        sensors=alert_sensors,
         resources={
-            "saas": SaasApiResource(
-                base_url=optional_env("SAAS_API_BASE_URL"),
-                token=optional_env("SAAS_API_TOKEN"),
-            ),
-            "backup": BackupApiResource(
-                base_url=optional_env("BACKUP_API_BASE_URL"),
-                reseller_token=optional_env("BACKUP_RESELLER_TOKEN"),
-                admin_token=optional_env("BACKUP_ADMIN_TOKEN"),
-            ),
+            # URLs and tokens stay bound to their variables whatever run config changes (resources/base.py).
+            "saas": SaasApiResource.from_environment(),
+            "backup": BackupApiResource.from_environment(),
             # DuckDB takes up to 80 % of RAM by default; capped, it spills to <db>.tmp instead
             # (peak memory with and without the cap: bench/RESULTS.md).
             "duckdb": WarehouseResource(database=str(data_dir() / DUCKDB_FILE),

@@ -29,6 +29,13 @@ telemetry:
   enabled: false
 run_retries:
   enabled: true
+# One run at a time, as in deploy/dagster.yaml: a second one waits in the queue.
+concurrency:
+  runs:
+    tag_concurrency_limits:
+      - key: dagster/code_location
+        value: m365_pipeline
+        limit: 1
 """
 
 
@@ -53,7 +60,7 @@ def prepare_environment(root: Path) -> dict[str, str]:
         home = root / ".dagster_home"
         home.mkdir(exist_ok=True)
         config = home / "dagster.yaml"
-        if not config.exists():
+        if not config.exists() or config.read_text() != DAGSTER_YAML:  # generated: kept current
             config.write_text(DAGSTER_YAML)
         env["DAGSTER_HOME"] = str(home)
     env.setdefault("M365_DATA_DIR", str(root / "data"))

@@ -75,6 +75,12 @@ class StagingFile:
             write("\n")
             self.rows += 1
 
+    def restart(self) -> None:
+        """Drop everything added so far (a read that has to be done again)."""
+        self._handle.seek(0)
+        self._handle.truncate()
+        self.rows = 0
+
     def load(self, conn: duckdb.DuckDBPyConnection, collected_at: datetime) -> int:
         """Replace the table with this file's rows in one statement; return the row count."""
         self._handle.close()

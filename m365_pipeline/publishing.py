@@ -180,6 +180,12 @@ def current_version_dir(root: Path) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+def published_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of the version ``current`` points at, or None before the first publish."""
+    path = current_version_dir(root)
+    return json.loads((path / MANIFEST).read_bytes()) if path else None
+
+
 def prune_versions(root: Path, keep: int = KEEP_VERSIONS) -> list[str]:
     """Delete unfinished versions and all but the newest ``keep`` finished ones; never ``current``."""
     versions = root / VERSIONS

@@ -21,8 +21,10 @@ def load_env_file() -> None:
     load_dotenv(Path.cwd() / ".env", override=False)
 
 
-def env_is_set(name: str) -> bool:
-    return bool(os.environ.get(name, "").strip())
+def env_value(name: str) -> str | None:
+    """The variable's value, or None when it is unset or blank."""
+    value = os.environ.get(name, "")
+    return value if value.strip() else None
 
 
 def data_dir() -> Path:

@@ -17,7 +17,14 @@ from m365_pipeline.processes import free_port, wait_for_port
 from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
 
-from .helpers import Published, Served, run_pipeline, spawn_serve
+from .helpers import SOURCE_VARIABLES, Published, Served, run_pipeline, spawn_serve
+
+
+@pytest.fixture(autouse=True)
+def no_source_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources are configured by each test, never by the developer's shell or a ``.env`` another test loaded."""
+    for name in SOURCE_VARIABLES:
+        monkeypatch.setenv(name, "")  # blank reads as unset; recorded, so whatever a test sets is undone
 
 
 @pytest.fixture

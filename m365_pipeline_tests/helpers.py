@@ -19,6 +19,9 @@ from m365_pipeline.simulator import Simulator
 # The venv's console scripts (dagster, m365-serve, duckdb, ...), next to the running interpreter.
 BIN = Path(sys.executable).parent
 
+# Every variable a source reads (resources fall back to them when their config leaves a field empty).
+SOURCE_VARIABLES = (*SaasApiResource.env_fields.values(), *BackupApiResource.env_fields.values())
+
 # Small, fast retry settings so fault tests finish in seconds.
 FAST_HTTP = {"timeout_s": 5.0, "max_retries": 4, "backoff_factor": 0.01, "retry_after_max_s": 1}
 

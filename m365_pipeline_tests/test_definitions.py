@@ -86,6 +86,7 @@ def test_checks_sit_on_the_assets_they_guard(monkeypatch, tmp_path):
         (("core", "license_assignments"), "new_license_names"),
         (("marts", "org_summary"), "contract_invariants"),
         (("marts", "org_summary"), "pull_is_plausible"),
+        (("marts", "org_summary"), "no_source_went_missing"),
     }
 
 

@@ -26,6 +26,7 @@ from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.assets.nights import NIGHT_SPECS, record_night, write_changes_files, write_history_files
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import markdown_table, table_result
+from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     SORT_FIELDS,
@@ -35,6 +36,8 @@ from m365_pipeline.publishing import (
     iso_z,
     json_bytes,
 )
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.resources.base import configured_sources
 from m365_pipeline.settings import ANALYTICS_FILE
 
 GROUP = "export"
@@ -75,7 +78,8 @@ def _sql_path(path: Path) -> str:
     # Only published nights count (rule 11): the night is recorded by the publish step itself.
     *[spec.replace_attributes(deps=[org_summary, users]) for spec in NIGHT_SPECS],
 ])
-def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource):
+def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: SaasApiResource,
+                  backup: BackupApiResource):
     root = export_dir(Path(duckdb.database).parent)
     writer = VersionWriter(root)
     with duckdb.get_connection() as conn:
@@ -94,8 +98,10 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource):
             night, _ = record_night(conn)
             nights, history_organizations = write_history_files(conn, writer)
             write_changes_files(conn, writer, nights)
+            # The sources tonight's numbers came from: the next night must not silently lose one.
             writer.commit({"last_collected": last_collected, "totals": totals, "nights": nights,
-                           "history_organizations": history_organizations})
+                           "history_organizations": history_organizations,
+                           "sources": configured_sources(saas, backup)})
         except BaseException:
             conn.rollback()
             conn.close()  # dagster_duckdb closes only on success; a failed run must not hold the file
@@ -239,8 +245,7 @@ def _preview(organizations: list[tuple]) -> str:
 def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
     source = Path(duckdb.database)
     target = source.with_name(ANALYTICS_FILE)
-    for stale in source.parent.glob(f".{ANALYTICS_FILE}.*.tmp*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    remove_stale_copies(source.parent)
     temporary = source.with_name(f".{ANALYTICS_FILE}.{os.getpid()}.tmp")
     with duckdb.get_connection() as conn:
         source_name = conn.execute("SELECT current_database()").fetchone()[0]
@@ -262,6 +267,21 @@ def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mate
         "tables": MetadataValue.md("\n".join(f"- `{name}`" for (name,) in tables)),
         "open_with": f"duckdb -readonly {target}",
     })
+
+
+def remove_stale_copies(data_dir: Path) -> list[str]:
+    """Delete half-written analytics copies (and their DuckDB WAL) whose writing process is gone.
+
+    A copy whose writer is alive is another run's, still being written: it is left alone.
+    """
+    removed = []
+    for stale in data_dir.glob(f".{ANALYTICS_FILE}.*.tmp*"):
+        pid = stale.name[len(ANALYTICS_FILE) + 2:].split(".", 1)[0]
+        if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        stale.unlink(missing_ok=True)
+        removed.append(stale.name)
+    return removed
 
 
 export_assets = [dashboard_api, analytics_db]

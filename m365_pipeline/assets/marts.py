@@ -1,10 +1,13 @@
 """Marts layer: the per-organization summary the dashboard shows (its nightly history is recorded
 by the publish step, see ``nights.py``).
 
-Two blocking checks guard the summary: the contract's invariants (rule 8), and a
+Three blocking checks guard the summary: the contract's invariants (rule 8), a
 plausibility check that stops an outage masquerading as data (no organizations, or far
-fewer than the last good night) from reaching the published layer.
+fewer than the last good night) from reaching the published layer, and a check that no
+source the last published night came from has gone missing.
 """
+
+from pathlib import Path
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -29,7 +32,11 @@ from m365_pipeline.duckdb_helpers import (
     table_result,
     table_schema,
 )
+from m365_pipeline.publishing import export_dir, published_manifest
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.resources.base import configured_sources
 from m365_pipeline.resources.publish_policy import PublishPolicy
+from m365_pipeline.run_retries import do_not_retry_this_run
 
 GROUP = "marts"
 
@@ -72,6 +79,13 @@ def org_summary(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mater
         )
 
 
+def blocking_result(context: AssetCheckExecutionContext, *, passed: bool, **kwargs) -> AssetCheckResult:
+    """A blocking check's verdict. A night held back fails the same way when retried, so it is not."""
+    if not passed:
+        do_not_retry_this_run(context)
+    return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.ERROR, **kwargs)
+
+
 INVARIANT_SQL = {
     "every organization of source B appears exactly once": """
         SELECT count(*) FROM (
@@ -98,8 +112,8 @@ def contract_invariants(context: AssetCheckExecutionContext, duckdb: DuckDBResou
     with duckdb.get_connection() as conn:
         broken = {name: conn.execute(sql).fetchone()[0] for name, sql in INVARIANT_SQL.items()}
     failed = {name: n for name, n in broken.items() if n}
-    return AssetCheckResult(
-        passed=not failed, severity=AssetCheckSeverity.ERROR,
+    return blocking_result(
+        context, passed=not failed,
         description=None if not failed else "Broken: " + "; ".join(f"{k} ({v} rows)" for k, v in failed.items()),
         metadata={name: n for name, n in broken.items()},
     )
@@ -122,8 +136,8 @@ def pull_is_plausible(
                                      WHERE last_collected < $1)""", [collected]).fetchone() \
             if _has_history(conn) and collected is not None else (0, 0, None)
     problems = verdict(orgs, licensed, previous[0], previous[1], publish_policy)
-    return AssetCheckResult(
-        passed=not problems, severity=AssetCheckSeverity.ERROR,
+    return blocking_result(
+        context, passed=not problems,
         description="; ".join(problems) + ". The previous data stays published." if problems else None,
         metadata={
             "organizations": orgs, "m365_licensed_users": int(licensed),
@@ -147,6 +161,39 @@ def verdict(orgs: int, licensed: int, prev_orgs: int, prev_licensed: int, policy
     return problems
 
 
+@asset_check(asset=org_summary, blocking=True,
+             description="Holds the night back when a source the last published night came from is not "
+                         "configured tonight (unset, misspelled, or dropped by run config).")
+def no_source_went_missing(
+    context: AssetCheckExecutionContext, duckdb: DuckDBResource, saas: SaasApiResource,
+    backup: BackupApiResource, publish_policy: PublishPolicy,
+) -> AssetCheckResult:
+    manifest = published_manifest(export_dir(Path(duckdb.database).parent)) or {}
+    before, tonight = manifest.get("sources", []), configured_sources(saas, backup)
+    missing = missing_sources(before, tonight)
+    held = bool(missing) and not publish_policy.allow_missing_sources
+    description = None
+    if missing:
+        description = (
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set tonight, but the last "
+            f"published night (version {manifest.get('version')}) came from {', '.join(before)}. "
+            + ("Set it in the service's environment (or .env) with its token. To publish without it on "
+               "purpose, run with publish_policy allow_missing_sources: true. The previous data stays published."
+               if held else "Published without it: publish_policy allow_missing_sources is true.")
+        )
+    return blocking_result(
+        context, passed=not held, description=description,
+        metadata={"last_published_sources": ", ".join(before) or "none",
+                  "tonight_sources": ", ".join(tonight) or "none",
+                  "missing": ", ".join(missing) or "none"},
+    )
+
+
+def missing_sources(last_published: list[str], tonight: list[str]) -> list[str]:
+    """Variables of the sources the last published night came from that are not configured tonight."""
+    return [variable for variable in last_published if variable not in tonight]
+
+
 def _has_history(conn) -> bool:
     return bool(conn.execute("""
         SELECT count(*) FROM information_schema.tables
@@ -154,4 +201,4 @@ def _has_history(conn) -> bool:
 
 
 marts_assets = [org_summary]
-marts_checks = [contract_invariants, pull_is_plausible]
+marts_checks = [contract_invariants, pull_is_plausible, no_source_went_missing]

@@ -28,7 +28,8 @@ from m365_pipeline.raw_tables import (
 )
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import VendorApiResource
-from m365_pipeline.resources.http import CallStats, Page, VendorError, run_concurrently
+from m365_pipeline.resources.http import CallStats, Page, VendorError, VendorNotFoundError, run_concurrently
+from m365_pipeline.resources.paging import ListRead, read_until_consistent
 
 GROUP = "raw"
 NEITHER_CONFIGURED = (
@@ -128,9 +129,12 @@ def saas_users(
 
     def pull(staging: StagingFile) -> CallStats:
         with saas.client() as client:
-            for origin, items in client.user_pages():
-                staging.add(items, origin=origin)
-                context.log.debug(f"{origin.describe()}: {len(items)} users")
+            def read_once(listing: ListRead) -> None:
+                for origin, items in client.user_pages(listing):
+                    staging.add(items, origin=origin)
+                    context.log.debug(f"{origin.describe()}: {len(items)} users")
+
+            read_until_consistent(read_once, staging.restart, context.log.warning, "source S GET /users")
             return client.stats
 
     return _land(context, duckdb, SAAS_USERS, saas, pull)
@@ -142,19 +146,24 @@ def saas_user_subscriptions(
 ) -> MaterializeResult:
     user_ids = [row[0] for row in _column_values(duckdb, "SELECT DISTINCT id FROM raw.saas_users ORDER BY id")]
 
+    gone: list[str] = []
+
     def pull(staging: StagingFile) -> CallStats:
         with saas.client() as client:
             progress = _Progress(context, "subscriptions", len(user_ids), client.stats)
+            fetch = _gone_on_404(client.subscription_pages, gone)
 
             def keep(user_id: str, pages: list[Page]) -> None:
                 for origin, items in pages:
                     staging.add(items, origin=origin, user_id=user_id)
 
-            run_concurrently(user_ids, client.subscription_pages, workers=saas.concurrency,
-                             on_result=_counting(keep, progress), pace=client.pace)
+            run_concurrently(user_ids, fetch, workers=saas.concurrency, on_result=_counting(keep, progress),
+                             pace=client.pace)
+            _warn_gone(context, gone, "source S users", "GET /users", "their subscriptions")
             return client.stats
 
-    return _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, saas, pull)
+    result = _land(context, duckdb, SAAS_USER_SUBSCRIPTIONS, saas, pull)
+    return _with_gone(result, gone)
 
 
 @asset(**_asset_kwargs(BACKUP_ORGANIZATIONS))
@@ -162,21 +171,24 @@ def backup_organizations(
     context: AssetExecutionContext, saas: SaasApiResource, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
     _require_some_source(saas, backup)
+    gone: list[str] = []
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
             _, owners = client.owners()
             progress = _Progress(context, "organization owners", len(owners), client.stats)
 
-            def keep(owner: dict[str, Any], page: Page) -> None:
-                origin, (detail,) = page
-                staging.add([{**owner, **detail}], origin=origin)
+            def keep(owner: dict[str, Any], pages: list[Page]) -> None:
+                for origin, (detail,) in pages:
+                    staging.add([{**owner, **detail}], origin=origin)
 
-            run_concurrently(owners, lambda owner: client.owner_detail(owner["id"]),
-                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
+            fetch = _gone_on_404(lambda owner: [client.owner_detail(owner["id"])], gone, label=lambda o: str(o["id"]))
+            run_concurrently(owners, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
+                             pace=client.pace)
+            _warn_gone(context, gone, "organization owners", "source B GET /users", "their details")
             return client.stats
 
-    return _land(context, duckdb, BACKUP_ORGANIZATIONS, backup, pull)
+    return _with_gone(_land(context, duckdb, BACKUP_ORGANIZATIONS, backup, pull), gone)
 
 
 def _owner_tokens(client: Any) -> dict[str, str]:
@@ -190,6 +202,7 @@ def backup_tenants(
     context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
     owner_ids = [row[0] for row in _column_values(duckdb, "SELECT id FROM raw.backup_organizations ORDER BY id")]
+    gone: list[str] = []
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
@@ -203,11 +216,12 @@ def backup_tenants(
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=owner_id)
 
-            run_concurrently(owner_ids, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
-                             pace=client.pace)
+            run_concurrently(owner_ids, _gone_on_404(fetch, gone), workers=backup.concurrency,
+                             on_result=_counting(keep, progress), pace=client.pace)
+            _warn_gone(context, gone, "organization owners", "source B GET /users", "their tenants")
             return client.stats
 
-    return _land(context, duckdb, BACKUP_TENANTS, backup, pull)
+    return _with_gone(_land(context, duckdb, BACKUP_TENANTS, backup, pull), gone)
 
 
 @asset(deps=[backup_tenants], **_asset_kwargs(BACKUP_ACCOUNTS))
@@ -215,6 +229,7 @@ def backup_accounts(
     context: AssetExecutionContext, backup: BackupApiResource, duckdb: DuckDBResource
 ) -> MaterializeResult:
     tenants = _column_values(duckdb, "SELECT owner_id, id, type FROM raw.backup_tenants ORDER BY owner_id, id")
+    gone: list[str] = []
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
@@ -229,11 +244,36 @@ def backup_accounts(
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=tenant[0], tenant_id=tenant[1])
 
-            run_concurrently(tenants, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
-                             pace=client.pace)
+            run_concurrently(tenants, _gone_on_404(fetch, gone, label=lambda t: f"{t[0]}/{t[1]}"),
+                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
+            _warn_gone(context, gone, "tenants (owner/tenant)", "source B", "their mailboxes")
             return client.stats
 
-    return _land(context, duckdb, BACKUP_ACCOUNTS, backup, pull)
+    return _with_gone(_land(context, duckdb, BACKUP_ACCOUNTS, backup, pull), gone)
+
+
+def _gone_on_404(fetch: Callable[[Any], list[Page]], gone: list[str],
+                 label: Callable[[Any], str] = str) -> Callable[[Any], list[Page]]:
+    """``fetch``, with a record the vendor deleted after listing it (404) noted in ``gone`` and read as empty."""
+    def fetch_or_gone(item: Any) -> list[Page]:
+        try:
+            return fetch(item)
+        except VendorNotFoundError:
+            gone.append(label(item))  # list.append is atomic: safe from the pool's threads
+            return []
+
+    return fetch_or_gone
+
+
+def _warn_gone(context: AssetExecutionContext, gone: list[str], what: str, listed_by: str, read: str) -> None:
+    if gone:
+        shown = ", ".join(sorted(gone)[:10]) + (" ..." if len(gone) > 10 else "")
+        context.log.warning(f"{len(gone)} {what} listed by {listed_by} were deleted at the vendor before {read} "
+                            f"were read (HTTP 404); treated as gone: {shown}")
+
+
+def _with_gone(result: MaterializeResult, gone: list[str]) -> MaterializeResult:
+    return MaterializeResult(metadata={**(result.metadata or {}), "deleted_during_pull": len(gone)})
 
 
 def _token_for(tokens: dict[str, str], owner_id: str) -> str:

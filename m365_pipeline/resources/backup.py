@@ -88,7 +88,9 @@ class BackupApiResource(VendorApiResource):
     """Source B. Unset ``base_url`` means the source is skipped for the run."""
 
     source_label: ClassVar[str] = "source B"
-    base_url_variable: ClassVar[str] = "BACKUP_API_BASE_URL"
+    env_fields: ClassVar[dict[str, str]] = {"base_url": "BACKUP_API_BASE_URL",
+                                            "reseller_token": "BACKUP_RESELLER_TOKEN",
+                                            "admin_token": "BACKUP_ADMIN_TOKEN"}
 
     base_url: str | None = Field(default=None, description="BACKUP_API_BASE_URL, e.g. https://host/api")
     reseller_token: str | None = Field(default=None, description="BACKUP_RESELLER_TOKEN (X-Reseller-Token).")
@@ -100,10 +102,10 @@ class BackupApiResource(VendorApiResource):
             raise VendorError(
                 "source B is not configured: set BACKUP_API_BASE_URL, BACKUP_RESELLER_TOKEN and BACKUP_ADMIN_TOKEN"
             )
-        missing = [name for name, value in (("BACKUP_RESELLER_TOKEN", self.reseller_token),
-                                            ("BACKUP_ADMIN_TOKEN", self.admin_token)) if not value]
+        reseller_token, admin_token = self.deployed("reseller_token"), self.deployed("admin_token")
+        missing = [name for name, value in (("BACKUP_RESELLER_TOKEN", reseller_token),
+                                            ("BACKUP_ADMIN_TOKEN", admin_token)) if not value]
         if missing:
             raise VendorError(f"BACKUP_API_BASE_URL is set but {' and '.join(missing)} is empty")
-        base_url = validate_base_url(self.base_url or "", "BACKUP_API_BASE_URL")
-        return BackupClient(base_url, self.reseller_token or "", self.admin_token or "",
-                            self.http_settings(), self.per_page)
+        base_url = validate_base_url(self.url or "", "BACKUP_API_BASE_URL")
+        return BackupClient(base_url, reseller_token or "", admin_token or "", self.http_settings(), self.per_page)

@@ -1,13 +1,14 @@
-"""Settings every vendor resource shares: timeouts, retries, pool size."""
+"""Settings every vendor resource shares: timeouts, retries, pool size, and how URL and tokens are bound."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from m365_pipeline.resources.http import HttpSettings
+from m365_pipeline.settings import env_value
 
 
 class VendorApiResource(ConfigurableResource):
@@ -28,18 +29,42 @@ class VendorApiResource(ConfigurableResource):
     )
     base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
 
-    # Set by each source: its short name and the variable that switches it on.
+    # Set by each source: its short name, and each deployment field with the variable it comes from
+    # (``base_url``'s switches the source on).
     source_label: ClassVar[str] = "vendor"
-    base_url_variable: ClassVar[str] = ""
+    env_fields: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_environment(cls) -> Self:
+        """The resource as deployed: an EnvVar per variable that is set, so the UI shows names, not values."""
+        return cls(**{name: EnvVar(variable) for name, variable in cls.env_fields.items() if env_value(variable)})
+
+    @classmethod
+    def base_url_variable(cls) -> str:
+        return cls.env_fields["base_url"]
+
+    def deployed(self, name: str) -> str | None:
+        """A deployment field (URL, token): its configured value, else its environment variable.
+
+        Run config that sets any field of a resource replaces the resource's whole configured
+        default, leaving the fields it does not name empty; reading the variable here keeps a
+        tuning change (``concurrency: 4``) from silently dropping the source.
+        """
+        value = getattr(self, name)
+        return value if value and value.strip() else env_value(self.env_fields[name])
+
+    @property
+    def url(self) -> str | None:
+        return self.deployed("base_url")
 
     @property
     def is_configured(self) -> bool:
-        return bool(self.base_url and self.base_url.strip())
+        return self.url is not None
 
     @property
     def skip_reason(self) -> str | None:
         """Why the source is skipped this run, or None when it is configured."""
-        return None if self.is_configured else f"{self.source_label} skipped: {self.base_url_variable} is not set"
+        return None if self.is_configured else f"{self.source_label} skipped: {self.base_url_variable()} is not set"
 
     def http_settings(self) -> HttpSettings:
         return HttpSettings(
@@ -49,3 +74,8 @@ class VendorApiResource(ConfigurableResource):
             retry_after_max_s=self.retry_after_max_s,
             pool_size=self.concurrency,
         )
+
+
+def configured_sources(*sources: VendorApiResource) -> list[str]:
+    """The base-URL variables of the sources configured for this run: how a night records its sources."""
+    return [source.base_url_variable() for source in sources if source.is_configured]

@@ -59,6 +59,10 @@ class VendorUnreachableError(VendorUnavailableError):
     """The vendor host could not be reached at all."""
 
 
+class VendorNotFoundError(VendorError):
+    """404: the record was deleted at the vendor after it was listed (callers decide if that is fine)."""
+
+
 class MalformedResponseError(VendorError):
     """The vendor answered 2xx with something that is not what its documentation promises."""
 
@@ -277,6 +281,8 @@ class VendorClient:
                 f"{self.source_name} rejected our credentials ({status}) on {where.describe()}: "
                 f"check {self.auth_variables}"
             )
+        if status == 404:
+            raise VendorNotFoundError(f"{where.describe()} answered HTTP 404: {_safe_excerpt(response)}")
         if not 200 <= status < 300:
             transient = status in RETRY_STATUSES
             hint = f" after {retries} retries" if transient else ""

@@ -17,7 +17,7 @@ from m365_pipeline.resources.http import (
     VendorError,
     validate_base_url,
 )
-from m365_pipeline.resources.paging import require_fields, saas_pages
+from m365_pipeline.resources.paging import ListRead, require_fields, saas_pages
 
 SOURCE = "source S (SaaS management API)"
 USER_REQUIRED = ("id",)
@@ -34,7 +34,7 @@ class SaasClient(VendorClient):
         super().__init__(base_url, {"Authorization": f"Bearer {token}"}, settings)
         self.page_size = page_size
 
-    def _collection(self, path: str, required: tuple[str, ...]) -> Iterator[Page]:
+    def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None) -> Iterator[Page]:
         def fetch(page_number: int) -> Any:
             return self.get_json(
                 path, params={"page_size": self.page_size, "page_number": page_number}, page=page_number
@@ -43,11 +43,11 @@ class SaasClient(VendorClient):
         def where(page_number: int) -> Endpoint:
             return Endpoint(self.source_name, path, page_number)
 
-        for page_number, items in saas_pages(fetch, where):
+        for page_number, items in saas_pages(fetch, where, listing):
             yield where(page_number), require_fields(items, required, where(page_number))
 
-    def user_pages(self) -> Iterator[Page]:
-        return self._collection("/users", USER_REQUIRED)
+    def user_pages(self, listing: ListRead | None = None) -> Iterator[Page]:
+        return self._collection("/users", USER_REQUIRED, listing)
 
     def subscription_pages(self, user_id: str) -> list[Page]:
         """Every page of one user's subscriptions (usually one)."""
@@ -59,7 +59,7 @@ class SaasApiResource(VendorApiResource):
     """Source S. Unset ``base_url`` means the source is skipped for the run."""
 
     source_label: ClassVar[str] = "source S"
-    base_url_variable: ClassVar[str] = "SAAS_API_BASE_URL"
+    env_fields: ClassVar[dict[str, str]] = {"base_url": "SAAS_API_BASE_URL", "token": "SAAS_API_TOKEN"}
 
     base_url: str | None = Field(default=None, description="SAAS_API_BASE_URL, e.g. https://host/api/saas/consolidated-view/v1")
     token: str | None = Field(default=None, description="SAAS_API_TOKEN, sent as a Bearer token.")
@@ -68,7 +68,8 @@ class SaasApiResource(VendorApiResource):
     def client(self) -> SaasClient:
         if not self.is_configured:
             raise VendorError("source S is not configured: set SAAS_API_BASE_URL and SAAS_API_TOKEN")
-        if not self.token:
+        token = self.deployed("token")
+        if not token:
             raise VendorError("SAAS_API_BASE_URL is set but SAAS_API_TOKEN is empty: set the source S token")
-        base_url = validate_base_url(self.base_url or "", "SAAS_API_BASE_URL")
-        return SaasClient(base_url, self.token, self.http_settings(), self.page_size)
+        base_url = validate_base_url(self.url or "", "SAAS_API_BASE_URL")
+        return SaasClient(base_url, token, self.http_settings(), self.page_size)

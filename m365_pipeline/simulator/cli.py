@@ -26,7 +26,7 @@ from m365_pipeline.simulator.dataset import (
     MAX_NIGHT,
     SimulatorConfig,
 )
-from m365_pipeline.simulator.faults import SCOPES, FaultConfig
+from m365_pipeline.simulator.faults import DELETE_MOMENTS, SCOPES, FaultConfig
 from m365_pipeline.simulator.server import Simulator
 from m365_pipeline.simulator.truth import ground_truth
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--down-after", type=count, help="after N requests to --down-scope, answer 503 forever")
     f.add_argument("--down-scope", choices=SCOPES, default="both", help="source that --down-after applies to")
     f.add_argument("--max-faults-per-url", type=count, default=2, help="transient fault budget per URL")
+    f.add_argument("--delete-saas-user", choices=DELETE_MOMENTS,
+                   help="delete source S's first user right after page 1 (later pages shift) or the last page "
+                        "(its subscriptions then answer 404) of the user list was served")
     return p
 
 

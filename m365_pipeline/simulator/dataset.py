@@ -415,12 +415,16 @@ class Dataset:
             self._saas_offsets.append(self._saas_offsets[-1] + owner.saas_count)
         # Listing users and then each user's subscriptions touches the same slot twice.
         self._saas_record = lru_cache(maxsize=4096)(self._make_saas_record)
+        # Source S users deleted at the vendor (global indices, sorted): gone from the list, 404 for
+        # their subscriptions, and from the ground truth.
+        self._deleted: list[int] = []
 
     # -- public iterators (what both APIs serve, unpaged) -----------------------------------
     def saas_users(self) -> Iterator[dict[str, Any]]:
         for owner in self.owners:
             for j in range(owner.saas_count):
-                yield dict(self._saas_record(owner.index, j)[0])
+                if self._saas_offsets[owner.index] + j not in self._deleted:
+                    yield dict(self._saas_record(owner.index, j)[0])
 
     def saas_subscriptions(self, user_id: str) -> Iterator[dict[str, Any]]:
         subs = self.subscriptions_of(user_id)
@@ -445,14 +449,31 @@ class Dataset:
     # -- index access for the server ----------------------------------------------------------
     @property
     def saas_user_count(self) -> int:
-        return self._saas_offsets[-1]
+        return self._saas_offsets[-1] - len(self._deleted)
 
     def saas_user_page(self, start: int, stop: int) -> list[dict[str, Any]]:
         out = []
-        for i in range(start, min(stop, self.saas_user_count)):
+        for position in range(start, min(stop, self.saas_user_count)):
+            i = self._saas_index(position)
             o = bisect.bisect_right(self._saas_offsets, i) - 1
             out.append(dict(self._saas_record(o, i - self._saas_offsets[o])[0]))
         return out
+
+    def _saas_index(self, position: int) -> int:
+        """The global index of the user at ``position`` of the list, deleted users skipped."""
+        index = position
+        for deleted in self._deleted:  # sorted; a handful at most
+            if deleted <= index:
+                index += 1
+        return index
+
+    def delete_saas_user(self, position: int) -> str:
+        """Delete the user at ``position`` of source S's list, as a vendor admin would; returns its id."""
+        index = self._saas_index(position)
+        o = bisect.bisect_right(self._saas_offsets, index) - 1
+        user_id = self._saas_record(o, index - self._saas_offsets[o])[0]["id"]
+        bisect.insort(self._deleted, index)
+        return user_id
 
     def subscriptions_of(self, user_id: str) -> list[dict[str, Any]] | None:
         """The user's subscriptions, or None when the id is not one this dataset issued."""
@@ -460,7 +481,7 @@ class Dataset:
         if not match:
             return None
         o, j = int(match[1], 16), int(match[2], 16)
-        if o >= len(self.owners) or j >= self.owners[o].saas_count:
+        if o >= len(self.owners) or j >= self.owners[o].saas_count or self._saas_offsets[o] + j in self._deleted:
             return None
         user, subs = self._saas_record(o, j)
         return [dict(sub) for sub in subs] if user["id"] == user_id else None

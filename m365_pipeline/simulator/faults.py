@@ -26,6 +26,7 @@ from typing import Any
 
 SOURCES = ("saas", "backup")
 SCOPES = ("saas", "backup", "both")
+DELETE_MOMENTS = ("after_first_page", "after_last_page")
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,17 @@ class FaultConfig:
     down_after: int | None = None
     down_scope: str = "both"
     max_faults_per_url: int = 2
+    # A list that changes under the pull: the first user of source S's list is deleted at the vendor
+    # right after page 1 ("after_first_page": later pages shift by one) or the last page
+    # ("after_last_page": the list read is whole, the user's subscriptions then answer 404) was served.
+    delete_saas_user: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("scope", "down_scope"):
             if getattr(self, name) not in SCOPES:
                 raise ValueError(f"{name} must be one of {', '.join(SCOPES)}, not {getattr(self, name)!r}")
+        if self.delete_saas_user not in (None, *DELETE_MOMENTS):
+            raise ValueError(f"delete_saas_user must be one of {', '.join(DELETE_MOMENTS)}")
         for name in ("rate_429", "rate_5xx", "reset_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

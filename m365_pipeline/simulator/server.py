@@ -131,6 +131,8 @@ class _App:
         self.dataset = dataset
         self.counters = counters
         self.faults = FaultInjector(config.faults, config.seed, counters)
+        self._delete_lock = threading.Lock()
+        self.deleted_users: list[str] = []
 
     def handle(self, handler: _Handler) -> None:
         target = handler.path
@@ -213,7 +215,18 @@ class _App:
 
     def _saas_users(self, handler: _Handler, query: Query) -> Response:
         self._saas_auth(handler)
-        return self._saas_page(query, self.dataset.saas_user_count, self.dataset.saas_user_page)
+        status, body = self._saas_page(query, self.dataset.saas_user_count, self.dataset.saas_user_page)
+        self._maybe_delete_user(body["pagination"])
+        return status, body
+
+    def _maybe_delete_user(self, pagination: dict[str, Any]) -> None:
+        """The ``delete_saas_user`` fault: once, after the chosen page was built, delete the list's first user."""
+        moment = self.config.faults.delete_saas_user
+        page = 1 if moment == "after_first_page" else pagination["total_pages"]
+        with self._delete_lock:
+            if moment and not self.deleted_users and pagination["page_number"] == page:
+                self.deleted_users.append(self.dataset.delete_saas_user(0))
+                self.faults.record("delete_saas_user")
 
     def _saas_subscriptions(self, handler: _Handler, query: Query, user_id: str) -> Response:
         self._saas_auth(handler)

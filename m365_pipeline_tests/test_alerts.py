@@ -1,0 +1,153 @@
+"""Alerts reach a webhook on 127.0.0.1: a failed night, a held-back night, a missed night; never a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from dagster import build_sensor_context
+
+from m365_pipeline.alerts import Alert, payload, scrub
+from m365_pipeline.demo import DAGSTER_YAML
+from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
+from m365_pipeline.sensors import alert_on_missed_night
+
+from .helpers import BIN
+from .test_unattended import ROOT, cli_env, materialize_all
+
+UI = "http://127.0.0.1:3999/dagster"
+
+
+class Receiver:
+    """A webhook on 127.0.0.1 that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(body) for body in self.bodies]
+
+    def wait_for(self, count: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.bodies) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self.messages()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    yield hook
+    hook.server.shutdown()
+
+
+def run_id_of(proc: subprocess.CompletedProcess) -> str:
+    match = re.search(r" - ([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}) - ", proc.stderr + proc.stdout)
+    assert match, (proc.stdout + proc.stderr)[-2000:]
+    return match[1]
+
+
+@pytest.mark.slow
+def test_the_daemon_alerts_once_for_a_held_back_and_a_failed_cli_night_and_never_for_a_good_one(
+        start_simulator, tmp_path, receiver, unused_port):
+    sim = start_simulator(orgs=4, users_per_org=6, seed=8)
+    env = cli_env(tmp_path, sim, M365_ALERT_WEBHOOK_URL=receiver.url, M365_DAGSTER_UI_URL=UI + "/",
+                  M365_ALERT_FORMAT="json")
+    (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(DAGSTER_YAML)
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120  # the failure sensor only sees runs after its first tick
+        while "alert_on_failed_night" not in log.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+
+        good = materialize_all(env, tmp_path)
+        assert good.returncode == 0, (good.stdout + good.stderr)[-3000:]
+        without_s = {k: v for k, v in env.items() if k != "SAAS_API_BASE_URL"}
+        held = materialize_all(without_s, tmp_path)
+        assert held.returncode != 0
+        down = materialize_all({**env, "SAAS_API_BASE_URL": f"http://127.0.0.1:{unused_port}/v1"}, tmp_path,
+                               {"resources": {"saas": {"config": {"max_retries": 0}}}})
+        assert down.returncode != 0
+
+        messages = receiver.wait_for(2, timeout=120)
+        time.sleep(35)  # one more sensor interval: nothing else (the good night) may arrive
+        messages = receiver.messages()
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert [m["kind"] for m in messages] == ["held_back", "failed"], messages
+    held_alert, failed_alert = messages
+    assert held_alert["run_id"] == run_id_of(held) and failed_alert["run_id"] == run_id_of(down)
+    assert held_alert["link"] == f"{UI}/runs/{held_alert['run_id']}"
+    assert "no_source_went_missing" in held_alert["reason"] and "SAAS_API_BASE_URL" in held_alert["reason"]
+    assert held_alert["step"] == "marts__org_summary_no_source_went_missing"
+    assert failed_alert["step"] == "raw__saas_users" and "cannot reach source S" in failed_alert["reason"]
+    raw = b"".join(receiver.bodies).decode()
+    for token in (sim.config.saas_token, sim.config.reseller_token, sim.config.admin_token):
+        assert token not in raw
+
+
+def _publish_old_version(data_dir: Path, version: str, published_at: str) -> None:
+    root = export_dir(data_dir)
+    (root / VERSIONS / version).mkdir(parents=True)
+    (root / VERSIONS / version / MANIFEST).write_text(json.dumps({"version": version, "published_at": published_at}))
+    (root / CURRENT).symlink_to(Path(VERSIONS) / version)
+
+
+def test_a_missed_night_is_alerted_once_per_published_version(tmp_path, monkeypatch, receiver):
+    monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("M365_ALERT_WEBHOOK_URL", receiver.url)
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    _publish_old_version(tmp_path / "data", "v-fresh", fresh)
+    assert "last published 1.0 h ago" in alert_on_missed_night(build_sensor_context()).skip_message
+    (export_dir(tmp_path / "data") / CURRENT).unlink()
+    _publish_old_version(tmp_path / "data", "v-old", "2026-01-01T23:00:00Z")
+    first = alert_on_missed_night(build_sensor_context())
+    assert receiver.messages()[0]["kind"] == "missed" and "v-old" in receiver.messages()[0]["reason"]
+    assert "sent" in first.skip_message
+    again = alert_on_missed_night(build_sensor_context(cursor="v-old"))
+    assert "already alerted" in again.skip_message and len(receiver.bodies) == 1
+
+
+def test_alert_payloads_fit_slack_and_teams_incoming_webhooks_and_carry_no_token(monkeypatch):
+    monkeypatch.setenv("SAAS_API_TOKEN", "sekret-token-123")
+    monkeypatch.setenv("M365_DAGSTER_UI_URL", UI)
+    alert = Alert("failed", "GET /users failed with sekret-token-123 in it", "nightly_refresh", "r-1", "raw__x")
+    slack = payload(alert, "slack")
+    assert set(slack) == {"text"} and "the nightly run failed" in slack["text"]
+    assert f"<{UI}/runs/r-1|Open the run in Dagster>" in slack["text"]
+    teams = payload(alert, "teams")
+    attachment = teams["attachments"][0]
+    assert teams["type"] == "message" and attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    assert attachment["content"]["type"] == "AdaptiveCard"
+    assert attachment["content"]["actions"][0]["url"] == f"{UI}/runs/r-1"
+    for body in (slack, teams, payload(alert, "json")):
+        assert "sekret-token-123" not in json.dumps(body) and "[SAAS_API_TOKEN]" in json.dumps(body)
+    assert scrub("x" * 5000).endswith(" ...")

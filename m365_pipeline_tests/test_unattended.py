@@ -1,0 +1,239 @@
+"""Running unattended: configuration cannot drop a source, a missing source holds publishing back,
+one writer at a time. Each test drives the real ``dagster`` CLI or real processes against the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dagster import DagsterRunStatus, build_schedule_context, instance_for_test, materialize
+
+from m365_pipeline import definitions as code_location
+from m365_pipeline.assets.export import remove_stale_copies
+from m365_pipeline.assets.marts import missing_sources
+from m365_pipeline.definitions import NIGHTLY_TAGS
+from m365_pipeline.publishing import CURRENT, export_dir, published_manifest
+from m365_pipeline.resources import PublishPolicy, SaasApiResource
+from m365_pipeline.run_lock import LOCK_FILE
+from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
+from m365_pipeline.simulator import Simulator, ground_truth
+
+from .helpers import BIN, SOURCE_VARIABLES, all_definitions, make_resources, run_pipeline
+
+# Tests marked slow start the dagster CLI (seconds to load) and run the whole job, some several times.
+
+
+def cli_env(tmp_path: Path, sim: Simulator | None, **extra: str) -> dict[str, str]:
+    """The environment a service unit gives the CLI: the simulator's variables, a data dir, a DAGSTER_HOME."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in SOURCE_VARIABLES}
+    return {**env, **(sim.env if sim else {}), "DAGSTER_HOME": str(home),
+            "M365_DATA_DIR": str(tmp_path / "data"), **extra}
+
+
+def materialize_args(config: dict[str, Any] | None = None) -> list[str]:
+    """The README's CLI run, ``dagster asset materialize --select '*'``, as an operator types it."""
+    args = [str(BIN / "dagster"), "asset", "materialize", "-m", "m365_pipeline.definitions", "--select", "*"]
+    return args + (["--config-json", json.dumps(config)] if config is not None else [])
+
+
+def materialize_all(env: dict[str, str], cwd: Path, config: dict[str, Any] | None = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(materialize_args(config), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def published_summary(data_dir: Path) -> dict[str, Any]:
+    return json.loads((export_dir(data_dir) / CURRENT / "summary.json").read_bytes())
+
+
+@pytest.mark.slow
+def test_run_config_tuning_one_setting_keeps_base_urls_and_tokens_bound_to_the_environment(
+        start_simulator, tmp_path):
+    sim = start_simulator(orgs=5, users_per_org=8, seed=3)
+    proc = materialize_all(cli_env(tmp_path, sim), tmp_path,
+                       {"resources": {"saas": {"config": {"concurrency": 4}},
+                                      "backup": {"config": {"per_page": 7}}}})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "skipped" not in output, "a source was skipped although its variables are set"
+    truth = ground_truth(sim.dataset)
+    summary = published_summary(tmp_path / "data")
+    assert summary["totals"] == truth["totals"]
+    assert summary["organizations"] == truth["organizations"]
+    assert sim.config.saas_token not in output and sim.config.admin_token not in output
+
+
+@pytest.mark.slow
+def test_a_source_that_contributed_to_the_last_published_night_and_is_unset_tonight_holds_publishing_back(
+        start_simulator, tmp_path):
+    sim = start_simulator(orgs=5, users_per_org=8, seed=4)
+    env = cli_env(tmp_path, sim)
+    good = materialize_all(env, tmp_path)
+    assert good.returncode == 0, (good.stdout + good.stderr)[-4000:]
+    data_dir = tmp_path / "data"
+    first = published_manifest(export_dir(data_dir))
+    assert first["sources"] == ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"]
+
+    # Tonight the service unit lost source S's URL (say, a misspelled variable name).
+    tonight = {k: v for k, v in env.items() if k != "SAAS_API_BASE_URL"}
+    tonight["SAAS_API_BASE_URL_TYPO"] = sim.env["SAAS_API_BASE_URL"]
+    held = materialize_all(tonight, tmp_path)
+    output = held.stdout + held.stderr
+    assert held.returncode != 0, "a night without source S was published"
+    assert "no_source_went_missing" in output
+    assert "SAAS_API_BASE_URL is not set tonight" in output
+    assert published_manifest(export_dir(data_dir))["version"] == first["version"]
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+    # Retiring source S on purpose is an explicit, documented choice.
+    allowed = materialize_all(tonight, tmp_path,
+                              {"resources": {"publish_policy": {"config": {"allow_missing_sources": True}}}})
+    assert allowed.returncode == 0, (allowed.stdout + allowed.stderr)[-4000:]
+    after = published_manifest(export_dir(data_dir))
+    assert after["version"] != first["version"]
+    assert after["sources"] == ["BACKUP_API_BASE_URL"]
+    totals, truth = published_summary(data_dir)["totals"], ground_truth(sim.dataset)["totals"]
+    assert totals["total_organizations"] == truth["total_organizations"]  # organizations come from source B
+    assert totals != truth  # and the counts now lack source S's licenses
+
+
+@pytest.mark.parametrize(("last_published", "tonight", "missing"), [
+    ([], ["SAAS_API_BASE_URL"], []),  # first night, or a manifest from before sources were recorded
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], []),
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], ["BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL"]),
+    (["BACKUP_API_BASE_URL"], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], []),  # a source added is fine
+    (["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"], [], ["SAAS_API_BASE_URL", "BACKUP_API_BASE_URL"]),
+])
+def test_missing_sources_are_those_the_last_published_night_had_and_tonight_lacks(last_published, tonight, missing):
+    assert missing_sources(last_published, tonight) == missing
+
+
+def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(start_simulator, tmp_path,
+                                                                                unused_port):
+    sim = start_simulator(orgs=4, users_per_org=6, seed=5)
+    data_dir = tmp_path / "data"
+    run_pipeline(sim, data_dir)  # a good night from both sources
+
+    def night(resources) -> str:
+        """A run with the nightly job's retry tags; returns Dagster's own verdict on retrying it."""
+        with instance_for_test(overrides={"run_retries": {"enabled": True}}) as instance:
+            result = materialize(all_definitions(), instance=instance, tags=NIGHTLY_TAGS, raise_on_error=False,
+                                 resources={**resources, "publish_policy": PublishPolicy()})
+            assert not result.success
+            return instance.get_run_by_id(result.run_id).tags.get("dagster/will_retry")
+
+    # Held back: source S is missing tonight; retrying cannot change that.
+    assert night(make_resources(sim, data_dir / DUCKDB_FILE, sources=("backup",))) == "false"
+    # An outage: source S's host does not answer. Worth another try later.
+    outage = make_resources(sim, data_dir / DUCKDB_FILE, saas={"max_retries": 0})
+    outage["saas"] = SaasApiResource(base_url=f"http://127.0.0.1:{unused_port}/v1", token="t", max_retries=0)
+    assert night(outage) == "true"
+
+
+def wait_for_lock_holder(data_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 90) -> dict[str, Any]:
+    """The lock file's record of the run holding it, once a run has taken it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the first run ended before taking the lock: {log.read_text()[-3000:]}"
+        try:
+            return json.loads((data_dir / LOCK_FILE).read_bytes())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise AssertionError("the first run never took the lock")
+
+
+@pytest.mark.slow
+def test_a_second_cli_run_is_refused_naming_the_running_one_and_a_killed_run_leaves_no_lock(
+        start_simulator, tmp_path):
+    # Source S's user list answers after 10 s, so the first run is surely still going.
+    sim = start_simulator(orgs=4, users_per_org=6, seed=6, slow_match=r"/users\?page_size", slow_ms=10_000)
+    env, data_dir = cli_env(tmp_path, sim), tmp_path / "data"
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        holder = wait_for_lock_holder(data_dir, first, log)
+        second = materialize_all(env, tmp_path)
+        output = second.stdout + second.stderr
+        assert second.returncode != 0, "a second run wrote alongside the first"
+        assert f"another run is writing to {data_dir}: run {holder['run_id']}, started {holder['started_at']}" \
+            in output, output[-3000:]
+        assert first.poll() is None, "the refused run disturbed the running one"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a run killed mid-pull: its lock dies with it
+        first.wait()
+    third = materialize_all(env, tmp_path)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+
+def test_stale_analytics_copy_cleanup_removes_only_copies_whose_writer_is_gone(tmp_path):
+    alive = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        others = [f".{ANALYTICS_FILE}.{alive.pid}.tmp", f".{ANALYTICS_FILE}.{alive.pid}.tmp.wal"]
+        stale = [f".{ANALYTICS_FILE}.{dead.pid}.tmp", f".{ANALYTICS_FILE}.{dead.pid}.tmp.wal"]
+        for name in others + stale:
+            (tmp_path / name).write_bytes(b"x")
+        assert sorted(remove_stale_copies(tmp_path)) == sorted(stale)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)  # another run's copy is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_the_schedule_skips_its_tick_while_a_run_is_in_progress_and_fires_otherwise(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
+    schedule = code_location.defs().resolve_schedule_def(code_location.NIGHTLY_SCHEDULE)
+    with instance_for_test() as instance:
+        idle = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert len(idle.run_requests or []) == 1 and not idle.skip_message
+        running = instance.create_run_for_job(job_def=code_location.defs().resolve_job_def(code_location.NIGHTLY_JOB),
+                                              status=DagsterRunStatus.STARTED)
+        busy = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert not busy.run_requests
+        assert f"run {running.run_id} of nightly_refresh (STARTED" in busy.skip_message
+        instance.report_run_failed(running)
+        again = schedule.evaluate_tick(build_schedule_context(instance=instance))
+        assert len(again.run_requests or []) == 1
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_RUN_PER_LOCATION = [{"key": "dagster/code_location", "value": "m365_pipeline", "limit": 1}]
+
+
+def test_shipped_and_dev_instances_queue_runs_one_at_a_time_under_the_one_code_location_name(tmp_path):
+    from dagster._core.instance.config import dagster_instance_config
+
+    from m365_pipeline.demo import DAGSTER_YAML
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "dagster.yaml").write_text(DAGSTER_YAML)
+    for home in (ROOT / "deploy", dev):
+        config, _ = dagster_instance_config(str(home))  # validates against Dagster's schema
+        assert config["concurrency"]["runs"]["tag_concurrency_limits"] == ONE_RUN_PER_LOCATION, home
+        assert config["run_retries"]["enabled"] and config["telemetry"]["enabled"] is False
+    # The limit's value is the code location name, which the daemon ([tool.dagster]) and the
+    # webserver (workspace.yaml) must both use.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dagster"]
+    workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    assert pyproject["code_location_name"] == workspace["location_name"] == ONE_RUN_PER_LOCATION[0]["value"]
+    assert pyproject["module_name"] == workspace["module_name"]
+    for unit in ("m365-dagster-webserver.service", "m365-dagster-daemon.service"):
+        exec_start = re.search(r"^ExecStart=(.*)$", (ROOT / "deploy" / unit).read_text(), re.M)[1]
+        assert " -w workspace.yaml" in exec_start, unit  # both load the location under that one name
