@@ -2,7 +2,7 @@
 
 demo: start the simulator, run the ``nightly_refresh`` job once, serve the API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
-Ctrl-C stops every process this started.
+Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this started.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from m365_pipeline.processes import port_is_free
+from m365_pipeline.settings import DATA_DIR_VARIABLE, DataDirError, prepare_data_dir
 
 BIN = Path(sys.executable).parent
 DAGSTER_YAML = """\
@@ -31,22 +33,27 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+# Every port each mode listens on, by the variable that moves it (defaults as documented in the README).
+PORT_DEFAULTS = {"M365_DEMO_PORT": 5400, "M365_DAGSTER_PORT": 3000, "M365_DEMO_SIMULATOR_PORT": 8765}
+PORTS_BY_MODE = {"demo": ("M365_DEMO_SIMULATOR_PORT", "M365_DEMO_PORT"),
+                 "dev": ("M365_DEMO_SIMULATOR_PORT", "M365_DAGSTER_PORT")}
 
 
-def free_port(preferred: int) -> int:
-    if port_is_free(preferred):
-        return preferred
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def ports_needed(mode: str, env: dict[str, str]) -> dict[str, int]:
+    """The ports ``mode`` needs, by variable; a value that is not a port is a one-line SystemExit."""
+    ports = {}
+    for variable in PORTS_BY_MODE[mode]:
+        value = env.get(variable, "").strip() or str(PORT_DEFAULTS[variable])
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise SystemExit(f"[demo] {variable}={value!r} is not a port number (1-65535)")
+        ports[variable] = int(value)
+    return ports
+
+
+def busy_port_messages(mode: str, ports: dict[str, int]) -> list[str]:
+    """One line per port already taken, saying which variable moves it."""
+    return [f"[demo] port {port} is in use (another `make {mode}`?); stop it or set {variable} to a free port"
+            for variable, port in ports.items() if not port_is_free(port)]
 
 
 def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -97,8 +104,7 @@ class Children:
                 proc.wait()
 
 
-def start_simulator(children: Children, env: dict[str, str]) -> dict[str, str]:
-    port = free_port(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
+def start_simulator(children: Children, env: dict[str, str], port: int) -> dict[str, str]:
     proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port)], env,
                           stdout=subprocess.PIPE, text=True)
     variables: dict[str, str] = {}
@@ -129,16 +135,16 @@ def run_pipeline_once(env: dict[str, str]) -> None:
             instance=instance, raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
+    # The run maps SIGTERM to the SIGINT handler it found, which is SIG_IGN in a background job.
+    install_stop_handlers()
     if not result.success:
         raise SystemExit("[demo] the pipeline run failed; open `make dev` to see why (the run is in its history)")
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
 
 
-def demo(root: Path, env: dict[str, str], children: Children) -> None:
-    port = int(env.get("M365_DEMO_PORT", "5400"))
-    if not port_is_free(port):
-        raise SystemExit(f"[demo] port {port} is in use (another `make demo`?); stop it or set M365_DEMO_PORT")
-    env.update(start_simulator(children, env))
+def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:
+    port = ports["M365_DEMO_PORT"]
+    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"]))
     run_pipeline_once(env)
     data_dir = Path(env["M365_DATA_DIR"])
     server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
@@ -159,28 +165,44 @@ def demo(root: Path, env: dict[str, str], children: Children) -> None:
 """, flush=True)
 
 
-def dev(root: Path, env: dict[str, str], children: Children) -> None:
-    env.update(start_simulator(children, env))
-    port = env.get("M365_DAGSTER_PORT", "3000")
+def dev(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:
+    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"]))
+    port = str(ports["M365_DAGSTER_PORT"])
     say(f"Dagster UI on http://127.0.0.1:{port} (workspace.yaml); Ctrl-C stops it and the simulator")
     children.start("dagster dev", [str(BIN / "dagster"), "dev", "-w", str(root / "workspace.yaml"),
                                    "-h", "127.0.0.1", "-p", port], env, cwd=root)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM stop everything: installed explicitly, because a shell starts background
+    jobs with SIGINT ignored and Python then keeps it ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m365_pipeline.demo", description=__doc__)
     parser.add_argument("mode", nargs="?", choices=["demo", "dev"], default="demo")
     args = parser.parse_args(argv)
+    install_stop_handlers()
     root = Path.cwd()
     env = prepare_environment(root)
-    children = Children()
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    # Everything that can be wrong before anything starts: one line each, within a second.
+    ports = ports_needed(args.mode, env)
+    busy = busy_port_messages(args.mode, ports)
+    if busy:
+        raise SystemExit("\n".join(busy))
     try:
-        (demo if args.mode == "demo" else dev)(root, env, children)
+        prepare_data_dir(Path(env[DATA_DIR_VARIABLE]).resolve())
+    except DataDirError as exc:
+        raise SystemExit(f"[demo] {exc}") from None
+    children = Children()
+    try:
+        (demo if args.mode == "demo" else dev)(root, env, children, ports)
         while all(proc.poll() is None for _, proc in children.processes):
             time.sleep(0.5)
         failed = [name for name, proc in children.processes if proc.poll() is not None]
@@ -190,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         say("stopping")
         return 0
     finally:
+        # A second signal (make forwards SIGTERM, a service manager signals the whole group) must
+        # not cut the stopping short and leave children behind.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         children.stop()
 
 

@@ -2,13 +2,23 @@
 
 from pathlib import Path
 
-from dagster import InitResourceContext
+from dagster import Failure, InitResourceContext
 from dagster_duckdb import DuckDBResource
+
+from m365_pipeline.settings import DataDirError, prepare_data_dir
 
 
 class WarehouseResource(DuckDBResource):
-    """``m365.duckdb`` in M365_DATA_DIR. Its directory is made when a run starts, never when the
-    code location loads, so loading the definitions creates nothing."""
+    """``m365.duckdb`` in M365_DATA_DIR. Its directory is checked (and made) when a run starts,
+    never when the code location loads, so loading the definitions creates nothing and a bad
+    directory fails the run's first step with one line naming the variable."""
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        data_dir = Path(self.database).parent
+        try:
+            first_run = prepare_data_dir(data_dir)
+        except DataDirError as exc:
+            raise Failure(str(exc), allow_retries=False) from None
+        if first_run:
+            context.log.warning(f"first run into {data_dir}: no {Path(self.database).name} there yet, so "
+                                "this night starts with no history; if that is not expected, check M365_DATA_DIR")
