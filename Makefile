@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo check test test-fast dev bench bench-quick clean lock venv test-system-packages
+.PHONY: demo check test test-fast dev run bench bench-quick clean lock venv test-system-packages
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/python -m m365_pipeline.demo dev
+
+# The nightly_refresh job once, now, against the configured sources, recorded in DAGSTER_HOME's instance.
+run: $(STAMP)
+	$(BIN)/python -m m365_pipeline.demo run
 
 # The browser and load tests drive Debian's chromium and wrk for real.
 test-system-packages:

@@ -2,6 +2,7 @@
 
 demo: start the simulator, run the ``nightly_refresh`` job once, serve the API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
+run:  run the ``nightly_refresh`` job once against the configured sources (``make run``).
 Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this started.
 """
 
@@ -36,7 +37,7 @@ def say(message: str) -> None:
 # Every port each mode listens on, by the variable that moves it (defaults as documented in the README).
 PORT_DEFAULTS = {"M365_DEMO_PORT": 5400, "M365_DAGSTER_PORT": 3000, "M365_DEMO_SIMULATOR_PORT": 8765}
 PORTS_BY_MODE = {"demo": ("M365_DEMO_SIMULATOR_PORT", "M365_DEMO_PORT"),
-                 "dev": ("M365_DEMO_SIMULATOR_PORT", "M365_DAGSTER_PORT")}
+                 "dev": ("M365_DEMO_SIMULATOR_PORT", "M365_DAGSTER_PORT"), "run": ()}
 
 
 def ports_needed(mode: str, env: dict[str, str]) -> dict[str, int]:
@@ -186,7 +187,7 @@ def install_stop_handlers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m365_pipeline.demo", description=__doc__)
-    parser.add_argument("mode", nargs="?", choices=["demo", "dev"], default="demo")
+    parser.add_argument("mode", nargs="?", choices=list(PORTS_BY_MODE), default="demo")
     args = parser.parse_args(argv)
     install_stop_handlers()
     root = Path.cwd()
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data_dir(Path(env[DATA_DIR_VARIABLE]).resolve())
     except DataDirError as exc:
         raise SystemExit(f"[demo] {exc}") from None
+    if args.mode == "run":
+        run_pipeline_once(env)
+        return 0
     children = Children()
     try:
         (demo if args.mode == "demo" else dev)(root, env, children, ports)
