@@ -9,12 +9,15 @@ Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from m365_pipeline.processes import port_is_free
@@ -131,13 +134,14 @@ def run_pipeline_once(env: dict[str, str]) -> None:
 
     job = defs().resolve_job_def("nightly_refresh")
     started = time.monotonic()
-    with DagsterInstance.get() as instance:
-        result = job.execute_in_process(
-            instance=instance, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        )
-    # The run maps SIGTERM to the SIGINT handler it found, which is SIG_IGN in a background job.
-    install_stop_handlers()
+    with stop_requests_noted() as stop_requested:
+        with DagsterInstance.get() as instance:
+            result = job.execute_in_process(
+                instance=instance, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
+    if stop_requested():
+        raise KeyboardInterrupt
     if not result.success:
         raise SystemExit("[demo] the pipeline run failed; open `make dev` to see why (the run is in its history)")
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
@@ -183,6 +187,28 @@ def install_stop_handlers() -> None:
     jobs with SIGINT ignored and Python then keeps it ignored."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop)
+
+
+@contextmanager
+def stop_requests_noted() -> Iterator[Callable[[], bool]]:
+    """Around an in-process Dagster run: it installs its own SIGINT/SIGTERM handlers, which note a
+    signal and carry on, and on leaving maps SIGTERM to the handler it found (SIG_IGN for SIGINT in
+    a background job). The interpreter writes every handled signal to the wakeup fd, so a stop asked
+    for during the run is still seen afterwards; our handlers are reinstalled either way."""
+    reader, writer = os.pipe()
+    os.set_blocking(reader, False)
+    os.set_blocking(writer, False)
+    arrived = bytearray()
+    previous = signal.set_wakeup_fd(writer)
+    try:
+        yield lambda: bool({signal.SIGINT, signal.SIGTERM} & set(arrived))
+    finally:
+        signal.set_wakeup_fd(previous)
+        install_stop_handlers()
+        with contextlib.suppress(BlockingIOError):
+            arrived += os.read(reader, 1024)
+        os.close(reader)
+        os.close(writer)
 
 
 def main(argv: list[str] | None = None) -> int:

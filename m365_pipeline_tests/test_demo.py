@@ -70,8 +70,8 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float = 240) -> str
     raise AssertionError(f"no {marker!r} within {timeout} s:\n{''.join(output)}")
 
 
-def assert_all_stopped(proc: subprocess.Popen, directory: Path, env: dict[str, str]) -> None:
-    proc.wait(timeout=40)
+def assert_all_stopped(proc: subprocess.Popen, directory: Path, env: dict[str, str], timeout: float = 40) -> None:
+    proc.wait(timeout=timeout)
     deadline = time.monotonic() + 5
     while processes_started_from(directory) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -122,12 +122,13 @@ def test_make_demo_serves_the_correct_summary_and_ctrl_c_in_a_terminal_stops_eve
     assert demo.returncode in (0, -signal.SIGINT), demo.returncode  # make re-raises SIGINT on itself
 
 
-def _backgrounded(target: str, directory: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, int]:
+def _backgrounded(target: str, directory: Path, env: dict[str, str], ready: str = ""
+                  ) -> tuple[subprocess.Popen, int, int]:
     """`bash -c 'make <target> & wait'` as a script runs it: SIGINT is ignored in the background job.
-    Returns the script, make's pid and the demo's (make's child) pid once it is ready."""
+    Returns the script, make's pid and the demo's (make's child) pid once it printed ``ready``."""
     script = subprocess.Popen(["bash", "-c", f"{' '.join(make(target))} & wait"], cwd=directory, env=env,
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    read_until(script, READY[target])
+    read_until(script, ready or READY[target])
     (make_pid,) = children_of(script.pid)
     (demo_pid,) = children_of(make_pid)
     return script, make_pid, demo_pid
@@ -149,6 +150,20 @@ def test_a_backgrounded_make_target_stops_everything_on_sigterm_and_sigint(tmp_p
             assert not port_is_free(int(env["M365_DAGSTER_PORT"])), "dagster dev never listened"
         os.kill(make_pid if to == "make" else demo_pid, signum)
         assert_all_stopped(script, tmp_path, env)
+    finally:
+        kill_leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_backgrounded_make_demo_during_its_pipeline_run_stops_everything(tmp_path):
+    """Dagster's in-process run notes the signal and finishes; the demo must still stop, not serve."""
+    env = demo_env()
+    script, make_pid, _ = _backgrounded("demo", tmp_path, env, ready="first run into")  # the run has begun
+    try:
+        os.kill(make_pid, signal.SIGTERM)
+        assert_all_stopped(script, tmp_path, env, timeout=240)
+        rest = script.stdout.read()
+        assert "[demo] stopping" in rest and READY["demo"] not in rest, rest
     finally:
         kill_leftovers(tmp_path)
 
