@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" not in "$(SUPPORTED_PYTHONS)".split())' \
-		2>/dev/null || { echo "m365-pipeline needs Python 3.11, 3.12 or 3.13 (python3.11/3.12/3.13 in PATH, or PYTHON=/path/to/python3.x); $(PYTHON) is not one"; exit 1; }
+		2>/dev/null || { echo "m365-pipeline needs Python 3.11, 3.12 or 3.13 (python3.11/3.12/3.13 in PATH, or PYTHON=/path/to/python3.x); $(PYTHON) does not run or is not one"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
