@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataDirError as exc:
         raise SystemExit(f"[demo] {exc}") from None
     if args.mode == "run":
-        run_pipeline_once(env)
+        try:
+            run_pipeline_once(env)
+        except KeyboardInterrupt:
+            say("stopped")
+            return 130
         return 0
     children = Children()
     try:
