@@ -12,8 +12,9 @@ from .test_demo import REPO
 
 
 def run_make(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=path or os.environ["PATH"])
-    env.pop("PYTHON", None)
+    # As a user types it: no PYTHON, and none inherited from an outer `make PYTHON=... test` either.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["PATH"] = path or os.environ["PATH"]
     return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
 
