@@ -1,13 +1,17 @@
 # The README's two commands, `make demo` and `make test`, must work on a machine
 # that has only Python and pip: every target builds its own virtual environment.
-PYTHON ?= python3
+# The first supported interpreter that runs (a pyenv shim may exist but not run), in this order.
+SUPPORTED_PYTHONS := 3.11 3.12 3.13
+PYTHON ?= $(or $(shell for v in $(SUPPORTED_PYTHONS); do python$$v -c '' 2>/dev/null && echo python$$v && break; done),python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo check test test-fast dev bench bench-quick clean lock venv test-system-packages
+.PHONY: demo check test test-fast dev run bench bench-quick clean lock venv test-system-packages
 
 $(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(f"{sys.version_info[0]}.{sys.version_info[1]}" not in "$(SUPPORTED_PYTHONS)".split())' \
+		2>/dev/null || { echo "m365-pipeline needs Python 3.11, 3.12 or 3.13 (python3.11/3.12/3.13 in PATH, or PYTHON=/path/to/python3.x); $(PYTHON) does not run or is not one"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -22,6 +26,10 @@ demo: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/python -m m365_pipeline.demo dev
+
+# The nightly_refresh job once, now, against the configured sources, recorded in DAGSTER_HOME's instance.
+run: $(STAMP)
+	$(BIN)/python -m m365_pipeline.demo run
 
 # The browser, load and nights tests drive Debian's chromium, wrk and faketime for real.
 test-system-packages:
@@ -53,8 +61,10 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Re-resolve the pinned set after changing pyproject.toml's dependencies.
+# Re-resolve the pinned set after changing pyproject.toml's dependencies. One lock serves 3.11-3.13 (every
+# pin has wheels for each); setuptools is pinned too, since 3.12+ venvs come without it and the editable
+# install builds without isolation.
 lock:
 	rm -rf /tmp/m365-lock-venv && $(PYTHON) -m venv /tmp/m365-lock-venv
-	/tmp/m365-lock-venv/bin/pip install --quiet -e '.[test]'
-	/tmp/m365-lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+	/tmp/m365-lock-venv/bin/pip install --quiet -e '.[test]' "$$(grep '^setuptools==' requirements.lock)"
+	/tmp/m365-lock-venv/bin/pip freeze --all --exclude-editable | grep -v '^pip==' > requirements.lock

@@ -4,12 +4,14 @@ demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at
       libfaketime, against the simulator as it was that night), then once tonight, and serve the
       API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
-Ctrl-C stops every process this started.
+run:  run the ``nightly_refresh`` job once against the configured sources (``make run``).
+Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this started.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -18,9 +20,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from m365_pipeline.processes import free_port, port_is_free, read_simulator_banner, wait_for_port
+from m365_pipeline.processes import port_is_free, read_simulator_banner, wait_for_port
+from m365_pipeline.settings import DATA_DIR_VARIABLE, DataDirError, prepare_data_dir
 
 BIN = Path(sys.executable).parent
 DAGSTER_YAML = """\
@@ -43,8 +48,27 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def free_port_near(preferred: int) -> int:
-    return preferred if port_is_free(preferred) else free_port()
+# Every port each mode listens on, by the variable that moves it (defaults as documented in the README).
+PORT_DEFAULTS = {"M365_DEMO_PORT": 5400, "M365_DAGSTER_PORT": 3000, "M365_DEMO_SIMULATOR_PORT": 8765}
+PORTS_BY_MODE = {"demo": ("M365_DEMO_SIMULATOR_PORT", "M365_DEMO_PORT"),
+                 "dev": ("M365_DEMO_SIMULATOR_PORT", "M365_DAGSTER_PORT"), "run": ()}
+
+
+def ports_needed(mode: str, env: dict[str, str]) -> dict[str, int]:
+    """The ports ``mode`` needs, by variable; a value that is not a port is a one-line SystemExit."""
+    ports = {}
+    for variable in PORTS_BY_MODE[mode]:
+        value = env.get(variable, "").strip() or str(PORT_DEFAULTS[variable])
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise SystemExit(f"[demo] {variable}={value!r} is not a port number (1-65535)")
+        ports[variable] = int(value)
+    return ports
+
+
+def busy_port_messages(mode: str, ports: dict[str, int]) -> list[str]:
+    """One line per port already taken, saying which variable moves it."""
+    return [f"[demo] port {port} is in use (another `make {mode}`?); stop it or set {variable} to a free port"
+            for variable, port in ports.items() if not port_is_free(port)]
 
 
 def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -93,8 +117,7 @@ class Children:
                 proc.wait()
 
 
-def start_simulator(children: Children, env: dict[str, str], *options: str) -> dict[str, str]:
-    port = free_port_near(int(env.get("M365_DEMO_SIMULATOR_PORT", "8765")))
+def start_simulator(children: Children, env: dict[str, str], port: int, *options: str) -> dict[str, str]:
     proc = children.start("simulator", [str(BIN / "m365-simulate"), "--port", str(port), *options], env,
                           stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -114,11 +137,14 @@ def run_pipeline_once(env: dict[str, str]) -> None:
 
     job = defs().resolve_job_def("nightly_refresh")
     started = time.monotonic()
-    with DagsterInstance.get() as instance:
-        result = job.execute_in_process(
-            instance=instance, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        )
+    with stop_requests_noted() as stop_requested:
+        with DagsterInstance.get() as instance:
+            result = job.execute_in_process(
+                instance=instance, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
+    if stop_requested():
+        raise KeyboardInterrupt
     if not result.success:
         raise SystemExit("[demo] the pipeline run failed; open `make dev` to see why (the run is in its history)")
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
@@ -156,12 +182,10 @@ def run_past_nights(env: dict[str, str]) -> int:
     return nights
 
 
-def demo(root: Path, env: dict[str, str], children: Children) -> None:
-    port = int(env.get("M365_DEMO_PORT", "5400"))
-    if not port_is_free(port):
-        raise SystemExit(f"[demo] port {port} is in use (another `make demo`?); stop it or set M365_DEMO_PORT")
+def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:
+    port = ports["M365_DEMO_PORT"]
     tonight = run_past_nights(env)
-    env.update(start_simulator(children, env, "--night", str(tonight)))
+    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"], "--night", str(tonight)))
     run_pipeline_once(env)
     data_dir = Path(env["M365_DATA_DIR"])
     server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
@@ -183,28 +207,73 @@ def demo(root: Path, env: dict[str, str], children: Children) -> None:
 """, flush=True)
 
 
-def dev(root: Path, env: dict[str, str], children: Children) -> None:
-    env.update(start_simulator(children, env))
-    port = env.get("M365_DAGSTER_PORT", "3000")
+def dev(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:
+    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"]))
+    port = str(ports["M365_DAGSTER_PORT"])
     say(f"Dagster UI on http://127.0.0.1:{port} (workspace.yaml); Ctrl-C stops it and the simulator")
     children.start("dagster dev", [str(BIN / "dagster"), "dev", "-w", str(root / "workspace.yaml"),
                                    "-h", "127.0.0.1", "-p", port], env, cwd=root)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM stop everything: installed explicitly, because a shell starts background
+    jobs with SIGINT ignored and Python then keeps it ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+
+@contextmanager
+def stop_requests_noted() -> Iterator[Callable[[], bool]]:
+    """Around an in-process Dagster run: it installs its own SIGINT/SIGTERM handlers, which note a
+    signal and carry on, and on leaving maps SIGTERM to the handler it found (SIG_IGN for SIGINT in
+    a background job). The interpreter writes every handled signal to the wakeup fd, so a stop asked
+    for during the run is still seen afterwards; our handlers are reinstalled either way."""
+    reader, writer = os.pipe()
+    os.set_blocking(reader, False)
+    os.set_blocking(writer, False)
+    arrived = bytearray()
+    previous = signal.set_wakeup_fd(writer)
+    try:
+        yield lambda: bool({signal.SIGINT, signal.SIGTERM} & set(arrived))
+    finally:
+        signal.set_wakeup_fd(previous)
+        install_stop_handlers()
+        with contextlib.suppress(BlockingIOError):
+            arrived += os.read(reader, 1024)
+        os.close(reader)
+        os.close(writer)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m365_pipeline.demo", description=__doc__)
-    parser.add_argument("mode", nargs="?", choices=["demo", "dev"], default="demo")
+    parser.add_argument("mode", nargs="?", choices=list(PORTS_BY_MODE), default="demo")
     args = parser.parse_args(argv)
+    install_stop_handlers()
     root = Path.cwd()
     env = prepare_environment(root)
-    children = Children()
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    # Everything that can be wrong before anything starts: one line each, within a second.
+    ports = ports_needed(args.mode, env)
+    busy = busy_port_messages(args.mode, ports)
+    if busy:
+        raise SystemExit("\n".join(busy))
     try:
-        (demo if args.mode == "demo" else dev)(root, env, children)
+        prepare_data_dir(Path(env[DATA_DIR_VARIABLE]).resolve())
+    except DataDirError as exc:
+        raise SystemExit(f"[demo] {exc}") from None
+    if args.mode == "run":
+        try:
+            run_pipeline_once(env)
+        except KeyboardInterrupt:
+            say("stopped")
+            return 130
+        return 0
+    children = Children()
+    try:
+        (demo if args.mode == "demo" else dev)(root, env, children, ports)
         while all(proc.poll() is None for _, proc in children.processes):
             time.sleep(0.5)
         failed = [name for name, proc in children.processes if proc.poll() is not None]
@@ -214,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         say("stopping")
         return 0
     finally:
+        # A second signal (make forwards SIGTERM, a service manager signals the whole group) must
+        # not cut the stopping short and leave children behind.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         children.stop()
 
 

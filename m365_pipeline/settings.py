@@ -32,6 +32,52 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_VARIABLE, "").strip() or "data").resolve()
 
 
+class DataDirError(ValueError):
+    """A data directory that cannot be used; the message is one line naming the setting and the path."""
+
+
+def _where(setting: str, path: Path) -> str:
+    """How the user wrote it: ``--data-dir /x`` for a flag, ``M365_DATA_DIR=/x`` for a variable."""
+    return f"{setting} {path}" if setting.startswith("-") else f"{setting}={path}"
+
+
+def prepare_data_dir(path: Path, setting: str = DATA_DIR_VARIABLE) -> bool:
+    """Make ``path`` ready for a run: True if it holds no pipeline file yet (a first run, no history).
+
+    Only the last component is ever created: a missing parent is far more often a typo than a
+    wish, and a silently created tree would publish where ``m365-serve`` is not looking.
+    """
+    where = _where(setting, path)
+    if path.exists() and not path.is_dir():
+        raise DataDirError(f"{where} is not a directory")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise DataDirError(f"{where}: its parent {path.parent} does not exist (a typo?); "
+                               "create the parent or fix the setting")
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise DataDirError(f"{where} cannot be created: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataDirError(f"{where} is not writable by this user")
+    working_file = path / DUCKDB_FILE
+    if working_file.exists() and not os.access(working_file, os.R_OK | os.W_OK):
+        raise DataDirError(f"{where}: {DUCKDB_FILE} there is not writable by this user")
+    return not working_file.exists()
+
+
+def existing_data_dir(path: Path, setting: str = DATA_DIR_VARIABLE) -> Path:
+    """``path`` if it is a readable directory (for readers such as ``m365-serve``), else a DataDirError."""
+    where = _where(setting, path)
+    if not path.exists():
+        raise DataDirError(f"{where} does not exist; point it at the directory the pipeline publishes into")
+    if not path.is_dir():
+        raise DataDirError(f"{where} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataDirError(f"{where} is not readable by this user")
+    return path
+
+
 def schedule_timezone() -> str:
     zone = os.environ.get("M365_SCHEDULE_TIMEZONE", "").strip() or "UTC"
     try:

@@ -147,6 +147,7 @@ def test_documented_errors(session_server, path, params, status, fragment):
 
 
 def test_no_data_published_yet_is_a_404_with_a_hint(start_server, tmp_path):
+    (tmp_path / "empty").mkdir()
     served = start_server(tmp_path / "empty")
     response = requests.get(served.base_url + "/api/m365/summary", timeout=5)
     assert response.status_code == 404

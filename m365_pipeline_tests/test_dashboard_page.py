@@ -334,6 +334,11 @@ def test_search_filters_organizations_as_you_type(context, session_server, publi
         assert [row[0] for row in table_rows(page)] == wanted, typed
         assert page.locator("#org-count").inner_text() == f"{len(wanted)} of {len(names)} organizations"
     assert len(wanted) == 2  # 'ACME "WIDGETS"…' and 'Acme "Widgets"…': case-insensitive
+    # With a filter on, the Total row sums what is shown and says so.
+    shown = [o for o in published.truth["organizations"] if o["organization_name"] in wanted]
+    assert number(page.locator("#total-es").inner_text()) == sum(o["es_user_count"] for o in shown)
+    assert number(page.locator("#total-m365").inner_text()) == sum(o["m365_licensed_user_count"] for o in shown)
+    assert " ".join(page.locator("#totals-row th").inner_text().split()) == "Total of 2 shown organizations"
 
     search.fill("ромашка")  # non-Latin, lower case against 'Ромашка'
     assert [row[0] for row in table_rows(page)] == [n for n in names if "ромашка" in n.lower()] != []
@@ -341,10 +346,12 @@ def test_search_filters_organizations_as_you_type(context, session_server, publi
     assert table_rows(page) == []
     expect(page.locator("#org-rows")).to_contain_text("No organizations match")
     assert page.locator("#org-count").inner_text() == f"0 of {len(names)} organizations"
+    assert number(page.locator("#total-m365").inner_text()) == 0
     search.fill("")
     assert len(table_rows(page)) == len(names)
-    # The totals row is the API's totals, whatever the filter.
+    # Unfiltered, the Total row is the API's totals of all organizations.
     assert number(page.locator("#total-m365").inner_text()) == published.truth["totals"]["total_m365_licensed_users"]
+    assert " ".join(page.locator("#totals-row th").inner_text().split()) == f"Total {len(names)} organizations"
     seen.assert_clean(page)
 
 
@@ -457,11 +464,13 @@ def test_stale_data_warns_and_hostile_names_render_as_text(context, start_server
     assert page.locator("#user-rows .user-licenses").first.text_content() == \
         "Microsoft 365 Business Premium, <b>Bold</b>"
     assert page.locator("#users-dialog img, #users-dialog b").count() == 0
+    expect(page.get_by_label("Search users")).to_be_visible()
     save_screenshot(page, "dashboard-hostile-users-desktop.png")
     page.keyboard.press("Escape")
 
     org_button(page, ZERO_USERS).click()
     expect(page.locator("#users-empty")).to_contain_text("No licensed users")
+    expect(page.get_by_label("Search users")).to_be_hidden()  # an organization with no users: nothing to search
     page.keyboard.press("Escape")
     page.wait_for_timeout(200)  # give a late script the chance to fire an alert
     assert seen.dialogs == []

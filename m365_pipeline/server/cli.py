@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1:
         _fail("--workers must be at least 1")
     data_dir = args.data_dir.resolve() if args.data_dir else settings.data_dir()
+    try:  # a mistyped path would otherwise serve "nothing published yet" forever
+        settings.existing_data_dir(data_dir, "--data-dir" if args.data_dir else settings.DATA_DIR_VARIABLE)
+    except settings.DataDirError as exc:
+        _fail(str(exc))
     check_tls(args.certfile, args.keyfile)
     check_port(args.host, args.port)
 

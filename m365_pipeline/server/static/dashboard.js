@@ -204,9 +204,6 @@
     el.kpiM365.textContent = fmt(state.totals.m365);
     el.kpiEsShare.textContent = state.totals.m365 > 0
       ? `${percentFormat.format(state.totals.es / state.totals.m365)} of licensed users` : "";
-    el.totalOrgs.textContent = `${fmt(state.totals.organizations)} organizations`;
-    el.totalEs.textContent = fmt(state.totals.es);
-    el.totalM365.textContent = fmt(state.totals.m365);
 
     el.exportCsv.href = API.csv;
     el.exportCsv.download = `m365-users-${exportDate(headers)}.csv`;
@@ -260,9 +257,20 @@
     }
     el.orgRows.replaceChildren(fragment);
     el.orgCount.textContent = `${fmt(shown)} of ${fmt(state.organizations.length)} organizations`;
+    renderTotals(needle === "" ? null : state.organizations.filter((item) => !item.row.hidden));
     for (const th of el.orgTable.tHead.querySelectorAll("th[data-key]")) {
       th.setAttribute("aria-sort", th.dataset.key === state.sortKey ? state.sortDir : "none");
     }
+  }
+
+  /** The Total row sums what is shown: the API's totals unfiltered, else the matching organizations. */
+  function renderTotals(matching) {
+    if (!state.totals) return;
+    const sum = (key) => matching.reduce((s, item) => s + (Number(item.org[key]) || 0), 0);
+    el.totalOrgs.textContent = matching
+      ? `of ${fmt(matching.length)} shown organizations` : `${fmt(state.totals.organizations)} organizations`;
+    el.totalEs.textContent = fmt(matching ? sum("es_user_count") : state.totals.es);
+    el.totalM365.textContent = fmt(matching ? sum("m365_licensed_user_count") : state.totals.m365);
   }
 
   function onSortClick(event) {
@@ -449,6 +457,7 @@
     const matches = needle === "" ? all : all.filter((u) => [u.user_principal_name, u.display_name, u.licenses]
       .some((v) => String(v ?? "").toLowerCase().includes(needle)));
     const esCount = all.filter((u) => u.has_email_license === true).length;
+    el.userSearch.closest(".search").hidden = all.length === 0; // nothing to search in
     if (all.length === 0) {
       el.usersCount.textContent = "0 users";
       el.userRows.replaceChildren();
