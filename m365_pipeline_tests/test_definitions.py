@@ -19,6 +19,7 @@ EXPECTED_ASSETS = {
     ("raw", "backup_tenants"), ("raw", "backup_accounts"), ("core", "license_rules"),
     ("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
     ("marts", "org_summary_history"), ("export", "dashboard_api"), ("export", "analytics_db"),
+    ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
 }
 
 
@@ -85,6 +86,9 @@ def test_checks_sit_on_the_assets_they_guard(monkeypatch, tmp_path):
         (("core", "license_assignments"), "new_license_names"),
         (("marts", "org_summary"), "contract_invariants"),
         (("marts", "org_summary"), "pull_is_plausible"),
+        (("core", "backup_coverage"), "email_users_not_backed_up"),
+        (("core", "backup_coverage"), "backed_up_without_email_license"),
+        (("core", "backup_coverage"), "unknown_backup_statuses"),
     }
 
 

@@ -14,6 +14,7 @@ from dagster import AssetExecutionContext, FreshnessPolicy, MaterializeResult, M
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
+from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_files
 from m365_pipeline.assets.marts import org_summary, org_summary_history
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import markdown_table
@@ -26,6 +27,7 @@ from m365_pipeline.publishing import (
     iso_z,
     json_bytes,
 )
+from m365_pipeline.resources import BackupApiResource
 from m365_pipeline.settings import ANALYTICS_FILE
 
 GROUP = "export"
@@ -54,14 +56,17 @@ def _sql_path(path: Path) -> str:
 
 
 @asset(
-    key=["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
+    key=["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"},
+    deps=[org_summary, users, org_backup_coverage],
     freshness_policy=NIGHTLY_FRESHNESS,
     description=(
         "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
-        "export in JSON and CSV for each sort), published atomically under <data dir>/export/current."
+        "export in JSON and CSV for each sort, backup coverage when source B is configured), published "
+        "atomically under <data dir>/export/current."
     ),
 )
-def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, backup: BackupApiResource
+                  ) -> MaterializeResult:
     root = export_dir(Path(duckdb.database).parent)
     writer = VersionWriter(root)
     try:
@@ -76,6 +81,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
             crash_point("publish")
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
+            coverage = _write_coverage(conn, writer, backup, last_collected)
         writer.commit({"last_collected": last_collected, "totals": totals})
     except BaseException:
         writer.abandon()
@@ -91,6 +97,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
         "last_collected": last_collected or "never",
         "query_time_ms": query_time_ms,
         **totals,
+        **coverage,
         "preview": MetadataValue.md(_preview(organizations)),
     })
 
@@ -176,6 +183,14 @@ def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_co
         out.write(b',"total_records":' + str(records).encode() + b',"last_collected":'
                   + json_bytes(last_collected) + b"}")
     array_path.unlink()
+
+
+def _write_coverage(conn, writer: VersionWriter, backup: BackupApiResource, last_collected: str | None
+                    ) -> dict[str, object]:
+    """GET /api/m365/coverage's files; none when source B is not configured (the API then says so)."""
+    if not backup.is_configured:
+        return {"coverage": "not published: source B is not configured"}
+    return {f"coverage_{name}": value for name, value in write_coverage_files(conn, writer, last_collected).items()}
 
 
 def _preview(organizations: list[tuple]) -> str:
