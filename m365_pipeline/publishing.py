@@ -42,6 +42,9 @@ CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8"}
 # GET /api/m365/coverage rows (docs/RULES.md, rule 13), in the documented field order.
 COVERAGE_ORG_FIELDS = ("organization_name", "es_user_count", "es_users_backed_up", "es_users_not_backed_up",
                        "backed_up_without_email_license")
+# The overview's totals: one per count above, in the same order.
+COVERAGE_TOTALS = ("total_es_users", "total_es_users_backed_up", "total_es_users_not_backed_up",
+                   "total_backed_up_without_email_license")
 COVERAGE_USER_FIELDS = ("user_principal_name", "display_name", "m365_licensed", "has_email_license", "backup_status")
 
 

@@ -35,6 +35,7 @@ from m365_pipeline.duckdb_helpers import (
 )
 from m365_pipeline.publishing import (
     COVERAGE_ORG_FIELDS,
+    COVERAGE_TOTALS,
     COVERAGE_USER_FIELDS,
     VersionWriter,
     json_bytes,
@@ -101,7 +102,7 @@ def org_backup_coverage(context: AssetExecutionContext, duckdb: DuckDBResource) 
             conn, "marts.org_backup_coverage",
             preview_sql="SELECT * FROM marts.org_backup_coverage ORDER BY es_users_not_backed_up DESC, "
                         "backed_up_without_email_license DESC LIMIT 20",
-            **{f"total_{field}": int(value) for field, value in zip(COVERAGE_ORG_FIELDS[1:], totals, strict=True)},
+            **{name: int(value) for name, value in zip(COVERAGE_TOTALS, totals, strict=True)},
         )
 
 
@@ -186,8 +187,7 @@ def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str |
         SELECT {', '.join(COVERAGE_ORG_FIELDS)} FROM marts.org_backup_coverage
         ORDER BY lower(organization_name), organization_name""").fetchall()
     sums = [int(sum(row[i] for row in organizations)) for i in range(1, len(COVERAGE_ORG_FIELDS))]
-    totals = {"total_organizations": len(organizations),
-              **{f"total_{field}": value for field, value in zip(COVERAGE_ORG_FIELDS[1:], sums, strict=True)}}
+    totals = {"total_organizations": len(organizations), **dict(zip(COVERAGE_TOTALS, sums, strict=True))}
     overview = {"status": "success",
                 "organizations": [dict(zip(COVERAGE_ORG_FIELDS, row, strict=True)) for row in organizations],
                 "totals": totals, "last_collected": last_collected}
