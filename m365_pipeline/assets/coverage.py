@@ -76,7 +76,7 @@ def backup_coverage(context: AssetExecutionContext, duckdb: DuckDBResource) -> M
     user is published (and an email user) there, and its backup status there.
     """
     with duckdb.get_connection() as conn:
-        run_sql(conn, "core_backup_coverage.sql")
+        run_sql(conn, "core_backup_coverage.sql", raw_macros=True)
         counts = dict(conn.execute(
             "SELECT backup_status, count(*) FROM core.backup_coverage GROUP BY 1").fetchall())
         return table_result(
