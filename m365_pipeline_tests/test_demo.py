@@ -1,4 +1,4 @@
-"""`make demo` as a new user meets it: correct data on the API, and Ctrl-C leaves nothing behind."""
+"""`make demo` as a new user meets it: correct data on the API (coverage too), and Ctrl-C leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def test_demo_serves_the_correct_summary_and_ctrl_c_stops_everything(tmp_path):
         truth = ground_truth(SimulatorConfig(orgs=40, users_per_org=17, seed=42))
         assert summary["organizations"] == truth["organizations"]
         assert summary["totals"] == truth["totals"]
+        # Backup coverage (rule 13) with real gaps of both kinds, for the dashboard's column and drill-down.
+        coverage = requests.get(f"http://127.0.0.1:{api_port}/api/m365/coverage", timeout=5).json()
+        assert coverage["organizations"] == truth["coverage"]["organizations"]
+        assert coverage["totals"] == truth["coverage"]["totals"]
+        assert coverage["totals"]["total_es_users_not_backed_up"] > 0
+        assert coverage["totals"]["total_backed_up_without_email_license"] > 0
         home = tmp_path / ".dagster_home"
         assert "enabled: false" in (home / "dagster.yaml").read_text()  # telemetry off, project-local
         assert (tmp_path / "data" / ANALYTICS_FILE).is_file()

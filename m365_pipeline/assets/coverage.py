@@ -15,7 +15,6 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
-    AssetKey,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -23,7 +22,7 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from m365_pipeline.assets.core import users
+from m365_pipeline.assets.core import RAW, users
 from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.duckdb_helpers import (
     ensure_schema,
@@ -66,7 +65,7 @@ ORG_BACKUP_COVERAGE_SCHEMA = table_schema(
 
 @asset(
     key=["core", "backup_coverage"], group_name="core", kinds={"duckdb"},
-    deps=[users, AssetKey(["raw", "backup_accounts"])],
+    deps=[users, RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"]],
     metadata=table_metadata("core.backup_coverage", BACKUP_COVERAGE_SCHEMA),
 )
 def backup_coverage(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
