@@ -125,7 +125,7 @@ def test_rule13_a_mailbox_of_a_user_published_elsewhere_is_an_unlicensed_row_wit
     assert rows[("Acme", "shared@acme.com")]["display_name"] == "Shared Mailbox"
     assert rows[("Acme", "multi@acme.com")]["backup_accounts"] == 2
     assert rows[("Acme", "dan@acme.com")]["backup_accounts"] == 0
-    assert rows[("Acme", "fay@acme.com")]["unknown_statuses"] == "pending"
+    assert rows[("Acme", "fay@acme.com")]["unknown_status"] == "pending"
 
 
 def test_rule13_counts_per_organization_in_summary_order(scenario):

@@ -51,7 +51,7 @@ BACKUP_COVERAGE_SCHEMA = table_schema(
     ("has_email_license", "BOOLEAN", "Published in this organization with an email (ES) license."),
     ("backup_status", "VARCHAR", "active, excluded, available or none, from this organization's mailboxes."),
     ("backup_accounts", "INTEGER", "This organization's rule-2 accounts with this key (0: not in the backup)."),
-    ("unknown_statuses", "VARCHAR", "Status values rule 13 does not know (counted as none), normalised."),
+    ("unknown_status", "VARCHAR", "A status rule 13 does not know (counted as none); the least if several."),
     ("published_organization", "VARCHAR", "The user's organization by rule 3 (null: unassigned); may differ."),
 )
 ORG_BACKUP_COVERAGE_SCHEMA = table_schema(
@@ -156,10 +156,10 @@ def backed_up_without_email_license(context: AssetCheckExecutionContext, duckdb:
 def unknown_backup_statuses(context: AssetCheckExecutionContext, duckdb: DuckDBResource) -> AssetCheckResult:
     with duckdb.get_connection() as conn:
         total = conn.execute(
-            "SELECT count(*) FROM core.backup_coverage WHERE unknown_statuses IS NOT NULL").fetchone()[0]
+            "SELECT count(*) FROM core.backup_coverage WHERE unknown_status IS NOT NULL").fetchone()[0]
         values = markdown_preview(conn, """
-            SELECT unknown_statuses AS status, count(*) AS users FROM core.backup_coverage
-            WHERE unknown_statuses IS NOT NULL GROUP BY 1 ORDER BY users DESC, status LIMIT 20""")
+            SELECT unknown_status AS status, count(*) AS users FROM core.backup_coverage
+            WHERE unknown_status IS NOT NULL GROUP BY 1 ORDER BY users DESC, status LIMIT 20""")
     return AssetCheckResult(
         passed=total == 0, severity=AssetCheckSeverity.WARN,
         description=None if total == 0 else (
