@@ -25,6 +25,7 @@ from dagster import (
 )
 
 from m365_pipeline.assets.core import core_assets, core_checks
+from m365_pipeline.assets.coverage import coverage_assets, coverage_checks
 from m365_pipeline.assets.export import export_assets
 from m365_pipeline.assets.marts import marts_assets, marts_checks
 from m365_pipeline.assets.raw import raw_assets
@@ -77,8 +78,8 @@ def defs() -> Definitions:
                     "skipped while a run is in progress.",
     )
     return Definitions(
-        assets=[*raw_assets, *core_assets, *marts_assets, *export_assets],
-        asset_checks=[*core_checks, *marts_checks],
+        assets=[*raw_assets, *core_assets, *marts_assets, *coverage_assets, *export_assets],
+        asset_checks=[*core_checks, *marts_checks, *coverage_checks],
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
         sensors=alert_sensors,

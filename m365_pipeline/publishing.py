@@ -5,6 +5,7 @@ Layout under ``<data dir>/export``::
     current -> versions/20261123T230004Z-1a2b3c4d    (a symlink, replaced atomically)
     versions/<id>/manifest.json                       (written last: a version without it is unfinished)
     versions/<id>/summary.json, users/<hash>.json, export/<sort>.<json|csv>, and .gz twins
+    versions/<id>/coverage/organizations.<json|csv>, coverage/<hash>.<json|csv>   (when source B is configured)
 
 File names never come from organization names: a users file is named by a hash of the name,
 and the manifest maps exact names to files. A reader resolves ``current`` once per request and
@@ -38,16 +39,31 @@ GZIP_MIN_BYTES = 1024
 SORT_FIELDS = ("organization_name", "user_principal_name", "display_name")
 FORMATS = ("json", "csv")
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8"}
+# GET /api/m365/coverage rows (docs/RULES.md, rule 13), in the documented field order.
+COVERAGE_ORG_FIELDS = ("organization_name", "es_user_count", "es_users_backed_up", "es_users_not_backed_up",
+                       "backed_up_without_email_license")
+# The overview's totals: one per count above, in the same order.
+COVERAGE_TOTALS = ("total_es_users", "total_es_users_backed_up", "total_es_users_not_backed_up",
+                   "total_backed_up_without_email_license")
+COVERAGE_USER_FIELDS = ("user_principal_name", "display_name", "m365_licensed", "has_email_license", "backup_status")
 
 
 def export_dir(data_dir: Path) -> Path:
     return data_dir / "export"
 
 
-def users_file_name(organization_name: str) -> str:
+def name_digest(organization_name: str) -> str:
     """A fixed-length, filesystem-safe name derived from the exact organization name."""
-    digest = hashlib.sha256(organization_name.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"users/{digest[:40]}.json"
+    return hashlib.sha256(organization_name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def users_file_name(organization_name: str) -> str:
+    return f"users/{name_digest(organization_name)}.json"
+
+
+def coverage_key(organization_name: str | None, fmt: str) -> str:
+    """Manifest key of a coverage file: the overview (no organization) or one organization's rows."""
+    return f"coverage:{fmt}" if organization_name is None else f"coverage:{fmt}:{name_digest(organization_name)}"
 
 
 def export_file_name(sort: str, fmt: str) -> str:
@@ -97,6 +113,10 @@ class VersionWriter:
         relative = users_file_name(name)
         self.write_bytes(f"users:{relative}", relative, body, CONTENT_TYPES["json"])
         self.organizations[name] = f"users:{relative}"
+
+    def write_coverage(self, organization_name: str | None, fmt: str, body: bytes) -> None:
+        stem = "organizations" if organization_name is None else name_digest(organization_name)
+        self.write_bytes(coverage_key(organization_name, fmt), f"coverage/{stem}.{fmt}", body, CONTENT_TYPES[fmt])
 
     def _finish_file(self, entry: dict[str, Any]) -> None:
         """Hash for the ETag, and a gzip twin for large files, made once here rather than per request."""
@@ -263,3 +283,11 @@ class PublishedVersion:
 
     def changes(self, since_night: str, fmt: str) -> PublishedFile:
         return self.files[f"changes:{fmt}:{since_night}"]
+
+    @property
+    def has_coverage(self) -> bool:
+        """Whether this version has backup coverage (not when source B was not configured)."""
+        return coverage_key(None, "json") in self.files
+
+    def coverage(self, organization_name: str | None, fmt: str) -> PublishedFile | None:
+        return self.files.get(coverage_key(organization_name, fmt))

@@ -55,10 +55,11 @@ class RawBuilder:
                          status=7)
 
     def account(self, owner_id: str, tenant_id: str, upn: str, *, name: str | None = None,
-                mailbox: bool | None = True, licensed: bool | None = True, type: str = "m365") -> RawBuilder:
+                mailbox: bool | None = True, licensed: bool | None = True, type: str = "m365",
+                status: str | None = "active") -> RawBuilder:
         """A mailbox (``mailbox=True``) or public folder (``mailbox=False``); ``licensed`` true or null."""
         return self._add("raw.backup_accounts", owner_id=owner_id, tenant_id=tenant_id, upn=upn, email=upn,
-                         name=name, mailbox=mailbox, licensed=licensed, type=type, status="active")
+                         name=name, mailbox=mailbox, licensed=licensed, type=type, status=status)
 
     def saas_user(self, id: str, *, username: str | None = None, email: str | None = None,
                   display_name: str | None = None) -> RawBuilder:
@@ -123,10 +124,11 @@ def contract_resources(path: Path) -> dict[str, Any]:
 def run_contract(path: Path) -> None:
     """Materialize core.* and marts.* over the raw tables already in ``path``."""
     from m365_pipeline.assets.core import core_assets
+    from m365_pipeline.assets.coverage import coverage_assets
     from m365_pipeline.assets.marts import marts_assets
 
-    result = materialize([*core_assets, *marts_assets], resources=contract_resources(path), selection=None,
-                         raise_on_error=True)
+    result = materialize([*core_assets, *marts_assets, *coverage_assets], resources=contract_resources(path),
+                         selection=None, raise_on_error=True)
     assert result.success
 
 

@@ -56,11 +56,13 @@ def make_resources(sim: Simulator | None, db_path: Path, *, saas: dict[str, Any]
 def all_definitions() -> list[Any]:
     """Every asset and check of the code location (what the nightly job materializes)."""
     from m365_pipeline.assets.core import core_assets, core_checks
+    from m365_pipeline.assets.coverage import coverage_assets, coverage_checks
     from m365_pipeline.assets.export import export_assets
     from m365_pipeline.assets.marts import marts_assets, marts_checks
     from m365_pipeline.assets.raw import raw_assets
 
-    return [*raw_assets, *core_assets, *marts_assets, *export_assets, *core_checks, *marts_checks]
+    return [*raw_assets, *core_assets, *marts_assets, *coverage_assets, *export_assets, *core_checks, *marts_checks,
+            *coverage_checks]
 
 
 def run_pipeline(sim: Simulator | None, data_dir: Path, *, raise_on_error: bool = True, **kwargs: Any):

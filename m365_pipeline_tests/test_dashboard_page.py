@@ -23,8 +23,11 @@ import pytest
 import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from m365_pipeline.assets.coverage import csv_bytes
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
+    COVERAGE_ORG_FIELDS,
+    COVERAGE_USER_FIELDS,
     SORT_FIELDS,
     VersionWriter,
     export_dir,
@@ -182,8 +185,9 @@ def as_of_text(page: Page) -> str:
 # -- data written for a test --------------------------------------------------------------
 
 def write_published(data_dir: Path, organizations: list[dict], users: dict[str, list[dict]],
-                    last_collected: str) -> dict[str, Any]:
-    """One published version as the export asset writes it: summary, users per org, six exports."""
+                    last_collected: str, coverage: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """One published version as the export asset writes it: summary, users per org, six exports, and
+    backup coverage (rule 13) from ``coverage``'s rows per organization when given."""
     writer = VersionWriter(export_dir(data_dir))
     totals = {
         "total_organizations": len(organizations),
@@ -214,8 +218,38 @@ def write_published(data_dir: Path, organizations: list[dict], users: dict[str, 
         writer.write_bytes(f"export:json:{sort}", export_file_name(sort, "json"), json_bytes(
             {"status": "success", "data": ordered, "total_records": len(ordered),
              "last_collected": last_collected}), CONTENT_TYPES["json"])
+    if coverage is not None:
+        write_coverage(writer, organizations, coverage, last_collected)
     writer.commit({"last_collected": last_collected, "totals": totals})
     return summary
+
+
+def write_coverage(writer: VersionWriter, organizations: list[dict], coverage: dict[str, list[dict]],
+                   last_collected: str) -> None:
+    """The coverage files of rule 13, counted here from the given rows."""
+    counts = []
+    for org in organizations:
+        rows = coverage.get(org["organization_name"], [])
+        email = [r for r in rows if r["has_email_license"]]
+        backed = sum(r["backup_status"] == "active" for r in email)
+        counts.append({"organization_name": org["organization_name"], "es_user_count": len(email),
+                       "es_users_backed_up": backed, "es_users_not_backed_up": len(email) - backed,
+                       "backed_up_without_email_license": sum(r["backup_status"] == "active"
+                                                              and not r["has_email_license"] for r in rows)})
+        writer.write_coverage(org["organization_name"], "json", json_bytes(
+            {"status": "success", "organization": org["organization_name"], "users": rows,
+             "total_users": len(rows)}))
+        writer.write_coverage(org["organization_name"], "csv", csv_bytes(
+            COVERAGE_USER_FIELDS, [tuple(r[f] for f in COVERAGE_USER_FIELDS) for r in rows]))
+    totals = {"total_organizations": len(counts),
+              **{f"total_{k}": sum(c[field] for c in counts) for k, field in (
+                  ("es_users", "es_user_count"), ("es_users_backed_up", "es_users_backed_up"),
+                  ("es_users_not_backed_up", "es_users_not_backed_up"),
+                  ("backed_up_without_email_license", "backed_up_without_email_license"))}}
+    writer.write_coverage(None, "json", json_bytes({"status": "success", "organizations": counts,
+                                                     "totals": totals, "last_collected": last_collected}))
+    writer.write_coverage(None, "csv", csv_bytes(COVERAGE_ORG_FIELDS,
+                                                 [tuple(c[f] for f in COVERAGE_ORG_FIELDS) for c in counts]))
 
 
 def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:
@@ -241,6 +275,20 @@ def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:
         {"organization_name": ZERO_USERS, "es_user_count": 0, "m365_licensed_user_count": 0},
     ], key=lambda o: rule9(o["organization_name"]))
     return organizations, users
+
+
+def hostile_coverage(users: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Coverage rows of the hostile dataset: its users (one email user not backed up) and a shared mailbox
+    with markup in its name, backed up without an email license."""
+    statuses = iter(["active", "none", "excluded", "active", "available", "active", "active"])
+    coverage = {org: [{"user_principal_name": u["user_principal_name"], "display_name": u["display_name"],
+                       "m365_licensed": True, "has_email_license": u["has_email_license"],
+                       "backup_status": next(statuses)} for u in rows] for org, rows in users.items()}
+    coverage[HOSTILE_SCRIPT].append({"user_principal_name": "shared@evil.example",
+                                     "display_name": "<img src=y onerror=alert(4)>", "m365_licensed": False,
+                                     "has_email_license": False, "backup_status": "active"})
+    coverage[HOSTILE_SCRIPT].sort(key=lambda r: rule9(r["user_principal_name"]))
+    return coverage
 
 
 # -- the demo data -------------------------------------------------------------------------
@@ -434,7 +482,7 @@ def test_stale_data_warns_and_hostile_names_render_as_text(context, start_server
     data_dir = tmp_path / "data"
     organizations, users = hostile_dataset()
     last_collected = iso_z(datetime.now(UTC) - timedelta(days=3, hours=2))
-    write_published(data_dir, organizations, users, last_collected)
+    write_published(data_dir, organizations, users, last_collected, hostile_coverage(users))
     server = start_server(data_dir)
 
     page, seen = open_dashboard(context, server.base_url)
@@ -444,7 +492,7 @@ def test_stale_data_warns_and_hostile_names_render_as_text(context, start_server
         expect(page.get_by_text(name, exact=True)).to_be_visible()
     assert page.locator("#org-rows script, #org-rows img, #org-rows b").count() == 0
     row = org_button(page, HOSTILE_QUOTES).locator("xpath=ancestor::tr")
-    assert row.locator("td").all_inner_texts() == ["1,234", "12,345"]  # thousands separators
+    assert row.locator("td").all_inner_texts()[:2] == ["1,234", "12,345"]  # thousands separators
     assert page.locator("#total-m365").inner_text() == "12,348"
 
     banner = page.get_by_role("alert")
@@ -463,6 +511,7 @@ def test_stale_data_warns_and_hostile_names_render_as_text(context, start_server
         ["<img src=x onerror=alert(2)>", "\"'; alert(3); //"]
     assert page.locator("#user-rows .user-licenses").first.text_content() == \
         "Microsoft 365 Business Premium, <b>Bold</b>"
+    assert page.locator("#unbilled-list .unbilled__name").all_text_contents() == ["<img src=y onerror=alert(4)>"]
     assert page.locator("#users-dialog img, #users-dialog b").count() == 0
     expect(page.get_by_label("Search users")).to_be_visible()
     save_screenshot(page, "dashboard-hostile-users-desktop.png")
@@ -517,3 +566,104 @@ def test_api_unreachable_shows_an_error_and_retry_recovers(context, session_serv
     expect(error).to_be_hidden()
     assert len(table_rows(page)) == len(published.truth["organizations"])
     assert seen.page_errors == [] and seen.dialogs == []
+
+
+# -- backup coverage (docs/RULES.md, rule 13) ------------------------------------------------
+
+def coverage_cells(page: Page) -> dict[str, tuple[str, bool]]:
+    """Visible organization rows: exact name -> (coverage text, marked as short)."""
+    rows = page.evaluate("""() => [...document.querySelectorAll('#org-rows tr:not([hidden])')]
+        .filter((tr) => tr.querySelector('button.org-link'))
+        .map((tr) => [tr.querySelector('button.org-link').textContent,
+                      tr.querySelector('.coverage-cell').textContent,
+                      tr.querySelector('.coverage-cell').classList.contains('is-short')])""")
+    return {name: (text, short) for name, text, short in rows}
+
+
+def expected_coverage_text(es: int, backed_up: int) -> str:
+    return "No email users" if es == 0 else f"{backed_up:,} of {es:,} protected"
+
+
+def test_coverage_column_shows_protected_email_users_and_marks_shortfalls(context, session_server, published):
+    page, seen = open_dashboard(context, session_server.base_url)
+    expect(page.locator("#coverage-head")).to_be_visible()
+    truth = published.truth["coverage"]
+    expect(page.locator("#org-rows .coverage-cell")).to_have_count(len(truth["organizations"]))
+    assert coverage_cells(page) == {
+        o["organization_name"]: (expected_coverage_text(o["es_user_count"], o["es_users_backed_up"]),
+                                 o["es_users_not_backed_up"] > 0)
+        for o in truth["organizations"]}
+    assert any(short for _, short in coverage_cells(page).values())  # the demo data has real gaps
+    totals = truth["totals"]
+    total = page.locator("#total-coverage")
+    assert total.inner_text() == expected_coverage_text(totals["total_es_users"], totals["total_es_users_backed_up"])
+    assert "is-short" in total.get_attribute("class")
+    # Sorting and searching keep each row's own coverage cell.
+    page.locator('#org-table thead th[data-key="es_user_count"] button').click()
+    page.get_by_label("Search organizations").fill("acme")
+    shown = coverage_cells(page)
+    assert shown and all(shown[o["organization_name"]][0] == expected_coverage_text(
+        o["es_user_count"], o["es_users_backed_up"]) for o in truth["organizations"] if o["organization_name"] in shown)
+    seen.assert_clean(page)
+
+
+def test_drill_down_shows_backup_status_and_mailboxes_without_email_license_and_downloads_csv(
+        context, session_server, published):
+    page, seen = open_dashboard(context, session_server.base_url)
+    expect(page.locator("#coverage-head")).to_be_visible()
+    truth = published.truth["coverage"]
+    org = max(truth["organizations"],
+              key=lambda o: (o["backed_up_without_email_license"] > 0, o["es_users_not_backed_up"] > 0,
+                             o["es_user_count"]))
+    name = org["organization_name"]
+    rows = truth["users"][name]
+    assert org["backed_up_without_email_license"] > 0 and org["es_users_not_backed_up"] > 0
+    org_button(page, name).click()
+    expect(page.locator("#users-backup-head")).to_be_visible()
+    expect(page.locator("#unbilled")).to_be_visible()
+    published_rows = [r for r in rows if r["m365_licensed"]]
+    expect(page.locator("#user-rows .user-backup")).to_have_count(len(published_rows))
+    found = page.evaluate("""() => [...document.querySelectorAll('#user-rows tr')].map((tr) => [
+        tr.querySelector('.user-upn').textContent, tr.querySelector('.user-backup .badge').dataset.status])""")
+    assert found == [[r["user_principal_name"], r["backup_status"]] for r in published_rows]
+    unbilled = [r for r in rows if r["backup_status"] == "active" and not r["has_email_license"]]
+    assert page.locator("#unbilled-list .unbilled__upn").all_text_contents() == \
+        [r["user_principal_name"] for r in unbilled]
+    assert page.locator("#unbilled-list .unbilled__name").all_text_contents() == [r["display_name"] for r in unbilled]
+    note = page.locator("#coverage-note")
+    assert note.inner_text() == "Backup: " + expected_coverage_text(org["es_user_count"], org["es_users_backed_up"])
+    assert "is-short" in note.get_attribute("class")
+
+    link = page.get_by_role("link", name="Download coverage CSV")
+    with page.expect_download() as info:
+        link.click()
+    body = Path(info.value.path()).read_bytes()
+    api = requests.get(session_server.base_url + "/api/m365/coverage", params={"org": name, "format": "csv"},
+                       timeout=10)
+    assert body == api.content and body.startswith(",".join(COVERAGE_USER_FIELDS).encode() + b"\r\n")
+    assert len(body.decode().splitlines()) == len(rows) + 1
+    save_screenshot(page, "dashboard-coverage-drill-down-desktop.png")
+    page.keyboard.press("Escape")
+    seen.assert_clean(page)
+
+
+def test_without_coverage_published_the_page_shows_no_coverage_and_still_works(context, start_server, tmp_path):
+    data_dir = tmp_path / "data"
+    organizations, users = hostile_dataset()
+    write_published(data_dir, organizations, users, iso_z(datetime.now(UTC)))  # source B not configured
+    server = start_server(data_dir)
+    page = context.new_page()
+    seen = watch(page)
+    page.goto(server.base_url + "/")
+    expect(page.locator("#content")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    expect(page.locator("#coverage-head")).to_be_hidden()
+    assert page.locator("#org-rows .coverage-cell").count() == 0
+    org_button(page, HOSTILE_QUOTES).click()
+    expect(page.locator("#users-table")).to_be_visible()
+    expect(page.locator("#coverage-csv")).to_be_hidden()
+    expect(page.locator("#unbilled")).to_be_hidden()
+    assert page.locator("#user-rows .user-backup").count() == 0
+    # The browser logs the coverage 404 itself; nothing else may go wrong.
+    assert all("404" in message for message in seen.console_errors), seen.console_errors
+    assert seen.page_errors == [] and seen.dialogs == [] and seen.csp_violations(page) == []

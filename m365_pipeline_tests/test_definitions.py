@@ -20,6 +20,7 @@ EXPECTED_ASSETS = {
     ("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
     ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
     ("export", "dashboard_api"), ("export", "analytics_db"),
+    ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
 }
 
 
@@ -87,6 +88,9 @@ def test_checks_sit_on_the_assets_they_guard(monkeypatch, tmp_path):
         (("marts", "org_summary"), "contract_invariants"),
         (("marts", "org_summary"), "pull_is_plausible"),
         (("marts", "org_summary"), "no_source_went_missing"),
+        (("core", "backup_coverage"), "email_users_not_backed_up"),
+        (("core", "backup_coverage"), "backed_up_without_email_license"),
+        (("core", "backup_coverage"), "unknown_backup_statuses"),
     }
 
 

@@ -1,6 +1,7 @@
 """`make demo` and `make dev` as a new user meets them, through the real Makefile: correct data on
-the API; Ctrl-C, SIGINT and SIGTERM (from a terminal, a script or a service manager) leave nothing
-behind; busy ports and unusable data directories are refused at once with one line."""
+the API (nights and coverage too); Ctrl-C, SIGINT and SIGTERM (from a terminal, a script or a
+service manager) leave nothing behind; busy ports and unusable data directories are refused at
+once with one line."""
 
 from __future__ import annotations
 
@@ -119,6 +120,12 @@ def test_make_demo_serves_the_correct_summary_and_nights_and_ctrl_c_in_a_termina
         first = ground_truth(SimulatorConfig(orgs=40, users_per_org=17, seed=42))["totals"]
         assert history[0]["m365_licensed_user_count"] == first["total_m365_licensed_users"]
         assert history[-1]["es_user_count"] == truth["totals"]["total_es_users"]
+        # Backup coverage (rule 13) with real gaps of both kinds, for the dashboard's column and drill-down.
+        coverage = requests.get(f"http://127.0.0.1:{api_port}/api/m365/coverage", timeout=5).json()
+        assert coverage["organizations"] == truth["coverage"]["organizations"]
+        assert coverage["totals"] == truth["coverage"]["totals"]
+        assert coverage["totals"]["total_es_users_not_backed_up"] > 0
+        assert coverage["totals"]["total_backed_up_without_email_license"] > 0
         home = tmp_path / ".dagster_home"
         assert "enabled: false" in (home / "dagster.yaml").read_text()  # telemetry off, project-local
         assert (tmp_path / "data" / ANALYTICS_FILE).is_file()

@@ -138,7 +138,7 @@ def users(context: AssetExecutionContext, duckdb: DuckDBResource) -> Materialize
     the user is M365-licensed and an ES user, which source decided, and whether it is published.
     """
     with duckdb.get_connection() as conn:
-        run_sql(conn, "core_users.sql")
+        run_sql(conn, "core_users.sql", raw_macros=True)
         counts = conn.execute("""
             SELECT count(*) FILTER (WHERE published), count(*) FILTER (WHERE organization_name IS NULL),
                    count(*) FILTER (WHERE classification_source = 'backup')

@@ -22,6 +22,7 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from m365_pipeline.assets.core import users
+from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_files
 from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.assets.nights import NIGHT_SPECS, record_night, write_changes_files, write_history_files
 from m365_pipeline.crashpoints import crash_point
@@ -67,11 +68,13 @@ def _sql_path(path: Path) -> str:
 
 @multi_asset(specs=[
     AssetSpec(
-        ["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"}, deps=[org_summary, users],
+        ["export", "dashboard_api"], group_name=GROUP, kinds={"json", "csv"},
+        deps=[org_summary, users, org_backup_coverage],
         freshness_policy=NIGHTLY_FRESHNESS,
         description=(
             "One file = one response of the M365 Usage Dashboard API (summary, users per organization, "
-            "export in JSON and CSV for each sort, history and changes), published atomically under "
+            "export in JSON and CSV for each sort, history and changes, backup coverage when source B is "
+            "configured), published atomically under "
             "<data dir>/export/current."
         ),
     ),
@@ -95,6 +98,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
             crash_point("publish")
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
+            coverage = _write_coverage(conn, writer, backup, last_collected)
             night, _ = record_night(conn)
             nights, history_organizations = write_history_files(conn, writer)
             write_changes_files(conn, writer, nights)
@@ -121,6 +125,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
         "query_time_ms": query_time_ms,
         "nights_kept": len(nights),
         **totals,
+        **coverage,
         "preview": MetadataValue.md(_preview(organizations)),
     })
     yield from night_results
@@ -227,6 +232,14 @@ def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_co
         out.write(b',"total_records":' + str(records).encode() + b',"last_collected":'
                   + json_bytes(last_collected) + b"}")
     array_path.unlink()
+
+
+def _write_coverage(conn, writer: VersionWriter, backup: BackupApiResource, last_collected: str | None
+                    ) -> dict[str, object]:
+    """GET /api/m365/coverage's files; none when source B is not configured (the API then says so)."""
+    if not backup.is_configured:
+        return {"coverage": "not published: source B is not configured"}
+    return {f"coverage_{name}": value for name, value in write_coverage_files(conn, writer, last_collected).items()}
 
 
 def _preview(organizations: list[tuple]) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -246,7 +247,7 @@ class Dashboard:
             if not path.startswith(API_PREFIX):
                 raise HttpError(404, "not found")
             endpoint = path[len(API_PREFIX):]
-            if endpoint not in ("summary", "users", "export", "history", "changes"):
+            if endpoint not in ("summary", "users", "export", "history", "changes", "coverage"):
                 raise HttpError(404, "not found")
             params = parse_query(query_string)
             version = self.current()
@@ -264,6 +265,8 @@ class Dashboard:
                ) -> tuple[PublishedFile, str | None]:
         if endpoint == "summary":
             return version.summary(), None
+        if endpoint == "coverage":
+            return self._route_coverage(params, version)
         if endpoint == "users":
             org = params.get("org")
             if not org:
@@ -283,6 +286,29 @@ class Dashboard:
             day = version.published_at.strftime("%Y-%m-%d")
             disposition = f'attachment; filename="m365-users-{day}.csv"'
         return version.export(sort, fmt), disposition
+
+    @staticmethod
+    def _route_coverage(params: dict[str, str], version: PublishedVersion) -> tuple[PublishedFile, str | None]:
+        """GET /api/m365/coverage[?org=NAME][&format=json|csv] (docs/RULES.md, rule 13)."""
+        fmt = params.get("format", "json")
+        if fmt not in FORMATS:
+            raise HttpError(400, f"unknown format {fmt[:40]!r}; use one of: {', '.join(FORMATS)}")
+        org = params.get("org")
+        if org is not None and not org:
+            raise HttpError(400, "parameter org is empty; omit it for every organization")
+        if not version.has_coverage:
+            raise HttpError(404, "backup coverage is not available: source B (the backup reseller, "
+                                 "BACKUP_API_BASE_URL) was not configured when this data was published")
+        published = version.coverage(org, fmt)
+        if published is None:
+            raise HttpError(404, f"organization not found: {org[:200]}")
+        disposition = None
+        if fmt == "csv":
+            day = version.published_at.strftime("%Y-%m-%d")
+            # Only safe characters of the name reach the header; the body holds the exact name.
+            slug = "" if org is None else "-" + re.sub(r"[^A-Za-z0-9]+", "-", org).strip("-")[:60]
+            disposition = f'attachment; filename="m365-coverage-{day}{slug.rstrip("-")}.csv"'
+        return published, disposition
 
     # -- history and changes (docs/RULES.md, rules 11 and 12) --------------------------------
     def _nights_route(self, endpoint: str, params: dict[str, str], version: PublishedVersion, headers: Any

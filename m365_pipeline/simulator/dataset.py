@@ -209,7 +209,8 @@ _SPECIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] =
 _NULL, _EMPTY = 2, 1  # applicationName modes: 0 = set, 1 = "", 2 = null
 _ZOO = tuple((n, _NULL if n == "Exchange Online Kiosk" else _EMPTY if n == "Office 365 F3" else 0, None)
              for n in ALL_CATALOG_NAMES)
-# Overrides of the randomly drawn person. "domain": a literal, "t1" (the owner's second m365 tenant)
+# Overrides of the randomly drawn person ("status": the mailbox's backup status, so rule 13 meets every
+# status and spelling at any size). "domain": a literal, "t1" (the owner's second m365 tenant)
 # or "gws"; "username": a spelling mode, None (null) or "" (empty); "subs": catalog names or
 # (name, applicationName mode, vendor) tuples.
 _SPECIAL_SLOTS: dict[str, dict[str, Any]] = {
@@ -220,27 +221,27 @@ _SPECIAL_SLOTS: dict[str, dict[str, Any]] = {
     "s_only_subdomain": {"local": "sub.domain", "domain": "eu.acme-widgets.example", "subs": ("Microsoft 365 E3",)},
     "s_only_pf_domain": {"local": "pf.domain", "domain": "acme-archive.example", "subs": ("Office 365 E1",)},
     "dual_role": {"local": "dual.role", "domain": "t1", "subs": ("Office 365 E3",), "s_display": ""},
-    "zoo": {"local": "license.zoo", "subs": _ZOO},
+    "zoo": {"local": "license.zoo", "subs": _ZOO, "status": "Available"},
     "case_dup": {"local": "case.dup", "subs": ("Microsoft 365 Business Standard",
                                                ("microsoft 365 business standard", 0, "microsoft corp"),
-                                               "Slack Pro")},
+                                               "Slack Pro"), "status": "EXCLUDED"},
     "addons_only": {"local": "addons.only", "subs": tuple(n for n, _ in ADDON_SKUS)},
     "free_only": {"local": "free.only", "subs": tuple(n for n, _ in FREE_SKUS[:3]) + ("Zoom Workplace",)},
     "non_email_only": {"local": "non.email", "subs": ("Microsoft Power BI Pro", "Microsoft 365 Apps for business",
-                                                      ("Microsoft Copilot", _NULL, None))},
+                                                      ("Microsoft Copilot", _NULL, None)), "status": "Excluded "},
     "username_null": {"local": "null.username", "username": None, "s_spell": "title"},
     "username_empty": {"local": "empty.username", "username": "", "s_spell": "padded",
                        "subs": ("Exchange Online (Plan 1)",)},
     "display_from_b": {"local": "display.from.b", "s_display": "", "b_name": "Zoë Ångström"},
     "display_blank": {"local": "display.blank", "s_display": "   ", "b_name": ""},
-    "messy_upn": {"local": "mixed.case", "username": "padded", "b_spell": "upper"},
+    "messy_upn": {"local": "mixed.case", "username": "padded", "b_spell": "upper", "status": "  active"},
     "shared_known": {"local": "sales", "subs": (), "s_display": "Sales", "b_name": "Shared Mailbox – Sales",
                      "b_licensed": None},
-    "unlicensed_mailbox": {"local": "no.license", "subs": ("Zoom Workplace",), "b_licensed": None},
+    "unlicensed_mailbox": {"local": "no.license", "subs": ("Zoom Workplace",), "b_licensed": None, "status": "ACTIVE"},
     "b_only_licensed": {"local": "backup.only", "b_name": "Backup Only"},
-    "b_only_unlicensed": {"local": "backup.unlicensed", "b_licensed": None},
-    "b_only_shared": {"local": "info", "b_name": "Shared Mailbox – Info", "b_licensed": None},
-    "b_only_noname": {"local": "backup.noname", "b_name": ""},
+    "b_only_unlicensed": {"local": "backup.unlicensed", "b_licensed": None, "status": None},
+    "b_only_shared": {"local": "info", "b_name": "Shared Mailbox – Info", "b_licensed": None, "status": " Active "},
+    "b_only_noname": {"local": "backup.noname", "b_name": "", "status": "Pending"},
     "b_only_messy": {"local": "backup.messy", "b_spell": "padded"},
     "consultant": {"local": "consultant", "domain": "freelance-experts.example",
                    "subs": ("Microsoft 365 Business Premium",)},
@@ -673,7 +674,7 @@ class Dataset:
             b_licensed=True if (tier == "licensed") != (mismatch_pct < 5) and tier != "shared" else None,
             subs=None, s_spell=_spell_mode(d[9]), b_spell=_spell_mode(d[10]),
             username=None if username_pct < 3 else "" if username_pct < 6 else _spell_mode(d[11]),
-            email_alias=d[12] * 100 >> 8 < 5, status=("active", "active", "available", "excluded")[d[13] % 4],
+            email_alias=d[12] * 100 >> 8 < 5, status=_backup_status(d[13]),
             stamp=int.from_bytes(d[14:21], "big") % 10**15, draws=d[21:])
         if tag:
             spec = {**_PERSON_DEFAULTS, **_SPECIAL_SLOTS[tag]}
@@ -756,6 +757,18 @@ def _saas_id(o: int, j: int, d: bytes) -> str:
     the rest, so an id this dataset never issued fails the check in ``subscriptions_of``."""
     x = d[:9].hex()
     return f"{x[:8]}-{x[8:12]}-4{x[12:15]}-{'89ab'[d[9] % 4]}{x[15:18]}-{o:05x}{j:07x}"
+
+
+_STATUS_DRAWS = ("active",) * 11 + ("available", "available", "excluded", None, "pending")  # 16: one per byte % 16
+
+
+def _backup_status(byte: int) -> str | None:
+    """A mailbox's backup status (rule 13): mostly active, some available, excluded, null or a value the
+    vendor does not document ("pending"), spelled as the vendor sometimes does (case, surrounding spaces)."""
+    status = _STATUS_DRAWS[byte % 16]
+    if status is None:
+        return None
+    return ((status,) * 5 + (status.title(), status.upper(), f" {status} "))[byte >> 4 & 7]
 
 
 def _spell_mode(byte: int) -> str:

@@ -1,4 +1,5 @@
-"""Ground truth: the data contract (docs/RULES.md, rules 1-10) applied, in plain Python, to what the simulator serves.
+"""Ground truth: the data contract (docs/RULES.md, rules 1-10 and 13) applied, in plain Python, to what the
+simulator serves.
 
 Deliberately independent of the pipeline (no DuckDB, no SQL, no shared helpers) and of the
 generator's internals: it reads only the records the two APIs serve, through the dataset's public
@@ -12,7 +13,8 @@ docs/RULES.md leaves room:
 * display names and B names are compared and published stripped;
 * an S user's UPN is ``username`` unless it is null, empty or blank, then ``email``;
 * a subscription whose applicationName and name are both empty is not a license;
-* ``unassigned_users`` counts every user without an organization, licensed or not.
+* ``unassigned_users`` counts every user without an organization, licensed or not;
+* rule 13 reads a status as ``status.strip().lower()``; the vendor's three values only, else ``none``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def _ground_truth(ds: Dataset) -> dict[str, Any]:
     tenant_domains: dict[str, set[str]] = defaultdict(set)  # org -> its m365 tenants' domains
     domain_orgs: dict[str, set[str]] = defaultdict(set)  # domain -> orgs owning it
     accounts: dict[str, list[tuple[str, str | None, bool]]] = defaultdict(list)  # key -> (org, name, licensed)
+    mailbox_statuses: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # org -> key -> statuses
     for owner in ds.backup_owners():
         raw["backup_organizations"] += 1
         org = owner["organization_name"]
@@ -97,6 +100,7 @@ def _ground_truth(ds: Dataset) -> dict[str, Any]:
                 if m365 and account["mailbox"] is True:
                     key = account["upn"].strip().lower()
                     accounts[key].append((org, account["name"], account["licensed"] is True))
+                    mailbox_statuses[org][key].add((account["status"] or "").strip().lower())
                     domain_orgs[key.rpartition("@")[2]].add(org)
 
     # Source S: per key, the display names and the M365 licenses (rule 4), as (name, is_email).
@@ -156,6 +160,7 @@ def _ground_truth(ds: Dataset) -> dict[str, Any]:
                               "es_user_count": sum(u["has_email_license"] for u in users[org]),
                               "m365_licensed_user_count": len(users[org])})
     return {
+        "coverage": _coverage(organizations, users, mailbox_statuses, saas_names, accounts),
         "organizations": organizations,
         "totals": {"total_organizations": len(organizations),
                    "total_es_users": sum(o["es_user_count"] for o in organizations),
@@ -165,3 +170,41 @@ def _ground_truth(ds: Dataset) -> dict[str, Any]:
         "multi_org_upns": sorted((k for k, accs in accounts.items() if len({a[0] for a in accs}) > 1), key=rule9),
         "raw_counts": raw,
     }
+
+
+def _backup_status(statuses: set[str]) -> str:
+    """Rule 13: active beats excluded beats available; no account, no status or another value is none."""
+    return next((s for s in ("active", "excluded", "available") if s in statuses), "none")
+
+
+def _coverage(organizations: list[dict[str, Any]], users: dict[str, list[dict[str, Any]]],
+              mailbox_statuses: dict[str, dict[str, set[str]]], saas_names: dict[str, list[str | None]],
+              accounts: dict[str, list[tuple[str, str | None, bool]]]) -> dict[str, Any]:
+    """Rule 13 per organization: ``{"organizations": [...], "totals": {...}, "users": {org: [rows]}}``."""
+    rows_by_org: dict[str, list[dict[str, Any]]] = {}
+    counts = []
+    for summary in organizations:
+        org = summary["organization_name"]
+        published = {u["user_principal_name"]: u for u in users[org]}
+        statuses = mailbox_statuses.get(org, {})
+        rows = []
+        for key in sorted(published.keys() | statuses.keys(), key=rule9):
+            user = published.get(key)
+            display = user["display_name"] if user else (
+                _smallest(saas_names.get(key, [])) or _smallest([name for _, name, _ in accounts[key]]) or key)
+            rows.append({"user_principal_name": key, "display_name": display, "m365_licensed": user is not None,
+                         "has_email_license": bool(user and user["has_email_license"]),
+                         "backup_status": _backup_status(statuses.get(key, set()))})
+        rows_by_org[org] = rows
+        email = [r for r in rows if r["has_email_license"]]
+        backed_up = sum(r["backup_status"] == "active" for r in email)
+        counts.append({"organization_name": org, "es_user_count": len(email), "es_users_backed_up": backed_up,
+                       "es_users_not_backed_up": len(email) - backed_up,
+                       "backed_up_without_email_license": sum(r["backup_status"] == "active"
+                                                              and not r["has_email_license"] for r in rows)})
+    totals = {"total_organizations": len(counts),
+              "total_es_users": sum(c["es_user_count"] for c in counts),
+              "total_es_users_backed_up": sum(c["es_users_backed_up"] for c in counts),
+              "total_es_users_not_backed_up": sum(c["es_users_not_backed_up"] for c in counts),
+              "total_backed_up_without_email_license": sum(c["backed_up_without_email_license"] for c in counts)}
+    return {"organizations": counts, "totals": totals, "users": rows_by_org}

@@ -11,13 +11,8 @@ m365_tenants AS (
 ),
 -- Rule 2: mailboxes of m365 tenants; public folders (mailbox false) and GWS never count.
 accounts AS (
-    SELECT upn_key(a.upn) AS upn,
-           nullif(trim(a.name), '') AS name,
-           coalesce(a.licensed, false) AS licensed,
-           m.organization_name
-    FROM raw.backup_accounts AS a
-    JOIN m365_tenants AS m ON m.owner_id = a.owner_id AND m.tenant_id = a.tenant_id
-    WHERE a.mailbox AND nullif(trim(a.upn), '') IS NOT NULL
+    SELECT upn, nullif(trim(name), '') AS name, coalesce(licensed, false) AS licensed, organization_name
+    FROM rule2_accounts()
 ),
 -- Rule 3: an organization owns its m365 tenants' domains and its mailboxes' UPN domains.
 domain_owners AS (

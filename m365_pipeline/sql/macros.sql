@@ -8,3 +8,6 @@ CREATE OR REPLACE TEMP MACRO saas_upn(username, email) AS upn_key(coalesce(nulli
 -- Rule 3: the domain part of a UPN key; domains compare exactly, lower-cased.
 CREATE OR REPLACE TEMP MACRO upn_domain(upn) AS regexp_extract(upn, '@([^@]+)$', 1);
 CREATE OR REPLACE TEMP MACRO domain_key(domain) AS lower(trim(domain));
+-- Rule 13: a source B status compared after trimming whitespace, case-insensitively.
+CREATE OR REPLACE TEMP MACRO backup_status_key(status) AS
+    nullif(lower(trim(status, ' ' || chr(9) || chr(10) || chr(13))), '');

@@ -13,6 +13,8 @@
     csv: "api/m365/export?format=csv",
     history: "api/m365/history",
     changes: "api/m365/changes",
+    coverage: (name, format) => `api/m365/coverage?${new URLSearchParams({
+      ...(name === undefined ? {} : { org: name }), ...(format ? { format } : {}) })}`,
   };
   const STALE_AFTER_MS = 24 * 60 * 60 * 1000;
   const REQUEST_TIMEOUT_MS = 20000;
@@ -32,6 +34,9 @@
     usersError: $("users-error"), usersErrorText: $("users-error-text"), usersRetry: $("users-retry"),
     usersEmpty: $("users-empty"), usersTable: $("users-table"), userRows: $("user-rows"),
     deltaHeading: $("delta-heading"), totalDelta: $("total-delta"),
+    coverageHead: $("coverage-head"), totalCoverage: $("total-coverage"), coverageNote: $("coverage-note"),
+    coverageCsv: $("coverage-csv"), usersBackupHead: $("users-backup-head"), unbilled: $("unbilled"),
+    unbilledList: $("unbilled-list"),
   };
 
   const numberFormat = new Intl.NumberFormat();
@@ -146,6 +151,7 @@
       loadDeltas(controller.signal);
       showState("content");
       updateFreshness();
+      loadCoverage();
       if (viewerAsked) el.main.focus({ preventScroll: true });
     } catch (err) {
       if (controller.signal.aborted) return;
@@ -329,7 +335,9 @@
       const zero = { in: 0, out: 0 };
       for (const item of state.organizations) {
         item.row.querySelector(".col-delta")?.remove();
-        item.row.append(deltaCell(deltas.get(String(item.org[NAME_KEY])) || zero, since));
+        // Before the coverage cell when that loaded first: the columns follow the header's order.
+        item.row.insertBefore(deltaCell(deltas.get(String(item.org[NAME_KEY])) || zero, since),
+          item.row.querySelector(".coverage-cell"));
       }
       const total = [...deltas.values()].reduce((s, e) => ({ in: s.in + e.in, out: s.out + e.out }), zero);
       const totalIn = changes.filter((c) => c.change === "added").length;
@@ -401,6 +409,7 @@
     if (!el.dialog.open) el.dialog.showModal();
     el.userSearch.focus();
     loadUsers();
+    loadUserCoverage(String(item.org[NAME_KEY]));
   }
 
   async function loadUsers() {
@@ -447,6 +456,7 @@
       email.firstChild.setAttribute("aria-hidden", "true");
     }
     row.append(name, upn, lic, email);
+    if (drillCoverage.byUpn) row.append(backupCell(drillCoverage.byUpn.get(String(user.user_principal_name))));
     return row;
   }
 
@@ -482,6 +492,7 @@
 
   function onDialogClose() {
     if (drill.controller) drill.controller.abort();
+    if (drillCoverage.controller) drillCoverage.controller.abort();
     const opener = drill.opener;
     drill.item = null;
     drill.opener = null;
@@ -494,6 +505,138 @@
     const inside = event.clientX >= box.left && event.clientX <= box.right
       && event.clientY >= box.top && event.clientY <= box.bottom;
     if (!inside) el.dialog.close();
+  }
+
+  // -- backup coverage (docs/RULES.md, rule 13) ------------------------------------------------
+  // Optional: when source B is not configured the API answers 404 and the page shows no coverage.
+
+  const coverage = { byName: null, controller: null };
+  const drillCoverage = { rows: null, byUpn: null, controller: null };
+  const BACKUP_LABELS = {
+    active: "Backed up", excluded: "Excluded", available: "Not added", none: "Not in backup",
+  };
+
+  async function loadCoverage() {
+    if (coverage.controller) coverage.controller.abort();
+    const controller = new AbortController();
+    coverage.controller = controller;
+    coverage.byName = null;
+    let totals = null;
+    try {
+      const { body } = await fetchJson(API.coverage(), controller.signal);
+      if (Array.isArray(body.organizations)) {
+        coverage.byName = new Map(body.organizations.map((o) => [String(o.organization_name), o]));
+        totals = body.totals || {};
+      }
+    } catch (_) {
+      if (controller.signal.aborted) return;
+    } finally {
+      if (coverage.controller === controller) coverage.controller = null;
+    }
+    renderCoverageColumn(totals);
+  }
+
+  /** "41 of 45 protected": email users backed up of email users, marked when some are not. */
+  function fillCoverage(node, counts, prefix = "") {
+    const es = Number(counts.es) || 0;
+    const backedUp = Number(counts.backedUp) || 0;
+    const missing = Number(counts.missing) || 0;
+    const unbilled = Number(counts.unbilled) || 0;
+    if (es === 0) {
+      node.textContent = `${prefix}No email users`;
+    } else {
+      node.textContent = `${prefix}${fmt(backedUp)} of ${fmt(es)} protected`;
+    }
+    node.classList.toggle("is-zero", es === 0);
+    node.classList.toggle("is-short", missing > 0);
+    const notes = [];
+    if (missing > 0) notes.push(`${fmt(missing)} email ${missing === 1 ? "user is" : "users are"} not backed up`);
+    if (unbilled > 0) {
+      notes.push(`${fmt(unbilled)} backed-up ${unbilled === 1 ? "mailbox has" : "mailboxes have"} no email license`);
+    }
+    node.title = notes.join("; ");
+    return node;
+  }
+
+  function organizationCounts(o) {
+    return { es: o.es_user_count, backedUp: o.es_users_backed_up, missing: o.es_users_not_backed_up,
+      unbilled: o.backed_up_without_email_license };
+  }
+
+  function renderCoverageColumn(totals) {
+    const show = coverage.byName !== null;
+    el.coverageHead.hidden = !show;
+    el.totalCoverage.hidden = !show;
+    for (const item of state.organizations) {
+      const old = item.row.querySelector(".coverage-cell");
+      if (old) old.remove();
+      const entry = show ? coverage.byName.get(String(item.org[NAME_KEY])) : undefined;
+      if (show) item.row.append(entry ? fillCoverage(make("td", "num coverage-cell"), organizationCounts(entry))
+        : make("td", "num coverage-cell is-zero", "—"));
+    }
+    if (show) {
+      fillCoverage(el.totalCoverage, { es: totals.total_es_users, backedUp: totals.total_es_users_backed_up,
+        missing: totals.total_es_users_not_backed_up, unbilled: totals.total_backed_up_without_email_license });
+    }
+  }
+
+  async function loadUserCoverage(name) {
+    if (drillCoverage.controller) drillCoverage.controller.abort();
+    drillCoverage.rows = null;
+    drillCoverage.byUpn = null;
+    const entry = coverage.byName ? coverage.byName.get(name) : undefined;
+    renderUserCoverage(entry);
+    if (!entry) return;
+    const controller = new AbortController();
+    drillCoverage.controller = controller;
+    try {
+      const { body } = await fetchJson(API.coverage(name), controller.signal);
+      drillCoverage.rows = Array.isArray(body.users) ? body.users : [];
+      drillCoverage.byUpn = new Map(drillCoverage.rows.map((r) => [String(r.user_principal_name), r]));
+    } catch (_) {
+      if (controller.signal.aborted) return;
+    } finally {
+      if (drillCoverage.controller === controller) drillCoverage.controller = null;
+    }
+    renderUserCoverage(entry);
+    if (!el.usersTable.hidden) renderUsers();
+  }
+
+  function renderUserCoverage(entry) {
+    el.coverageNote.hidden = !entry;
+    el.coverageCsv.hidden = !entry;
+    if (entry) {
+      fillCoverage(el.coverageNote, organizationCounts(entry), "Backup: ");
+      el.coverageCsv.href = API.coverage(String(entry.organization_name), "csv");
+    }
+    el.usersBackupHead.hidden = !drillCoverage.byUpn;
+    el.unbilled.hidden = !drillCoverage.rows;
+    if (!drillCoverage.rows) return;
+    const unbilled = drillCoverage.rows.filter((r) => r.backup_status === "active" && r.has_email_license !== true);
+    const items = unbilled.map((r) => {
+      const li = make("li", "unbilled__item");
+      li.append(make("span", "unbilled__name", String(r.display_name ?? "")),
+        make("span", "user-upn unbilled__upn", String(r.user_principal_name ?? "")),
+        make("span", "unbilled__why", r.m365_licensed === true ? "M365 license without email"
+          : "no M365 license in this organization"));
+      return li;
+    });
+    if (items.length === 0) {
+      items.push(make("li", "unbilled__none", "None: every backed-up mailbox has an email license."));
+    }
+    el.unbilledList.replaceChildren(...items);
+  }
+
+  function backupCell(entry) {
+    const known = entry && Object.prototype.hasOwnProperty.call(BACKUP_LABELS, entry.backup_status);
+    const status = known ? entry.backup_status : "none";
+    const cell = make("td", "user-backup");
+    cell.dataset.label = "Backup";
+    const badge = make("span", `badge badge--backup badge--${status}`, BACKUP_LABELS[status]);
+    badge.dataset.status = status;
+    badge.title = `Backup status: ${status}`;
+    cell.append(badge);
+    return cell;
   }
 
   // -- wiring -----------------------------------------------------------------------------
