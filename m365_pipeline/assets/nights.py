@@ -15,7 +15,7 @@ import duckdb
 from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
-from m365_pipeline.duckdb_helpers import run_sql, table_metadata, table_schema
+from m365_pipeline.duckdb_helpers import LAST_COLLECTED_SQL, run_sql, table_metadata, table_schema
 from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
@@ -61,19 +61,21 @@ class NightOutOfOrder(RuntimeError):
 
 
 def record_night(conn: duckdb.DuckDBPyConnection) -> tuple[str, str]:
-    """Record tonight (from marts.org_summary) in the open transaction; returns (date, last_collected).
+    """Record tonight in the open transaction; returns (date, last_collected).
+
+    last_collected is the summary's; a night with no organization (source B not configured) takes it
+    from the raw tables, as rule 10 defines it.
 
     Nights are recorded in date order: a clock set back before the latest kept night is refused
     with a clear error rather than rewriting history.
     """
-    conn.execute("""
+    conn.execute(f"""
         CREATE OR REPLACE TEMP VIEW tonight AS
-        SELECT (min(last_collected) AT TIME ZONE 'UTC')::DATE AS collection_date,
-               min(last_collected) AS last_collected
-        FROM marts.org_summary""")
+        SELECT (t AT TIME ZONE 'UTC')::DATE AS collection_date, t AS last_collected
+        FROM (SELECT coalesce((SELECT min(last_collected) FROM marts.org_summary), ({LAST_COLLECTED_SQL})) AS t)""")
     day, collected = conn.execute("SELECT collection_date, last_collected FROM tonight").fetchone()
     if day is None:
-        raise RuntimeError("marts.org_summary has no last_collected: nothing was collected tonight")
+        raise RuntimeError("no raw table has a collected_at: nothing was collected tonight")
     latest = conn.execute("SELECT max(collection_date) FROM marts.nights").fetchone()[0] \
         if _exists(conn, "nights") else None
     if latest is not None and day < latest:
