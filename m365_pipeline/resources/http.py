@@ -1,35 +1,42 @@
 """HTTP plumbing shared by both vendor clients.
 
-Retries and backoff on connection errors and 5xx are urllib3's ``Retry`` on a pooled urllib3
-``PoolManager``. A 429 is retried here instead: its ``Retry-After`` pauses every worker of the
-client, and the calls in flight follow the vendor's pace (``pace.AdaptiveLimit``). This module
-also turns what comes back into errors a data engineer can act on. Tokens travel in headers
-only, and no message built here ever contains a header value.
+The clients are asyncio on aiohttp (its C HTTP parser) and uvloop: a call costs about half the CPU of
+the urllib3-on-threads client they replaced (bench/RESULTS.md, issue 15). The paging code stays plain,
+synchronous Python: ``run_concurrently`` runs each item's function in a greenlet, and every vendor call
+inside it waits on the event loop (the bridge SQLAlchemy's asyncio support is built on). Outside
+``run_concurrently`` a call simply runs the loop until it is answered.
+
+Connection errors, timeouts and 5xx are retried with exponential backoff (aiohttp has no retries of its
+own). A 429's ``Retry-After`` pauses every call of the client, and the calls in flight follow the vendor's
+pace (``pace.AdaptiveLimit``). This module also turns what comes back into errors a data engineer can act
+on. Tokens travel in headers only, no message built here ever contains a header value, and redirects are
+not followed, so credentials never go to another host.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util import make_headers
+import aiohttp
+import greenlet
+import uvloop
+from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from m365_pipeline.resources.pace import AdaptiveLimit
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-THROTTLED = 429  # retried by VendorClient itself, with a pause shared by all its workers
-TOKEN_HEADERS = ("Authorization", "X-Access-Token", "X-Reseller-Token")
+THROTTLED = 429  # retried with a pause shared by all calls of the client
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -121,48 +128,6 @@ class HttpSettings:
     pool_size: int = 256  # the ceiling on calls in flight; the client finds its pace below it
 
 
-class _Retry(Retry):
-    # urllib3 would retry any 429 carrying Retry-After on its own, pausing only that call.
-    RETRY_AFTER_STATUS_CODES = frozenset({503})
-
-
-def retry_policy(settings: HttpSettings) -> Retry:
-    """Connection errors and 5xx, with exponential backoff; 429 is left to VendorClient."""
-    return _Retry(
-        total=settings.max_retries,
-        connect=settings.max_retries,
-        read=settings.max_retries,
-        status=settings.max_retries,
-        other=0,
-        allowed_methods=frozenset({"GET"}),
-        status_forcelist=RETRY_STATUSES - {THROTTLED},
-        backoff_factor=settings.backoff_factor,
-        backoff_max=settings.backoff_max_s,
-        respect_retry_after_header=True,
-        retry_after_max=settings.retry_after_max_s,
-        raise_on_status=False,
-        raise_on_redirect=True,
-        # A redirect to another host never carries our credentials along.
-        remove_headers_on_redirect=Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT | set(TOKEN_HEADERS),
-    )
-
-
-def build_pool(settings: HttpSettings, base_headers: dict[str, str]) -> urllib3.PoolManager:
-    """A connection pool that retries connection errors and 5xx with backoff."""
-    # urllib3 without requests on top: requests' per-call overhead halved the calls/s of the
-    # per-user pull (bench/RESULTS.md: 1.15k -> 2.3k calls/s against the simulator, 0.82 -> 0.41 ms CPU/call).
-    # urllib3 never reads proxy variables, so a stray one cannot reroute vendor traffic.
-    return urllib3.PoolManager(
-        num_pools=2,
-        maxsize=settings.pool_size,
-        block=True,
-        retries=retry_policy(settings),
-        timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
-        headers={**make_headers(accept_encoding=True), "Accept": "application/json",
-                 "User-Agent": "m365-pipeline", **base_headers},
-    )
-
-
 def validate_base_url(url: str, variable: str) -> str:
     """Return the URL without a trailing slash, or fail naming the variable to fix."""
     parts = urlsplit(url.strip())
@@ -192,8 +157,45 @@ class Endpoint:
 Page = tuple[Endpoint, list[dict[str, Any]]]
 
 
+class _CallGreenlet(greenlet.greenlet):
+    """Runs one item's plain, synchronous code; its vendor calls hand their coroutine to the loop."""
+
+
+_thread = threading.local()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop for vendor calls (one per thread; a client's session lives on it)."""
+    loop = getattr(_thread, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _thread.loop = uvloop.new_event_loop()
+    return loop
+
+
+def _wait_for(coroutine: Coroutine[Any, Any, R]) -> R:
+    """The coroutine's result, from plain code: inside ``run_concurrently`` by yielding to the loop."""
+    current = greenlet.getcurrent()
+    if isinstance(current, _CallGreenlet):
+        return current.parent.switch(coroutine)
+    return _event_loop().run_until_complete(coroutine)
+
+
+async def _in_greenlet(fn: Callable[[T], R], item: T) -> R:
+    """Run ``fn(item)`` in a greenlet, awaiting each coroutine it hands over (see ``_wait_for``)."""
+    child = _CallGreenlet(fn, greenlet.getcurrent())
+    handed = child.switch(item)
+    while not child.dead:
+        try:
+            answer = await handed
+        except BaseException as exc:  # raised inside fn, where its own code may handle it
+            handed = child.throw(exc)
+        else:
+            handed = child.switch(answer)
+    return handed
+
+
 class VendorClient:
-    """Base for the two source clients: one connection pool, stats, and error mapping."""
+    """Base for the two source clients: one aiohttp session, stats, and error mapping."""
 
     source_name: str = "vendor"
     auth_variables: str = ""
@@ -201,13 +203,27 @@ class VendorClient:
     def __init__(self, base_url: str, headers: dict[str, str], settings: HttpSettings):
         self.base_url = base_url
         self.settings = settings
-        self.pool = build_pool(settings, headers)
+        self._headers = {"Accept": "application/json", "User-Agent": "m365-pipeline", **headers}
+        self._session: aiohttp.ClientSession | None = None
         self.pace = AdaptiveLimit(settings.pool_size)
         self.stats = CallStats(pace=self.pace)
-        self._retry = retry_policy(settings)
+        self._retry_after_header = Retry(retry_after_max=settings.retry_after_max_s)  # parses both forms
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:  # on the running loop, which the session is bound to
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeout_s,
+                                              sock_read=self.settings.timeout_s),
+                # Proxy variables are ignored (trust_env defaults to False): none can reroute vendor traffic.
+            )
+        return self._session
 
     def close(self) -> None:
-        self.pool.clear()
+        if self._session is not None:
+            session, self._session = self._session, None
+            _wait_for(session.close())
 
     def __enter__(self):
         return self
@@ -224,99 +240,123 @@ class VendorClient:
         page: int | None = None,
     ) -> Any:
         """GET base_url+path and return decoded JSON, or raise a VendorError that says where."""
-        where = Endpoint(self.source_name, path, page)
-        url = self.base_url + path
-        throttled = 0
+        return _wait_for(self._get_json(Endpoint(self.source_name, path, page), params, headers))
+
+    async def _get_json(self, where: Endpoint, params: dict[str, Any] | None, headers: dict[str, str] | None) -> Any:
+        session = self._open()
+        url = self.base_url + where.path
+        throttled = failed = 0
         while True:
-            ticket = self.pace.acquire()
+            ticket = await self.pace.acquire_async()
             started = time.perf_counter()
             try:
-                response = self.pool.request(
-                    "GET", url, fields=params,
-                    headers={**self.pool.headers, **headers} if headers else None,  # merged, not replaced
-                )
-            except BaseException as exc:
+                async with session.get(url, params=params, headers=headers, allow_redirects=False) as response:
+                    status, body = response.status, await response.read()
+                    retry_after = response.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.pace.release(ticket)
-                self._raise_transport_error(where, exc, throttled)
-            latency = time.perf_counter() - started
-            if response.status == THROTTLED and throttled < self.settings.max_retries:
-                self.pace.release(ticket, throttled=True, retry_after_s=self._retry_after(response, throttled))
+                if failed >= self.settings.max_retries:
+                    self._raise_transport_error(where, exc, throttled)
+                failed += 1
+                await asyncio.sleep(self._backoff(failed))
+                continue
+            except BaseException:
+                self.pace.release(ticket)
+                raise
+            if status == THROTTLED and throttled < self.settings.max_retries:
+                given = self._retry_after(retry_after)
+                pause = given if given is not None else min(self.settings.backoff_max_s,
+                                                            self.settings.backoff_factor * 2 ** throttled)
+                self.pace.release(ticket, throttled=True, retry_after_s=pause)
                 throttled += 1
                 continue
-            self.pace.release(ticket, latency_s=latency if 200 <= response.status < 300 else None)
-            return self._decode(where, response, throttled)
+            ok = 200 <= status < 300
+            self.pace.release(ticket, latency_s=time.perf_counter() - started if ok else None)
+            if status in RETRY_STATUSES and status != THROTTLED and failed < self.settings.max_retries:
+                failed += 1
+                await asyncio.sleep(self._retry_after(retry_after) if status == 503 and retry_after
+                                    else self._backoff(failed))
+                continue
+            return self._decode(where, status, body, failed + throttled)
 
-    def _retry_after(self, response: urllib3.BaseHTTPResponse, attempt: int) -> float:
-        """The vendor's Retry-After (capped at retry_after_max_s), else exponential backoff."""
-        given = self._retry.get_retry_after(response)
-        if given is not None:
-            return given
-        return min(self.settings.backoff_max_s, self.settings.backoff_factor * 2 ** attempt)
+    def _backoff(self, attempt: int) -> float:
+        """urllib3's schedule: the first retry at once, then backoff_factor * 2 ** (attempt - 1), capped."""
+        if attempt <= 1:
+            return 0.0
+        return min(self.settings.backoff_max_s, self.settings.backoff_factor * 2 ** (attempt - 1))
+
+    def _retry_after(self, header: str | None) -> float | None:
+        """The vendor's Retry-After in seconds (capped at retry_after_max_s); None when absent or unreadable."""
+        if header is None:
+            return None
+        try:
+            return self._retry_after_header.parse_retry_after(header)
+        except InvalidHeader:
+            return None
 
     def _raise_transport_error(self, where: Endpoint, exc: BaseException, throttled: int) -> NoReturn:
-        if isinstance(exc, MaxRetryError):
-            self.stats.record(retries=self.settings.max_retries + throttled, page=False)
-            # urllib3 files a refused connection (NewConnectionError) under timeouts too.
-            if isinstance(exc.reason, Urllib3Timeout) and not isinstance(exc.reason, NewConnectionError):
-                raise VendorUnavailableError(
-                    f"{where.describe()} timed out after {self.settings.max_retries + 1} attempts "
-                    f"of {self.settings.timeout_s:g} s each"
-                ) from None
-            raise VendorUnreachableError(
-                f"cannot reach {self.source_name} at {self.base_url} ({where.describe()}) after "
-                f"{self.settings.max_retries + 1} attempts: {_root_cause(exc)}"
+        attempts = self.settings.max_retries + 1
+        self.stats.record(retries=self.settings.max_retries + throttled, page=False)
+        if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors
+            raise VendorUnavailableError(
+                f"{where.describe()} timed out after {attempts} attempts of {self.settings.timeout_s:g} s each"
             ) from None
-        if isinstance(exc, HTTPError):
-            self.stats.record(retries=throttled, page=False)
+        if isinstance(exc, aiohttp.InvalidURL | aiohttp.ClientResponseError):
             raise VendorError(f"{where.describe()} failed: {type(exc).__name__}") from None
-        raise exc
+        raise VendorUnreachableError(
+            f"cannot reach {self.source_name} at {self.base_url} ({where.describe()}) after "
+            f"{attempts} attempts: {_root_cause(exc)}"
+        ) from None
 
-    def _decode(self, where: Endpoint, response: urllib3.BaseHTTPResponse, throttled: int) -> Any:
+    def _decode(self, where: Endpoint, status: int, body: bytes, retries: int) -> Any:
         """Map the final answer to decoded JSON or a VendorError that says where."""
-        retries = _retries_used(response) + throttled
         self.stats.record(retries=retries)
-        status = response.status
         if status in (401, 403):
             raise VendorAuthError(
                 f"{self.source_name} rejected our credentials ({status}) on {where.describe()}: "
                 f"check {self.auth_variables}"
             )
         if status == 404:
-            raise VendorNotFoundError(f"{where.describe()} answered HTTP 404: {_safe_excerpt(response)}")
+            raise VendorNotFoundError(f"{where.describe()} answered HTTP {status}: {_safe_excerpt(body)}")
+        if 300 <= status < 400:
+            raise VendorError(
+                f"{where.describe()} answered HTTP {status}, a redirect, which is not followed so that our "
+                f"credentials never reach another host: use the address it redirects to as the base URL"
+            )
         if not 200 <= status < 300:
             transient = status in RETRY_STATUSES
             hint = f" after {retries} retries" if transient else ""
             raise (VendorUnavailableError if transient else VendorError)(
-                f"{where.describe()} answered HTTP {status}{hint}: {_safe_excerpt(response)}"
+                f"{where.describe()} answered HTTP {status}{hint}: {_safe_excerpt(body)}"
             )
         try:
-            return json.loads(response.data)
+            return json.loads(body)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise MalformedResponseError(
-                f"{where.describe()} answered {status} with a body that is not valid JSON "
-                f"({len(response.data)} bytes)"
+                f"{where.describe()} answered {status} with a body that is not valid JSON ({len(body)} bytes)"
             ) from None
 
 
-def _retries_used(response: urllib3.BaseHTTPResponse) -> int:
-    history = getattr(response.retries, "history", None)
-    return len(history) if history else 0
-
-
-def _root_cause(exc: MaxRetryError) -> str:
+def _root_cause(exc: BaseException) -> str:
     """The innermost reason ("Connection refused"), without URLs or headers."""
-    inner = exc.reason if exc.reason is not None else exc
+    inner: BaseException = exc
+    while (nested := getattr(inner, "os_error", None) or inner.__cause__) is not None:
+        inner = nested
+    # The system's own words, never a URL: asyncio words a refusal "Connect call failed (address)".
+    if isinstance(inner, socket.gaierror) and inner.strerror:
+        return inner.strerror
+    if isinstance(inner, OSError) and inner.errno:
+        return os.strerror(inner.errno)
     text = str(inner)
-    for marker in ("Connection refused", "Name or service not known", "No route to host",
-                   "Connection reset", "Temporary failure in name resolution"):
+    for marker in ("Connection refused", "Connection reset", "Server disconnected"):
         if marker in text:
             return marker
     return type(inner).__name__
 
 
-def _safe_excerpt(response: urllib3.BaseHTTPResponse, limit: int = 200) -> str:
+def _safe_excerpt(body: bytes, limit: int = 200) -> str:
     """A short, single-line slice of an error body so the vendor's own message is visible."""
-    text = response.data[: limit * 4].decode("utf-8", "replace")[:limit].replace("\n", " ").strip()
+    text = body[: limit * 4].decode("utf-8", "replace")[:limit].replace("\n", " ").strip()
     return text or "(empty body)"
 
 
@@ -328,35 +368,40 @@ def run_concurrently(
     on_result: Callable[[T, R], None],
     pace: AdaptiveLimit | None = None,
 ) -> int:
-    """Apply ``fn`` to every item on a bounded thread pool, handing results back in order.
+    """Apply ``fn`` to every item concurrently on the event loop, handing results back in order.
 
-    Results reach ``on_result`` on the calling thread and in input order, so the caller
+    ``fn`` is plain code; each vendor call it makes waits on the loop, so many items are in flight
+    at once without a thread each. Results reach ``on_result`` in input order, so the caller
     can stream them to disk without holding them all. At most ``2 * workers`` items are
     started ahead, or twice the client's current limit when ``pace`` is given (the limit
-    then decides how many calls are in flight, and only that many threads are busy).
-    The first failure cancels everything not yet started and is re-raised.
+    then decides how many calls are in flight). The first failure cancels everything else and is re-raised.
     """
+    return _event_loop().run_until_complete(_run_concurrently(items, fn, workers, on_result, pace))
+
+
+async def _run_concurrently(items: Iterable[T], fn: Callable[[T], R], workers: int,
+                            on_result: Callable[[T, R], None], pace: AdaptiveLimit | None) -> int:
     done = 0
     iterator: Iterator[T] = iter(items)
-    pending: deque[tuple[T, Future[R]]] = deque()
+    pending: deque[tuple[T, asyncio.Task[R]]] = deque()
 
     def window() -> int:
         return max(1, 2 * min(workers, pace.limit if pace else workers))
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vendor") as pool:
-        try:
-            for item in iterator:
-                pending.append((item, pool.submit(fn, item)))
-                while len(pending) >= window():
-                    head, future = pending.popleft()
-                    on_result(head, future.result())
-                    done += 1
-            while pending:
-                head, future = pending.popleft()
-                on_result(head, future.result())
+    try:
+        for item in iterator:
+            pending.append((item, asyncio.ensure_future(_in_greenlet(fn, item))))
+            while len(pending) >= window():
+                head, task = pending.popleft()
+                on_result(head, await task)
                 done += 1
-        except BaseException:
-            for _, future in pending:
-                future.cancel()
-            raise
+        while pending:
+            head, task = pending.popleft()
+            on_result(head, await task)
+            done += 1
+    except BaseException:
+        for _, task in pending:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        raise
     return done

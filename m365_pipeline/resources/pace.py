@@ -22,9 +22,11 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +43,10 @@ class PaceSnapshot:
 
 
 class AdaptiveLimit:
-    """A semaphore whose size follows the vendor: ``acquire`` before a call, ``release`` after it."""
+    """A semaphore whose size follows the vendor: ``acquire`` before a call, ``release`` after it.
+
+    Threads call ``acquire``; coroutines on one event loop call ``acquire_async`` (``release`` serves both).
+    """
 
     def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.005,
                  probe_rounds: int = 50, clock: Callable[[], float] = time.monotonic) -> None:
@@ -66,6 +71,7 @@ class AdaptiveLimit:
         self._successes = 0
         self._last_second_successes = 0
         self._cond = threading.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()  # coroutines waiting for a slot
 
     @property
     def limit(self) -> int:
@@ -93,6 +99,21 @@ class AdaptiveLimit:
                 else:
                     self._cond.wait()
 
+    async def acquire_async(self) -> int:
+        """``acquire`` for a coroutine: waits on the event loop, never blocking it."""
+        while True:
+            with self._cond:
+                pause = self._paused_until - self._clock()
+                if pause <= 0 and self._in_flight < int(self._limit):
+                    self._in_flight += 1
+                    return self._epoch
+            if pause > 0:
+                await asyncio.sleep(pause)
+            else:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                await waiter
+
     def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
                 retry_after_s: float = 0.0) -> None:
         """Report how the call went: its latency when it succeeded, or that the vendor said 429."""
@@ -113,7 +134,14 @@ class AdaptiveLimit:
             elif latency_s is not None:
                 self._count_success()
                 self._observe(ticket, latency_s, busy)
-            self._cond.notify(max(1, int(self._limit) - self._in_flight))
+            free = max(1, int(self._limit) - self._in_flight)
+            self._cond.notify(free)
+            # Called on the waiters' own loop (the async client releases where it acquired).
+            while free and self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    free -= 1
 
     def _observe(self, ticket: int, latency_s: float, busy: bool) -> None:
         smoothed = latency_s if self._smoothed is None else self._smoothed + 0.1 * (latency_s - self._smoothed)
