@@ -1,6 +1,7 @@
 """The HTTP side of the simulator: both vendor APIs on one loopback port.
 
-One ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, a thread per connection, backlog 256) serves
+One aiohttp low-level ``web.Server`` on a uvloop event loop in a background thread (HTTP/1.1 keep-alive,
+backlog 256; a delayed answer waits on the loop, not in a thread of its own) serves
 
 * source S under ``/api/saas/consolidated-view/v1`` (``Authorization: Bearer``), paged by
   ``page_size``/``page_number`` as docs/RULES.md, Source S, describes;
@@ -13,19 +14,20 @@ Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import secrets
 import socket
 import struct
-import sys
 import threading
-import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+import uvloop
+from aiohttp import web
 
 from m365_pipeline.simulator.dataset import Dataset, Owner, SimulatorConfig
 from m365_pipeline.simulator.faults import Counters, FaultInjector, Plan, stable_hash
@@ -59,60 +61,17 @@ Response = tuple[int, Any]
 Query = dict[str, list[str]]
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # keep-alive clients may idle forever; stop() closes their sockets instead
-    request_queue_size = 256
+class _Server(web.Server):
+    """aiohttp's low-level server (no router: ``_App.handle`` routes), counting the connections it accepts."""
 
-    def __init__(self, address: tuple[str, int], app: _App) -> None:
+    def __init__(self, app: _App) -> None:
+        # Idle keep-alive connections are closed after 120 s; headers and body go out in one write.
+        super().__init__(app.handle, keepalive_timeout=120, access_log=None)
         self.app = app
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
+    def __call__(self) -> Any:  # the protocol factory: once per accepted connection
         self.app.counters.add("connections", "accepted")
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that time out or hang up mid-response are normal here; anything else is a bug.
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120  # idle keep-alive connections are closed after this
-    disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms delayed-ACK stall
-    server: _HTTPServer
-
-    def do_GET(self) -> None:
-        self.server.app.handle(self)
-
-    def _method_not_allowed(self) -> None:
-        self.close_connection = True  # the request body, if any, is never read
-        self.server.app.send(self, 405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _method_not_allowed
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        return super().__call__()
 
 
 class _Reject(Exception):
@@ -134,52 +93,46 @@ class _App:
         self._delete_lock = threading.Lock()
         self.deleted_users: list[str] = []
 
-    def handle(self, handler: _Handler) -> None:
-        target = handler.path
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: faults first (see ``faults.py``), then the endpoint's answer."""
+        if request.method != "GET":
+            return self.send(405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
+        target = request.raw_path  # as sent, query included: what the fault plan matches
         parts = urlsplit(target)
         source, kind, args = _route(parts.path)
         self.counters.add("requests", kind)
         plan = self.faults.plan(source, target)
-        self.faults.throttle(plan, source, _api_token(handler, source))
+        self.faults.throttle(plan, source, _api_token(request, source))
         if plan.delay_s:
-            time.sleep(plan.delay_s)
+            await asyncio.sleep(plan.delay_s)
         if plan.reset:
-            _reset(handler)
-        elif plan.status is not None:
-            self._send_fault(handler, source, plan)
-        else:
-            try:
-                status, body = getattr(self, f"_{kind}")(handler, parse_qs(parts.query, keep_blank_values=True),
-                                                         *args)
-                body = _encode(body)
-                if plan.missing_field or plan.malformed:
-                    body = self._damage(kind, target, plan, body)
-            except _Reject as reject:
-                status, body = reject.status, _encode(reject.body)
-            self.send(handler, status, body)
+            _reset(request)
+            raise ConnectionResetError  # nothing is sent; aiohttp drops the request quietly
+        if plan.status is not None:
+            return self._send_fault(source, plan)
+        try:
+            status, body = getattr(self, f"_{kind}")(request, parse_qs(parts.query, keep_blank_values=True), *args)
+            body = _encode(body)
+            if plan.missing_field or plan.malformed:
+                body = self._damage(kind, target, plan, body)
+        except _Reject as reject:
+            status, body = reject.status, _encode(reject.body)
+        return self.send(status, body)
 
-    def send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes,
-             content_type: str = "application/json; charset=utf-8", headers: list[tuple[str, str]] | None = None
-             ) -> None:
-        handler.send_response(status)
-        handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(body)))
-        for name, value in headers or []:
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(body)
+    def send(self, status: int, body: bytes, content_type: str = "application/json; charset=utf-8",
+             headers: list[tuple[str, str]] | None = None) -> web.Response:
         self.counters.add("responses", str(status))
+        return web.Response(status=status, body=body, headers=[("Content-Type", content_type), *(headers or [])])
 
-    def _send_fault(self, handler: _Handler, source: str | None, plan: Plan) -> None:
+    def _send_fault(self, source: str | None, plan: Plan) -> web.Response:
         assert plan.status is not None
         if plan.status == 502:  # what a proxy in front of the vendor says: HTML, not JSON
-            self.send(handler, 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
-            return
+            return self.send(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
         headers = [("Retry-After", str(plan.retry_after))] if plan.retry_after is not None else []
         message = {429: "Too Many Requests", 503: "Service Unavailable"}.get(plan.status, "Internal Server Error")
         body = {"status": plan.status, "error": message} if source == "backup" else \
             {"code": plan.status, "message": message}
-        self.send(handler, plan.status, _encode(body), headers=headers)
+        return self.send(plan.status, _encode(body), headers=headers)
 
     def _damage(self, kind: str, target: str, plan: Plan, body: bytes) -> bytes:
         """Apply the permanent response faults to a successful answer."""
@@ -197,7 +150,7 @@ class _App:
         return body
 
     # -- source S -------------------------------------------------------------------------------------
-    def _saas_auth(self, handler: _Handler) -> None:
+    def _saas_auth(self, handler: web.BaseRequest) -> None:
         if not _same(handler.headers.get("Authorization"), f"Bearer {self.config.saas_token}"):
             raise _Reject(401, {"code": 401, "message": "Unauthorized: missing or invalid bearer token"})
 
@@ -213,7 +166,7 @@ class _App:
                                     "total_pages": math.ceil(total / size), "total_items": total},
                      "items": fetch(start, start + size) if start < total else []}
 
-    def _saas_users(self, handler: _Handler, query: Query) -> Response:
+    def _saas_users(self, handler: web.BaseRequest, query: Query) -> Response:
         self._saas_auth(handler)
         status, body = self._saas_page(query, self.dataset.saas_user_count, self.dataset.saas_user_page)
         self._maybe_delete_user(body["pagination"])
@@ -228,7 +181,7 @@ class _App:
                 self.deleted_users.append(self.dataset.delete_saas_user(0))
                 self.faults.record("delete_saas_user")
 
-    def _saas_subscriptions(self, handler: _Handler, query: Query, user_id: str) -> Response:
+    def _saas_subscriptions(self, handler: web.BaseRequest, query: Query, user_id: str) -> Response:
         self._saas_auth(handler)
         subs = self.dataset.subscriptions_of(user_id)
         if subs is None:
@@ -236,20 +189,20 @@ class _App:
         return self._saas_page(query, len(subs), lambda start, stop: subs[start:stop])
 
     # -- source B -------------------------------------------------------------------------------------
-    def _backup_auth(self, handler: _Handler, access_token: str | None) -> None:
+    def _backup_auth(self, handler: web.BaseRequest, access_token: str | None) -> None:
         headers = handler.headers
         if not (_same(headers.get("X-Reseller-Token"), self.config.reseller_token)
                 and access_token is not None and _same(headers.get("X-Access-Token"), access_token)):
             raise _Reject(401, _B_UNAUTHORIZED)
 
-    def _owner(self, handler: _Handler, owner_id: str) -> Owner:
+    def _owner(self, handler: web.BaseRequest, owner_id: str) -> Owner:
         """The owner whose own token authenticates this request (an unknown owner is a 401 too)."""
         owner = self.dataset.owner(owner_id)
         self._backup_auth(handler, owner.token if owner else None)
         assert owner is not None
         return owner
 
-    def _backup_owners(self, handler: _Handler, query: Query) -> Response:
+    def _backup_owners(self, handler: web.BaseRequest, query: Query) -> Response:
         self._backup_auth(handler, self.config.admin_token)
         records = [self.dataset.owner_record(owner, full=False) for owner in self.dataset.listed_owners()]
         for name in ("email", "external_id"):  # the documented optional filters
@@ -258,14 +211,14 @@ class _App:
                 records = [r for r in records if str(r[name] or "").lower() == wanted]
         return 200, records
 
-    def _backup_owner(self, handler: _Handler, query: Query, owner_id: str) -> Response:
+    def _backup_owner(self, handler: web.BaseRequest, query: Query, owner_id: str) -> Response:
         self._backup_auth(handler, self.config.admin_token)
         owner = self.dataset.owner(owner_id)
         if owner is None:
             raise _Reject(404, {"errors": {"user": ["Record not found"]}})
         return 201, self.dataset.owner_record(owner, full=True)
 
-    def _backup_tenants(self, handler: _Handler, query: Query, owner_id: str) -> Response:
+    def _backup_tenants(self, handler: web.BaseRequest, query: Query, owner_id: str) -> Response:
         owner = self._owner(handler, owner_id)
         type_ = _str_param(query, "type")
         if type_ is not None and type_ not in _TENANT_TYPES:
@@ -274,7 +227,7 @@ class _App:
         return _backup_page(query, f"/api/users/{owner.id}/tenants", type_, len(tenants),
                             lambda start, stop: tenants[start:stop])
 
-    def _backup_accounts(self, handler: _Handler, query: Query, owner_id: str, tenant_id: str) -> Response:
+    def _backup_accounts(self, handler: web.BaseRequest, query: Query, owner_id: str, tenant_id: str) -> Response:
         owner = self._owner(handler, owner_id)
         tenant = self.dataset.tenant(owner, tenant_id)
         type_ = _str_param(query, "type")
@@ -284,8 +237,8 @@ class _App:
                             tenant.account_count,
                             lambda start, stop: self.dataset.account_page(owner, tenant, start, stop))
 
-    def _unknown(self, handler: _Handler, query: Query) -> Response:
-        raise _Reject(404, {"error": "Not found", "path": urlsplit(handler.path).path})
+    def _unknown(self, handler: web.BaseRequest, query: Query) -> Response:
+        raise _Reject(404, {"error": "Not found", "path": urlsplit(handler.raw_path).path})
 
 
 def _route(path: str) -> tuple[str | None, str, tuple[str, ...]]:
@@ -338,7 +291,7 @@ def _int_param(query: Query, name: str, default: int) -> int | None:
     return int(value) if re.fullmatch(r"[0-9]{1,12}", value) else None
 
 
-def _api_token(handler: BaseHTTPRequestHandler, source: str | None) -> str | None:
+def _api_token(handler: web.BaseRequest, source: str | None) -> str | None:
     """The credential a vendor's rate limit counts against: source S's bearer, source B's reseller token."""
     return handler.headers.get("Authorization" if source == "saas" else "X-Reseller-Token")
 
@@ -351,11 +304,12 @@ def _encode(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _reset(handler: BaseHTTPRequestHandler) -> None:
+def _reset(request: web.BaseRequest) -> None:
     """Abort the connection: SO_LINGER 0 makes close() send RST instead of FIN."""
-    handler.close_connection = True
-    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    handler.connection.close()
+    transport = request.transport
+    if transport is not None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
 
 class Simulator:
@@ -371,29 +325,47 @@ class Simulator:
         self._requested_port = port
         self.dataset = Dataset(self.config)
         self._counters = Counters()
-        self._server: _HTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.ServerRunner | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> Simulator:
         """Bind and serve; raises OSError when the address is taken."""
-        if self._server is None:
-            server = _HTTPServer((self.host, self._requested_port),
-                                 _App(self.config, self.dataset, self._counters))
-            self._server = server
-            self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name=f"m365-simulate:{self.port}", daemon=True)
-            self._thread.start()
+        if self._runner is None:
+            loop = uvloop.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="m365-simulate", daemon=True)
+            thread.start()
+            app = _App(self.config, self.dataset, self._counters)
+            try:
+                runner = asyncio.run_coroutine_threadsafe(self._bind(app), loop).result()
+            except BaseException:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=5)
+                loop.close()
+                raise
+            self._loop, self._runner, self._thread = loop, runner, thread
         return self
 
+    async def _bind(self, app: _App) -> web.ServerRunner:
+        runner = web.ServerRunner(_Server(app), handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self._requested_port, backlog=256).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
+
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
+        """Stop serving and close every connection, idle keep-alive ones included."""
+        runner, loop, self._runner = self._runner, self._loop, None
+        if runner is None or loop is None:
             return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        loop.close()
 
     def __enter__(self) -> Simulator:
         return self.start()
@@ -403,9 +375,9 @@ class Simulator:
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._runner is None:
             raise RuntimeError("the simulator is not running")
-        return int(self._server.server_address[1])
+        return int(self._runner.addresses[0][1])
 
     @property
     def base_url(self) -> str:
