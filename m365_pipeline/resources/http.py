@@ -25,13 +25,14 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import greenlet
 import uvloop
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
+from yarl import URL
 
 from m365_pipeline.resources.pace import AdaptiveLimit
 
@@ -204,6 +205,7 @@ class VendorClient:
         self.base_url = base_url
         self.settings = settings
         self._headers = {"Accept": "application/json", "User-Agent": "m365-pipeline", **headers}
+        self._encoded_base = str(URL(base_url))  # percent-encoded once, so each call skips yarl's encoding
         self._session: aiohttp.ClientSession | None = None
         self.pace = AdaptiveLimit(settings.pool_size)
         self.stats = CallStats(pace=self.pace)
@@ -244,7 +246,9 @@ class VendorClient:
 
     async def _get_json(self, where: Endpoint, params: dict[str, Any] | None, headers: dict[str, str] | None) -> Any:
         session = self._open()
-        url = self.base_url + where.path
+        # Callers quote path segments; urlencode quotes the parameters.
+        url = URL(f"{self._encoded_base}{where.path}?{urlencode(params)}" if params else
+                  self._encoded_base + where.path, encoded=True)
         throttled = failed = 0
         while True:
             ticket = await self.pace.acquire_async()

@@ -15,7 +15,8 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
   ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
   call that got it.
 * **Rising latency** (the smoothed latency above ``tolerance`` times the lowest seen, and by
-  more than ``min_rise_s``): shrink by 10 % and grow slowly from there.
+  more than ``min_rise_s``, 50 ms): shrink by 10 % and grow slowly from there. A smaller rise is a fast
+  vendor's queueing or this machine's scheduling, not congestion: backing off for it only costs CPU per call.
 * At most one decrease per round trip: answers to calls sent before the last decrease say
   nothing about the new limit, so they cannot shrink it again.
 """
@@ -48,7 +49,7 @@ class AdaptiveLimit:
     Threads call ``acquire``; coroutines on one event loop call ``acquire_async`` (``release`` serves both).
     """
 
-    def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.005,
+    def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.05,
                  probe_rounds: int = 50, clock: Callable[[], float] = time.monotonic) -> None:
         if ceiling < 1:
             raise ValueError("ceiling must be at least 1")
