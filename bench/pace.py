@@ -1,15 +1,16 @@
-"""The pull against vendors with latency and rate limits: today's client against the one before issue 15.
+"""The pull against vendors with latency and rate limits: today's client against the two before it.
 
     .venv/bin/python bench/pace.py [--quick]    # prints the markdown table for bench/RESULTS.md
 
 Per scenario one simulator subprocess (``m365-simulate --latency-ms --jitter-ms --rate-limit``), then
-bench/client_probe.py twice over the same users, each in its own process with its resource defaults: once
-with the client before issue 15 (``BASELINE_REF``, extracted with ``git archive`` and put first on
-PYTHONPATH; a fixed 16 calls in flight, urllib3 retrying each 429 alone) and once with this tree's client
-(the adaptive limit under its default ceiling). Figures are the client's own: per-user calls/s (every call,
-429s included, over the wall time), the share answered 429, its CPU seconds per call (getrusage, so other
-load on the machine inflates it less than wall time), and whether every subscription landed (the count
-equals the one from an unthrottled pass over the same users).
+bench/client_probe.py over the same users once per client, each in its own process with its resource
+defaults: the client before issue 15 (``BASELINE_REF``; a fixed 16 calls in flight, urllib3 retrying each
+429 alone), the threaded client with the adaptive limit (``THREADS_REF``), each extracted with ``git archive``
+and put first on PYTHONPATH, and this tree's client (aiohttp on one event loop, the same adaptive limit).
+Figures are the client's own: per-user calls/s (every call, 429s included, over the wall time), the share
+answered 429, its CPU seconds per call (getrusage, so other load on the machine inflates it less than wall
+time), and whether every subscription landed (the count equals the one from an unthrottled pass over the
+same users).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from pipeline import SEED
 from m365_pipeline.processes import read_simulator_banner
 
 BASELINE_REF = "9b14aa2"  # main before issue 15
+THREADS_REF = "72f133b"  # main with the adaptive limit, urllib3 on a thread pool (before the asyncio client)
+# (label in the table, commit or None for this tree)
+CLIENTS: list[tuple[str, str | None]] = [("before", BASELINE_REF), ("threads", THREADS_REF), ("after", None)]
 ORGS = 600  # ~9,400 source S users, as in issue 15's measurements
 
 
@@ -43,10 +47,10 @@ SCENARIOS: list[tuple[str, list[str], int, int]] = [
 ]
 
 
-def extract_baseline(work: Path) -> Path:
-    target = work / "baseline"
+def extract(work: Path, ref: str) -> Path:
+    target = work / ref
     target.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE_REF, "m365_pipeline"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "m365_pipeline"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
@@ -69,12 +73,13 @@ def probe(children: Children, flags: list[str], users: int, pythonpath: Path) ->
 
 
 def bench_pace(children: Children, work: Path, quick: bool = False) -> list[dict[str, Any]]:
-    baseline = extract_baseline(work)
+    paths = {label: extract(work, ref) if ref else ROOT for label, ref in CLIENTS}
     rows = []
     expected: dict[int, int] = {}
     for name, flags, before_users, after_users in SCENARIOS[:2] if quick else SCENARIOS:
         row: dict[str, Any] = {"scenario": name}
-        for label, users, path in (("before", before_users, baseline), ("after", after_users, ROOT)):
+        for label, _ in CLIENTS:
+            users, path = (before_users if label == "before" else after_users), paths[label]
             result = probe(children, flags, users, path)
             if users not in expected:
                 expected[users] = probe(children, [], users, ROOT)["subscriptions"] if flags else \
@@ -92,7 +97,7 @@ def pace_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| vendor | client | users | calls/s | answered 429 | in flight (peak → end) | CPU ms/call | "
              "every row |", "|---|---|---:|---:|---:|---|---:|---|"]
     for row in rows:
-        for label in ("before", "after"):
+        for label, _ in CLIENTS:
             r = row[label]
             flight = (f"{r['concurrency_peak']} → {r['concurrency_final']} (ceiling {r['concurrency']})"
                       if "concurrency_peak" in r else f"{r['concurrency']} (fixed)")
