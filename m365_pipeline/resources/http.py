@@ -215,6 +215,7 @@ class VendorClient:
         if self._session is None:  # on the running loop, which the session is bound to
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
+                cookie_jar=aiohttp.DummyCookieJar(),  # the APIs set none; filtering a jar each call costs CPU
                 connector=aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeout_s,
                                               sock_read=self.settings.timeout_s),
@@ -256,7 +257,7 @@ class VendorClient:
             try:
                 async with session.get(url, params=params, headers=headers, allow_redirects=False) as response:
                     status, body = response.status, await response.read()
-                    retry_after = response.headers.get("Retry-After")
+                    retry_after = response.headers.get("Retry-After") if status in RETRY_STATUSES else None
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.pace.release(ticket)
                 if failed >= self.settings.max_retries:
