@@ -5,6 +5,7 @@ A fake clock drives both, so nothing here waits or measures time.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 
@@ -93,6 +94,38 @@ def test_a_429s_retry_after_holds_back_every_other_caller_until_it_has_passed():
     limit.release(other, latency_s=0.1)  # any release wakes the waiters, who see the pause is over
     assert started.wait(10)
     worker.join(10)
+
+
+def test_a_429s_retry_after_holds_back_every_coroutine_too_until_it_has_passed():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=10, initial=4, clock=clock)
+    other = limit.acquire()
+    limit.release(limit.acquire(), throttled=True, retry_after_s=30)
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(limit.acquire_async())
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "a call started during the pause"  # slots are free; only the pause holds it
+        clock.now += 30
+        limit.release(other, latency_s=0.1)  # any release wakes the waiters, who see the pause is over
+        await asyncio.wait_for(waiting, 10)
+
+    asyncio.run(scenario())
+
+
+def test_coroutines_beyond_the_limit_wait_for_a_release():
+    limit = AdaptiveLimit(ceiling=2, initial=2, clock=Clock())
+
+    async def scenario() -> None:
+        held = [await limit.acquire_async(), await limit.acquire_async()]
+        third = asyncio.ensure_future(limit.acquire_async())
+        await asyncio.sleep(0.1)
+        assert not third.done() and limit.snapshot().in_flight == 2
+        limit.release(held[0], latency_s=0.1)
+        await asyncio.wait_for(third, 10)
+        assert limit.snapshot().in_flight == 2
+
+    asyncio.run(scenario())
 
 
 def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():

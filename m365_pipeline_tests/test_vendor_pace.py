@@ -7,7 +7,9 @@ every row lands either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import SaasApiResource
-from m365_pipeline.resources.http import Page, run_concurrently
+from m365_pipeline.resources.http import Page, VendorError, VendorNotFoundError, run_concurrently
 from m365_pipeline.simulator import Simulator
 
 from .helpers import FAST_HTTP, make_resources
@@ -87,6 +89,72 @@ def test_both_sources_and_every_paged_list_land_exactly_under_a_rate_limit(start
                 if entry.user_message.startswith("tenants' mailboxes:")]
     assert progress and all("calls/s" in line and "concurrency" in line and "answered 429" in line
                             for line in progress), progress
+
+
+def test_results_come_back_in_input_order_while_calls_finish_out_of_order(start_simulator):
+    sim = start_simulator(orgs=6, users_per_org=10, latency_ms=20, jitter_ms=15)
+    saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **FAST_HTTP)
+    order: list[str] = []
+    with saas.client() as client:
+        ids = [item["id"] for _, items in client.user_pages() for item in items]
+        run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
+                         on_result=lambda user, _: order.append(user), pace=client.pace)
+    assert order == ids and len(ids) == len(set(ids)) > 40
+
+
+def test_the_first_failure_stops_the_pull_and_is_raised(start_simulator):
+    sim = start_simulator(orgs=6, users_per_org=10, latency_ms=5)
+    saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **FAST_HTTP)
+    with saas.client() as client:
+        ids = [item["id"] for _, items in client.user_pages() for item in items]
+        ids[3] = "no-such-user"  # the vendor answers 404
+        with pytest.raises(VendorNotFoundError, match=r"/users/no-such-user/subscriptions \(page 1\) answered HTTP 404"):
+            run_concurrently(ids, client.subscription_pages, workers=4, on_result=lambda *_: None,
+                             pace=client.pace)
+        # Everything not yet started was dropped: far fewer calls than users (the window is 2 x 4).
+        assert sim.stats()["requests"]["saas_subscriptions"] < len(ids) // 2
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    target = ""
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def redirecting_to() -> Iterator[Callable[[str], str]]:
+    """A loopback vendor address that answers every GET with a redirect to another host's."""
+    servers: list[HTTPServer] = []
+
+    def start(target: str) -> str:
+        handler = type("Redirect", (_Redirect,), {"target": target})
+        server = HTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirect_is_not_followed_so_the_token_never_reaches_another_host(start_simulator, redirecting_to):
+    sim = start_simulator()
+    front = redirecting_to(sim.base_url)
+    saas = SaasApiResource(base_url=front + "/api/saas/consolidated-view/v1", token=sim.config.saas_token,
+                           **FAST_HTTP)
+    with saas.client() as client, pytest.raises(VendorError, match="HTTP 302, a redirect") as failure:
+        list(client.user_pages())
+    assert sim.stats()["requests_total"] == 0  # the host it pointed to never saw our token
+    assert sim.config.saas_token not in str(failure.value)
 
 
 # -- the simulator's side ---------------------------------------------------------------------------

@@ -102,18 +102,22 @@ class AdaptiveLimit:
 
     async def acquire_async(self) -> int:
         """``acquire`` for a coroutine: waits on the event loop, never blocking it."""
+        loop = asyncio.get_running_loop()
         while True:
             with self._cond:
                 pause = self._paused_until - self._clock()
                 if pause <= 0 and self._in_flight < int(self._limit):
                     self._in_flight += 1
                     return self._epoch
-            if pause > 0:
-                await asyncio.sleep(pause)
-            else:
-                waiter = asyncio.get_running_loop().create_future()
+                waiter = loop.create_future()
                 self._waiters.append(waiter)
+            # Like the threads' wait: woken by a release, or when the pause it saw should be over.
+            timer = loop.call_later(pause, _wake, waiter) if pause > 0 else None
+            try:
                 await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
                 retry_after_s: float = 0.0) -> None:
@@ -139,9 +143,7 @@ class AdaptiveLimit:
             self._cond.notify(free)
             # Called on the waiters' own loop (the async client releases where it acquired).
             while free and self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
+                if _wake(self._waiters.popleft()):
                     free -= 1
 
     def _observe(self, ticket: int, latency_s: float, busy: bool) -> None:
@@ -182,3 +184,10 @@ class AdaptiveLimit:
         self._limit = max(1.0, math.floor(self._limit * factor))
         self._epoch += 1
         self._decreases += 1
+
+
+def _wake(waiter: asyncio.Future[None]) -> bool:
+    if waiter.done():  # already woken, or its call was cancelled
+        return False
+    waiter.set_result(None)
+    return True
