@@ -20,7 +20,8 @@ class VendorApiResource(ConfigurableResource):
         description="Retries per call on connection errors and 5xx (exponential backoff), and as many on 429 "
                     "(Retry-After honoured, pausing every call of the source).",
     )
-    backoff_factor: float = Field(default=0.5, ge=0, description="urllib3 backoff factor, seconds.")
+    backoff_factor: float = Field(
+        default=0.5, ge=0, description="Exponential backoff, seconds: retries wait 0, 2x, 4x, ... this, at most 30 s.")
     retry_after_max_s: int = Field(default=120, ge=0, description="Longest Retry-After we wait for.")
     concurrency: int = Field(
         default=256, ge=1, le=1024,
