@@ -158,6 +158,17 @@ def test_rising_latency_shrinks_the_limit_and_steady_latency_does_not():
     assert limit.limit < 0.75 * before
 
 
+def test_a_latency_spike_that_passes_leaves_no_mark_and_the_limit_regrows_fast():
+    limit = AdaptiveLimit(ceiling=1000, initial=32, clock=Clock())
+    busy_round(limit, 0.100)
+    before = limit.limit
+    busy_round(limit, 0.400)  # a busy machine stalls every call of one round trip
+    assert limit.snapshot().decreases == 1 and limit.limit < before
+    for _ in range(2):
+        busy_round(limit, 0.100)
+    assert limit.limit > 1.5 * before  # slow start goes on (a mark there would hold it near before)
+
+
 def test_latency_noise_below_the_absolute_floor_is_not_congestion():
     # 0.2 ms -> 1 ms is five times slower but only 0.8 ms more: scheduler noise on a busy machine.
     limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())

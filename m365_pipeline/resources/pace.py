@@ -15,8 +15,10 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
   ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
   call that got it.
 * **Rising latency** (the smoothed latency above ``tolerance`` times the lowest seen, and by
-  more than ``min_rise_s``, 50 ms): shrink by 10 % and grow slowly from there. A smaller rise is a fast
-  vendor's queueing or this machine's scheduling, not congestion: backing off for it only costs CPU per call.
+  more than ``min_rise_s``, 50 ms): shrink by 10 %, and do not grow while it stays high. It sets no
+  mark: once latency is back the limit regrows as before, since a spike (the network's, or a busy
+  machine's) says less about the vendor than a 429. A rise under 50 ms is a fast vendor's queueing or
+  this machine's scheduling, not congestion: backing off for it only costs CPU per call.
 * At most one decrease per round trip: answers to calls sent before the last decrease say
   nothing about the new limit, so they cannot shrink it again.
 """
@@ -156,8 +158,9 @@ class AdaptiveLimit:
         if ticket != self._epoch:
             return
         if smoothed > self.tolerance * self._lowest and smoothed - self._lowest > self.min_rise_s:
+            # No new mark: a latency spike (the network's, or a busy machine's) is no limit to remember the way
+            # a 429 is; once latency is back, the limit regrows as fast as it grew before.
             self._decrease(0.9)
-            self._threshold = self._limit
             # The latency a smaller limit brings is the new normal only once it is seen again.
             self._smoothed = None
         elif busy:
