@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pytest
 import requests
@@ -18,7 +19,7 @@ from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.resources import SaasApiResource
-from m365_pipeline.resources.http import Page, VendorError, VendorNotFoundError, run_concurrently
+from m365_pipeline.resources.http import Page, VendorError, VendorNotFoundError, _query, path_segment, run_concurrently
 from m365_pipeline.simulator import Simulator
 
 from .helpers import FAST_HTTP, make_resources
@@ -89,6 +90,17 @@ def test_both_sources_and_every_paged_list_land_exactly_under_a_rate_limit(start
                 if entry.user_message.startswith("tenants' mailboxes:")]
     assert progress and all("calls/s" in line and "concurrency" in line and "answered 429" in line
                             for line in progress), progress
+
+
+@pytest.mark.parametrize("value", ["9f1c-4b2e_x.Y~", "a/b", "../x", "ü ?#&%", 42, ""])
+def test_a_vendor_value_is_one_path_segment_encoded_as_urllib_would(value):
+    assert path_segment(value) == quote(str(value), safe="")
+
+
+@pytest.mark.parametrize("params", [{"page_size": 1000, "page_number": 3}, {"type": "m365", "page": 1},
+                                    {"email": "a+b@x.com ü&=?", "page": True}])
+def test_query_strings_are_what_urlencode_makes(params):
+    assert _query(params) == urlencode(params)
 
 
 def test_results_come_back_in_input_order_while_calls_finish_out_of_order(start_simulator):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 from pydantic import Field
 
@@ -15,6 +14,7 @@ from m365_pipeline.resources.http import (
     Page,
     VendorClient,
     VendorError,
+    path_segment,
     validate_base_url,
 )
 from m365_pipeline.resources.paging import backup_pages, require_fields
@@ -49,7 +49,7 @@ class BackupClient(VendorClient):
 
     def owner_detail(self, owner_id: str) -> Page:
         """The owner's full record; the only place ``organization_name`` appears."""
-        path = f"/users/{_segment(owner_id)}"
+        path = f"/users/{path_segment(owner_id)}"
         body = self.get_json(path, headers=self._admin)
         endpoint = Endpoint(self.source_name, path)
         return endpoint, require_fields([body], OWNER_DETAIL_REQUIRED, endpoint)
@@ -71,17 +71,13 @@ class BackupClient(VendorClient):
                 for page, data in backup_pages(fetch, where)]
 
     def tenant_pages(self, owner_id: str, owner_token: str) -> list[Page]:
-        path = f"/users/{_segment(owner_id)}/tenants"
+        path = f"/users/{path_segment(owner_id)}/tenants"
         return self._collection(path, owner_token, {}, TENANT_REQUIRED)
 
     def account_pages(self, owner_id: str, owner_token: str, tenant_id: Any, tenant_type: str) -> list[Page]:
         # The vendor answers 401 when `type` differs from the tenant's own type.
-        path = f"/users/{_segment(owner_id)}/tenants/{_segment(tenant_id)}/accounts"
+        path = f"/users/{path_segment(owner_id)}/tenants/{path_segment(tenant_id)}/accounts"
         return self._collection(path, owner_token, {"type": tenant_type}, ACCOUNT_REQUIRED)
-
-
-def _segment(value: Any) -> str:
-    return quote(str(value), safe="")
 
 
 class BackupApiResource(VendorApiResource):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 from pydantic import Field
 
@@ -15,6 +14,7 @@ from m365_pipeline.resources.http import (
     Page,
     VendorClient,
     VendorError,
+    path_segment,
     validate_base_url,
 )
 from m365_pipeline.resources.paging import ListRead, require_fields, saas_pages
@@ -51,7 +51,7 @@ class SaasClient(VendorClient):
 
     def subscription_pages(self, user_id: str) -> list[Page]:
         """Every page of one user's subscriptions (usually one)."""
-        path = f"/users/{quote(str(user_id), safe='')}/subscriptions"
+        path = f"/users/{path_segment(user_id)}/subscriptions"
         return list(self._collection(path, SUBSCRIPTION_REQUIRED))
 
 
