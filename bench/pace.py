@@ -66,7 +66,9 @@ def probe(children: Children, flags: list[str], users: int, pythonpath: Path) ->
             raise RuntimeError("the simulator did not start")
         env = {**os.environ, **banner.env, "PYTHONPATH": str(pythonpath)}
         out = subprocess.run([sys.executable, str(BENCH / "client_probe.py"), str(users), "default"], env=env,
-                             capture_output=True, text=True, timeout=900, check=True)
+                             capture_output=True, text=True, timeout=900)
+        if out.returncode:
+            raise RuntimeError(f"client_probe.py failed ({pythonpath}):\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         children.stop(sim)
