@@ -280,8 +280,8 @@ class VendorClient:
             self.pace.release(ticket, latency_s=time.perf_counter() - started if ok else None)
             if status in RETRY_STATUSES and status != THROTTLED and failed < self.settings.max_retries:
                 failed += 1
-                await asyncio.sleep(self._retry_after(retry_after) if status == 503 and retry_after
-                                    else self._backoff(failed))
+                given = self._retry_after(retry_after) if status == 503 else None  # as urllib3 honours it
+                await asyncio.sleep(given if given is not None else self._backoff(failed))
                 continue
             return self._decode(where, status, body, failed + throttled)
 
