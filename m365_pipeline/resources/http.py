@@ -381,6 +381,12 @@ def _safe_excerpt(body: bytes, limit: int = 200) -> str:
     return text or "(empty body)"
 
 
+# Items started ahead of the oldest unfinished one, per call allowed in flight: a slow answer at the head
+# of the line must not leave the rest idle (results are handed back in order), and a started item
+# costs only a small task, not a thread.
+AHEAD = 4
+
+
 def run_concurrently(
     items: Iterable[T],
     fn: Callable[[T], R],
@@ -393,8 +399,8 @@ def run_concurrently(
 
     ``fn`` is plain code; each vendor call it makes waits on the loop, so many items are in flight
     at once without a thread each. Results reach ``on_result`` in input order, so the caller
-    can stream them to disk without holding them all. At most ``2 * workers`` items are
-    started ahead, or twice the client's current limit when ``pace`` is given (the limit
+    can stream them to disk without holding them all. At most ``AHEAD * workers`` items are
+    started ahead, or ``AHEAD`` times the client's current limit when ``pace`` is given (the limit
     then decides how many calls are in flight). The first failure cancels everything else and is re-raised.
     """
     return _event_loop().run_until_complete(_run_concurrently(items, fn, workers, on_result, pace))
@@ -407,7 +413,7 @@ async def _run_concurrently(items: Iterable[T], fn: Callable[[T], R], workers: i
     pending: deque[tuple[T, asyncio.Task[R]]] = deque()
 
     def window() -> int:
-        return max(1, 2 * min(workers, pace.limit if pace else workers))
+        return max(1, AHEAD * min(workers, pace.limit if pace else workers))
 
     try:
         for item in iterator:
