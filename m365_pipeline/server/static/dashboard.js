@@ -62,6 +62,7 @@
     lastCollected: null,
     sortKey: NAME_KEY,
     sortDir: "ascending",
+    nightsLoaded: Promise.resolve([]), // the kept nights (loadNights), shared by the views that need them
   };
 
   // -- helpers ----------------------------------------------------------------------------
@@ -158,6 +159,7 @@
       }
       renderSummary(body, headers);
       const nights = loadNights(controller.signal);
+      state.nightsLoaded = nights;
       loadDeltas(controller.signal, nights);
       initChanges(controller.signal, nights);
       showState("content");
@@ -802,6 +804,13 @@
     el.trendChart.replaceChildren();
     el.trendRows.replaceChildren();
     try {
+      // With no night kept at all there is nothing to ask for (the API would answer 404).
+      const nights = await state.nightsLoaded.catch(() => null);
+      if (controller.signal.aborted) return;
+      if (nights && nights.length === 0) {
+        renderTrend(name, []);
+        return;
+      }
       const { body } = await fetchJson(API.orgHistory(name), controller.signal);
       const rows = Array.isArray(body.history) ? body.history.filter((r) => typeof r.date === "string") : [];
       renderTrend(name, rows);
