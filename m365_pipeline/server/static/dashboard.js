@@ -679,7 +679,9 @@
   // a visually hidden table holds the same numbers for screen readers and for copying.
 
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const CHART = { width: 640, height: 190, left: 48, right: 20, top: 14, bottom: 36, maxLabels: 6 };
+  const CHART = { width: 760, height: 180, left: 48, right: 20, top: 14, bottom: 36, maxLabels: 6,
+    minLabelGap: 64 };
+  const DAY_MS = 86400000;
   const SERIES = [
     { key: "m365_licensed_user_count", name: "M365 licensed", className: "m365" },
     { key: "es_user_count", name: "ES users", className: "es" },
@@ -703,14 +705,17 @@
     return { top: Math.ceil(max / whole) * whole, step: whole };
   }
 
-  /** Indexes of the nights whose dates label the x axis: evenly spaced, the last always included. */
-  function labelledIndexes(count) {
-    const every = Math.ceil(count / CHART.maxLabels);
+  /** Indexes of the nights whose dates label the x axis: at most maxLabels, never closer than
+   * minLabelGap, the first and the last always included. */
+  function labelledIndexes(xs) {
+    const every = Math.ceil(xs.length / CHART.maxLabels);
     const picked = [];
-    for (let i = 0; i < count; i += every) picked.push(i);
-    const last = count - 1;
+    for (let i = 0; i < xs.length; i += every) {
+      if (!picked.length || xs[i] - xs[picked[picked.length - 1]] >= CHART.minLabelGap) picked.push(i);
+    }
+    const last = xs.length - 1;
     if (picked[picked.length - 1] !== last) {
-      if (last - picked[picked.length - 1] < every / 2 && picked.length > 1) picked.pop();
+      if (picked.length > 1 && xs[last] - xs[picked[picked.length - 1]] < CHART.minLabelGap) picked.pop();
       picked.push(last);
     }
     return picked;
@@ -721,7 +726,11 @@
     const plotHeight = CHART.height - CHART.top - CHART.bottom;
     const max = Math.max(...rows.flatMap((r) => SERIES.map((s) => Number(r[s.key]) || 0)));
     const { top, step } = niceScale(max);
-    const x = (i) => CHART.left + (rows.length === 1 ? plotWidth / 2 : (i * plotWidth) / (rows.length - 1));
+    // Time runs left to right in proportion: a night missing between two kept ones leaves a gap.
+    const dayOf = (r) => Date.parse(`${r.date}T00:00:00Z`) / DAY_MS;
+    const days = rows.map((r) => dayOf(r) - dayOf(rows[0]));
+    const span = days[days.length - 1];
+    const x = (i) => CHART.left + (rows.length === 1 || !(span > 0) ? plotWidth / 2 : (days[i] * plotWidth) / span);
     const y = (value) => CHART.top + plotHeight - (value / top) * plotHeight;
     const round = (v) => Math.round(v * 10) / 10;
 
@@ -744,7 +753,7 @@
         "text-anchor": "end", "dominant-baseline": "middle" }, fmt(value)));
     }
     const sameYear = first.date.slice(0, 4) === last.date.slice(0, 4);
-    for (const i of labelledIndexes(rows.length)) {
+    for (const i of labelledIndexes(rows.map((_, i) => x(i)))) {
       const anchor = rows.length === 1 ? "middle" : i === 0 ? "start" : i === rows.length - 1 ? "end" : "middle";
       grid.append(svgNode("text", { class: "trend__tick trend__tick--x", x: round(x(i)),
         y: CHART.height - CHART.bottom + 22, "text-anchor": anchor, "data-date": rows[i].date },
@@ -953,23 +962,23 @@
       from.append(make("span", "change-org__previous", String(change.previous_organization_name)));
       orgCell.append(from);
     }
-    const cells = [
-      ["change-name", change.display_name, "Display name"],
-      ["user-upn change-upn", change.user_principal_name, "UPN"],
-      ["change-licenses-before", optionalText(change.licenses_before), "Licenses before"],
-      ["change-licenses-after", optionalText(change.licenses_after), "Licenses after"],
-    ].map(([className, value, label]) => {
-      const cell = make("td", className, String(value ?? ""));
-      cell.dataset.label = label;
-      return cell;
-    });
-    const emails = [["change-email-before", change.has_email_license_before, "Email before"],
-      ["change-email-after", change.has_email_license_after, "Email after"]].map(([className, value, label]) => {
-      const cell = make("td", `center ${className}`, emailText(value));
-      cell.dataset.label = label;
-      return cell;
-    });
-    row.append(kindCell, orgCell, ...cells, ...emails);
+    const user = make("td", "change-user");
+    user.dataset.label = "User";
+    user.append(make("span", "change-name", String(change.display_name ?? "")),
+      make("span", "user-upn change-upn", String(change.user_principal_name ?? "")));
+    const licenses = make("td", "change-licenses");
+    licenses.dataset.label = "Licenses";
+    const email = make("td", "center change-email");
+    email.dataset.label = "Email license";
+    for (const [when, label] of [["before", "Before"], ["after", "After"]]) {
+      const line = make("span", `change-line change-line--${when}`);
+      line.append(make("span", "change-line__label", `${label}: `),
+        make("span", `change-licenses-${when}`, optionalText(change[`licenses_${when}`])));
+      licenses.append(line);
+      if (when === "after") email.append(make("span", "change-arrow", " → "));
+      email.append(make("span", `change-email-${when}`, emailText(change[`has_email_license_${when}`])));
+    }
+    row.append(kindCell, orgCell, user, licenses, email);
     return row;
   }
 
