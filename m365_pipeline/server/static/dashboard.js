@@ -673,13 +673,14 @@
   }
 
   const plural = (n, one, many) => `${fmt(n)} ${n === 1 ? one : many}`;
+  const compactFormat = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
 
   // -- trend chart in the drill-down (docs/RULES.md, rule 11) ----------------------------------
   // An inline SVG made with DOM calls (the CSP allows no inline styles: colours come from classes);
   // a visually hidden table holds the same numbers for screen readers and for copying.
 
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const CHART = { width: 760, height: 180, left: 48, right: 20, top: 14, bottom: 36, maxLabels: 6,
+  const CHART = { width: 760, minWidth: 280, height: 180, left: 48, right: 20, top: 14, bottom: 36, maxLabels: 6,
     minLabelGap: 64 };
   const DAY_MS = 86400000;
   const SERIES = [
@@ -721,8 +722,8 @@
     return picked;
   }
 
-  function trendSvg(name, rows) {
-    const plotWidth = CHART.width - CHART.left - CHART.right;
+  function trendSvg(name, rows, width) {
+    const plotWidth = width - CHART.left - CHART.right;
     const plotHeight = CHART.height - CHART.top - CHART.bottom;
     const max = Math.max(...rows.flatMap((r) => SERIES.map((s) => Number(r[s.key]) || 0)));
     const { top, step } = niceScale(max);
@@ -736,7 +737,7 @@
 
     const first = rows[0];
     const last = rows[rows.length - 1];
-    const root = svgNode("svg", { class: "trend__svg", viewBox: `0 0 ${CHART.width} ${CHART.height}`,
+    const root = svgNode("svg", { class: "trend__svg", viewBox: `0 0 ${width} ${CHART.height}`,
       role: "img", "aria-labelledby": "trend-svg-title trend-svg-desc", focusable: "false" });
     const summary = SERIES.map((s) => (rows.length === 1
       ? `${s.name}: ${fmt(first[s.key])} on ${formatNight(first.date)}`
@@ -747,10 +748,10 @@
 
     const grid = svgNode("g", { class: "trend__grid", "aria-hidden": "true" });
     for (let value = 0; value <= top; value += step) {
-      grid.append(svgNode("line", { x1: CHART.left, x2: CHART.width - CHART.right, y1: round(y(value)),
+      grid.append(svgNode("line", { x1: CHART.left, x2: width - CHART.right, y1: round(y(value)),
         y2: round(y(value)) }));
       grid.append(svgNode("text", { class: "trend__tick trend__tick--y", x: CHART.left - 8, y: round(y(value)),
-        "text-anchor": "end", "dominant-baseline": "middle" }, fmt(value)));
+        "text-anchor": "end", "dominant-baseline": "middle" }, compactFormat.format(value)));
     }
     const sameYear = first.date.slice(0, 4) === last.date.slice(0, 4);
     for (const i of labelledIndexes(rows.map((_, i) => x(i)))) {
@@ -790,7 +791,9 @@
       return row;
     }));
     el.trendLegend.hidden = rows.length === 0;
-    el.trendChart.replaceChildren(...(rows.length ? [trendSvg(name, rows)] : []));
+    // Drawn at the width it is shown at (one unit a pixel), so its text is as legible on a phone.
+    const width = Math.max(CHART.minWidth, Math.round(el.trendChart.clientWidth) || CHART.width);
+    el.trendChart.replaceChildren(...(rows.length ? [trendSvg(name, rows, width)] : []));
     if (rows.length === 0) {
       el.trendNote.textContent = "No kept night has this organization yet: its trend starts with its first "
         + "published night.";
