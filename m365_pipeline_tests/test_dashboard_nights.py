@@ -21,14 +21,18 @@ from m365_pipeline.processes import free_port, wait_for_port
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
-from .helpers import expected_changes, run_pipeline_at, spawn_serve
+from .helpers import expected_changes, rule9, run_pipeline_at, spawn_serve
 from .test_dashboard_page import (  # noqa: F401 (browser and context are fixtures)
     CHROMIUM,
+    DESKTOP,
+    PHONE,
     browser,
     changes_shown,
     context,
+    new_context,
     open_dashboard,
     org_button,
+    save_screenshot,
 )
 
 pytestmark = [
@@ -190,11 +194,13 @@ def expected_csv(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[cell.get(v, v) if v is None or isinstance(v, bool) else v for v in row.values()] for row in rows]
 
 
-def download_changes_csv(page: Page, base_url: str, params: dict[str, str]) -> bytes:
-    """Click the Changes view's CSV link; the file must be the API's own CSV of ``params``."""
+def download_changes_csv(page: Page, base_url: str, params: dict[str, str], night_a: str) -> bytes:
+    """Click the Changes view's CSV link; the file must be the API's own CSV of ``params``, named
+    after the nights it compares."""
     link = page.get_by_role("link", name="Download changes CSV")
     with page.expect_download() as info:
         link.click()
+    assert info.value.suggested_filename == f"m365-changes-{night_a}-to-{TONIGHT}.csv"
     body = Path(info.value.path()).read_bytes()
     api = requests.get(base_url + "/api/m365/changes", params={**params, "format": "csv"}, timeout=10)
     assert api.status_code == 200 and body == api.content
@@ -216,7 +222,7 @@ def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_dow
                               f"{night_label(TONIGHT)}: ")
     kinds = Counter(r["change"] for r in since_previous)
     assert f"{kinds['moved']} moved" in summary and f"{kinds['added']} added" in summary
-    body = download_changes_csv(page, kept_nights, {"since": PREVIOUS})
+    body = download_changes_csv(page, kept_nights, {"since": PREVIOUS}, PREVIOUS)
     assert list(csv.reader(io.StringIO(body.decode()))) == [list(since_previous[0])] + expected_csv(since_previous)
 
     since.fill(FIRST)
@@ -224,6 +230,15 @@ def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_dow
     assert changes_shown(page) == since_first
     assert {r["change"] for r in since_first} == {"added", "removed", "moved", "email_gained", "email_lost",
                                                   "licenses_changed"}
+    # A customer that left since then can still be chosen, after tonight's organizations.
+    tonight = {o["organization_name"] for o in ground_truth(config(NIGHTS[TONIGHT]))["organizations"]}
+    left = sorted({r["organization_name"] for r in since_first} - tonight, key=rule9)
+    assert left and page.locator("#changes-org optgroup option").all_text_contents() == left
+    page.get_by_label("Organization", exact=True).select_option(left[0])
+    expect(page.locator("#changes-summary")).to_contain_text(f" in {left[0]} from")
+    assert changes_shown(page) == [r for r in since_first if r["organization_name"] == left[0]]
+    assert {r["change"] for r in changes_shown(page)} == {"removed"}
+    page.get_by_label("Organization", exact=True).select_option("")
     # A date between kept nights means the latest kept night on or before it (rule 12).
     since.fill("2026-03-02")
     expect(page.locator("#changes-summary")).to_contain_text("the latest kept night on or before Mar 2, 2026")
@@ -236,7 +251,7 @@ def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_dow
     expect(page.locator("#changes-summary")).to_contain_text(f" in {org} from")
     wanted = [r for r in since_first if org in (r["organization_name"], r["previous_organization_name"])]
     assert changes_shown(page) == wanted and moved in wanted
-    body = download_changes_csv(page, kept_nights, {"since": "2026-03-02", "org": org})
+    body = download_changes_csv(page, kept_nights, {"since": "2026-03-02", "org": org}, FIRST)
     assert list(csv.reader(io.StringIO(body.decode())))[1:] == expected_csv(wanted)
 
     # Before the first kept night: the API's 404 sentence as a message, no table, no CSV link.
@@ -253,3 +268,26 @@ def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_dow
     # The browser logs the 404 itself; nothing else may go wrong.
     assert all("404" in m for m in seen.console_errors), seen.console_errors
     assert seen.page_errors == [] and seen.dialogs == [] and seen.csp_violations(page) == []
+
+
+@pytest.mark.parametrize(("viewport", "suffix"), [(DESKTOP, "desktop"), (PHONE, "phone")])
+def test_the_changes_view_and_the_trend_chart_fit_the_screen(browser, kept_nights, viewport, suffix):  # noqa: F811
+    ctx = new_context(browser, viewport)
+    try:
+        page, seen = open_dashboard(ctx, kept_nights)
+        expect(page.locator("#changes-table")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+        page.evaluate("document.getElementById('changes').scrollIntoView()")
+        save_screenshot(page, f"dashboard-changes-{suffix}.png")
+        org_button(page, page.locator("#org-rows button.org-link").first.text_content()).click()
+        chart = page.locator("#trend-chart svg")
+        expect(chart).to_be_visible()
+        # Drawn at the width it is shown at: its 11px text stays 11px on a phone.
+        box = chart.bounding_box()
+        assert abs(box["width"] - float(chart.get_attribute("viewBox").split()[2])) <= 1
+        assert 0 <= box["x"] and box["x"] + box["width"] <= viewport["width"]
+        save_screenshot(page, f"dashboard-trend-{suffix}.png")
+        page.keyboard.press("Escape")
+        seen.assert_clean(page)
+    finally:
+        ctx.close()

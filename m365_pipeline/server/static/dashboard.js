@@ -884,16 +884,29 @@
     el.changesSince.max = dates[dates.length - 1];
     el.changesSince.value = dates[dates.length - 2]; // the previous night
     el.changesNights.replaceChildren(...dates.map((d) => Object.assign(make("option"), { value: d })));
-    const chosen = el.changesOrg.value;
-    const names = state.organizations.map((item) => String(item.org[NAME_KEY])).sort(compareNames);
-    el.changesOrg.replaceChildren(Object.assign(make("option", "", "All organizations"), { value: "" }),
-      ...names.map((n) => {
-      const option = make("option", "", n);
-      option.value = n;
-      return option;
-    }));
-    el.changesOrg.value = names.includes(chosen) ? chosen : "";
+    fillChangesOrganizations([]);
     loadChanges();
+  }
+
+  /** The organization filter: tonight's organizations, then those only earlier nights had (a customer
+   * that left), as far as the unfiltered changes name them. Keeps the choice when it is still there. */
+  function fillChangesOrganizations(namesInChanges) {
+    const chosen = el.changesOrg.value;
+    const tonight = state.organizations.map((item) => String(item.org[NAME_KEY])).sort(compareNames);
+    const known = new Set(tonight);
+    const earlier = [...new Set(namesInChanges)].filter((n) => typeof n === "string" && !known.has(n))
+      .sort(compareNames);
+    const option = (name) => Object.assign(make("option", "", name), { value: name });
+    const options = [option("All organizations"), ...tonight.map(option)];
+    options[0].value = "";
+    if (earlier.length) {
+      const group = make("optgroup");
+      group.label = "Not published tonight";
+      group.append(...earlier.map(option));
+      options.push(group);
+    }
+    el.changesOrg.replaceChildren(...options);
+    el.changesOrg.value = known.has(chosen) || earlier.includes(chosen) ? chosen : "";
   }
 
   async function loadChanges() {
@@ -923,6 +936,7 @@
   }
 
   function renderChanges(changes, since, org, body) {
+    if (!org) fillChangesOrganizations(changes.flatMap((c) => [c.organization_name, c.previous_organization_name]));
     const from = typeof body.from === "string" ? body.from.slice(0, 10) : since;
     const to = typeof body.to === "string" ? body.to.slice(0, 10) : "";
     const scope = org ? ` in ${org}` : "";
