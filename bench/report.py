@@ -31,7 +31,7 @@ TARGETS = {"demo_job_s": 10.0, "100k_total_s": 180.0, "1m_rss_bytes": 2 << 30, "
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("dagster", "duckdb", "granian", "urllib3", "pandas"):
+    for package in ("dagster", "duckdb", "granian", "urllib3"):
         out[package] = version(package)
     for tool, args in (("nginx", ["-v"]), ("wrk", ["-v"])):
         path = system_tool(tool)

@@ -26,7 +26,7 @@ from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_fi
 from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.assets.nights import NIGHT_SPECS, record_night, write_changes_files, write_history_files
 from m365_pipeline.crashpoints import crash_point
-from m365_pipeline.duckdb_helpers import markdown_table, table_result
+from m365_pipeline.duckdb_helpers import markdown_table, rows_by_first_column, table_result
 from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -176,8 +176,7 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
     """One file per organization (also for those without users); returns the published user count.
 
     Each organization's file is written as soon as its rows have arrived, so only one organization's
-    users are in memory (holding all of them took this step to 1.1 GiB RSS at 1M users, now 0.77 GiB;
-    bench/RESULTS.md).
+    users are in memory (the publish step's peak memory at 1M users is in bench/RESULTS.md).
     """
     cursor = conn.execute("""
         SELECT organization_name, user_principal_name, display_name, licenses, has_email_license
@@ -195,18 +194,9 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
         writer.add_organization(name, json_bytes(
             {"status": "success", "organization": name, "users": rows, "total_users": len(rows)}))
 
-    current: str | None = None
-    rows: list[dict] = []
-    while batch := cursor.fetchmany(50_000):
-        for organization, *fields in batch:
-            if organization != current:
-                if current is not None:
-                    write(current, rows)
-                current, rows = organization, []
-            rows.append(dict(zip(USER_FIELDS, fields, strict=True)))
-            total += 1
-    if current is not None:
-        write(current, rows)
+    for organization, rows in rows_by_first_column(cursor):
+        write(organization, [dict(zip(USER_FIELDS, fields, strict=True)) for fields in rows])
+        total += len(rows)
     for name in organization_names:  # organizations without published users
         if name in summarised:
             write(name, [])

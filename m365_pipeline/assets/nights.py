@@ -15,7 +15,13 @@ import duckdb
 from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
-from m365_pipeline.duckdb_helpers import LAST_COLLECTED_SQL, run_sql, table_metadata, table_schema
+from m365_pipeline.duckdb_helpers import (
+    LAST_COLLECTED_SQL,
+    rows_by_first_column,
+    run_sql,
+    table_metadata,
+    table_schema,
+)
 from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
@@ -120,17 +126,12 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
                h.m365_licensed_user_count
         FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
         ORDER BY h.organization_name, h.collection_date""")
-    current, rows = None, []
-    for name, *values in [*cursor.fetchall(), (None, None, None, None)]:
-        if name != current and current is not None:
-            key = file_key(current)
-            organizations[current] = key
-            for fmt in ("json", "csv"):
-                writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(current, rows, fmt),
-                                   CONTENT_TYPES[fmt])
-            rows = []
-        current = name
-        rows.append(dict(zip(HISTORY_FIELDS, values, strict=True)))
+    for name, rows in rows_by_first_column(cursor):
+        key = organizations[name] = file_key(name)
+        body_rows = [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows]
+        for fmt in ("json", "csv"):
+            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(name, body_rows, fmt),
+                               CONTENT_TYPES[fmt])
     return nights, organizations
 
 

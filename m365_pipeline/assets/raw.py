@@ -30,6 +30,7 @@ from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import VendorApiResource
 from m365_pipeline.resources.http import CallStats, Page, VendorError, VendorNotFoundError, run_concurrently
 from m365_pipeline.resources.paging import ListRead, read_until_consistent
+from m365_pipeline.settings import STAGING_DIR
 
 GROUP = "raw"
 NEITHER_CONFIGURED = (
@@ -82,7 +83,7 @@ def _land(
     A source that is not configured is not pulled: its table is emptied, never left stale.
     """
     collected_at = datetime.now(UTC).replace(microsecond=0)
-    staging_dir = Path(duckdb.database).parent / ".staging"
+    staging_dir = Path(duckdb.database).parent / STAGING_DIR
     metadata: dict[str, Any] = {}
     with StagingFile(staging_dir, table) as staging:
         if source.skip_reason:
