@@ -916,14 +916,17 @@
     const controller = new AbortController();
     changesView.controller = controller;
     // An emptied date field means the default: the previous night.
-    const since = el.changesSince.value || nights[nights.length - 2].date;
+    const previous = nights[nights.length - 2].date;
+    const since = el.changesSince.value || previous;
     const org = el.changesOrg.value;
     el.changesCsv.href = API.changesSince(since, org, "csv");
     el.changesCsv.hidden = true;
     el.changesSummary.textContent = "";
     showChangesState("loading");
     try {
-      const { body } = await fetchJson(API.changesSince(since, org), controller.signal);
+      // The default selection is the delta column's request (the same answer): one download, not two.
+      const url = since === previous && !org ? API.changes : API.changesSince(since, org);
+      const { body } = await fetchJson(url, controller.signal);
       renderChanges(Array.isArray(body.changes) ? body.changes : [], since, org, body);
       el.changesCsv.hidden = false;
     } catch (err) {
