@@ -133,17 +133,20 @@ sys.exit(0 if run_pipeline(sim, Path(sys.argv[1]), raise_on_error=False).success
 """
 
 
-def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str) -> bool:
+def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str, crash_at: str | None = None) -> bool:
     """The whole graph in a child process whose clock starts at ``moment`` (UTC, libfaketime), as a
-    night on that date would run; True when the run succeeded. The pipeline itself is unchanged."""
+    night on that date would run; True when the run succeeded. The pipeline itself is unchanged.
+    ``crash_at`` names a crash point (m365_pipeline.crashpoints) where the run is SIGKILLed."""
     import json
     import os
 
     env = {**os.environ, "TZ": "UTC", "M365_TEST_SIM_ENV": json.dumps(sim.env),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1", **({"M365_CRASH_AT": crash_at} if crash_at else {})}
     done = subprocess.run(["faketime", "-f", f"@{moment}", sys.executable, "-c", _NIGHT_RUNNER, str(data_dir)],
                           env=env, capture_output=True, text=True, timeout=600)
+    if crash_at and "Caught Killed" in done.stderr:  # faketime's word for its child's SIGKILL
+        return False
     if done.returncode not in (0, 3):
         raise RuntimeError(f"night run at {moment} crashed: {done.stderr[-3000:]}")
     return done.returncode == 0
