@@ -3,6 +3,10 @@
 Source S pages by ``page_number`` until ``page_number >= pagination.total_pages``;
 source B pages until a response carries no ``next_page``. Neither treats a short
 page as the end: vendors return short pages mid-stream.
+
+A list that changes while it is paged shifts its later pages. Source S reports its total, so a
+read is checked against it (``ListRead``); source B reports none, so each of its pages after the
+first re-reads the end of the one before (``next_window``). Either way the list is read again.
 """
 
 from __future__ import annotations
