@@ -31,6 +31,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -130,6 +131,7 @@ class Stopwatch:
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.lock = threading.Lock()
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -139,6 +141,19 @@ class Stopwatch:
             finally:
                 self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
                 self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+        return timed
+
+    def wrap_finish(self, fn: Callable) -> Callable:
+        """VersionWriter._finish_file (SHA-256 ETag and gzip twin, on the writer's threads): its thread CPU
+        for the history and changes files, counted as night recording."""
+        def timed(writer: Any, entry: dict[str, Any]) -> Any:
+            cpu = time.thread_time()
+            try:
+                return fn(writer, entry)
+            finally:
+                if entry["path"].startswith(("history/", "changes/")):
+                    with self.lock:
+                        self.cpu["finish_files"] = self.cpu.get("finish_files", 0.0) + time.thread_time() - cpu
         return timed
 
     def reset(self) -> None:
@@ -178,10 +193,12 @@ class Pipeline:
         import m365_pipeline.assets.export as export
         from m365_pipeline.assets.nights import NIGHT_SPECS
         from m365_pipeline.definitions import defs
+        from m365_pipeline.publishing import VersionWriter
 
         self.stopwatch = Stopwatch()
         for name in NIGHT_WORK:  # time the night recording where the export calls it; behaviour unchanged
             setattr(export, name, self.stopwatch.wrap(name, getattr(export, name)))
+        VersionWriter._finish_file = self.stopwatch.wrap_finish(VersionWriter._finish_file)
         real = defs()
         everything = AssetSelection.all() - AssetSelection.key_prefixes("raw")
         # core.* and marts.* as the transform phase, without the nights the export step records.
@@ -290,7 +307,7 @@ def measure_night(pipeline: Pipeline, database: Path, data_dir: Path, night: int
         "transform_cpu_s": steps.total(is_transform), "transform_wall_s": steps.total(is_transform, "wall"),
         "coverage_cpu_s": steps.total(is_coverage), "coverage_wall_s": steps.total(is_coverage, "wall"),
         "night_work_cpu_s": sum(pipeline.stopwatch.cpu.values()),
-        "night_work_wall_s": sum(pipeline.stopwatch.wall.values()),
+        "night_work_wall_s": sum(pipeline.stopwatch.wall.values()),  # the finish_files threads not included
         "night_work": {k: round(v, 3) for k, v in pipeline.stopwatch.cpu.items()},
         "export_cpu_s": steps.cpu.get("dashboard_api", 0.0),
         "publish_cpu_s": steps.cpu.get("export__analytics_db", 0.0),
@@ -409,17 +426,18 @@ def bench_nights(children: Children, work: Path, *, cells: tuple[str, ...] = CEL
         save(results)
     if "1m" in cells:
         pipeline, per_night = run_nights(work / "1m", 2000, 500, 2, churn_divisor, log)
-        results["1m"] = {"orgs": 2000, "users_per_org": 500, "nights": per_night,
-                         "coverage": coverage_ab(pipeline, pairs, log), "load": loadavg()}
-        save(results)
         database = work / "1m" / "data" / DUCKDB_FILE
         dates = [n["date"] for n in per_night]
         org = largest_changed_org(database, dates[0], dates[1])
-        results["1m"]["serve_org"] = org
-        results["1m"]["serve"] = serve_timings(children, work / "1m" / "data", dates, org, repeats=5)
+        results["1m"] = {"orgs": 2000, "users_per_org": 500, "nights": per_night, "serve_org": org,
+                         "serve": serve_timings(children, work / "1m" / "data", dates, org, repeats=5)}
         for name, t in results["1m"]["serve"].items():
             log(f"1M serve {name}: {t['status']}, {t['bytes']:,} bytes, first {t['first_ms']:.0f} ms, "
                 f"median {t['median_ms']:.0f} ms")
+        save(results)
+        results["1m"]["coverage"] = coverage_ab(pipeline, pairs, log)
+        results["1m"]["load"] = loadavg()
+        save(results)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     results["cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     results["load_after"] = loadavg()
@@ -437,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-divisor", type=int, default=CHURN_DIVISOR)
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs of the coverage comparison")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here (after each cell)")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     args = parser.parse_args(argv)
     cells = tuple(args.cells.split(","))
     if unknown := set(cells) - set(CELLS):
@@ -447,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             args.output.write_text(json.dumps(results, indent=1, default=str))
 
     children = Children()
-    with tempfile.TemporaryDirectory(prefix="m365-bench-nights-") as work:
+    with tempfile.TemporaryDirectory(prefix="m365-bench-nights-") as temporary:
+        work = args.keep or temporary
         try:
             results = bench_nights(children, Path(work), cells=cells, orgs=args.orgs, users_per_org=args.users_per_org,
                                    nights=args.nights, churn_divisor=args.churn_divisor, pairs=args.pairs, save=save)
@@ -500,11 +520,12 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
             f"{pct(min(changed))}–{pct(max(changed))}, all rule-12 kinds, from `marts.changes_between`). "
             "Each night landed in-process through the product's staging files with its own collection date, then "
             "every asset but raw.* run by Dagster on the same data directory. *transform*: core.* and marts.* "
-            "steps and their checks; *night recording*: record_night, the history files and the changes files "
-            "(timed where the export step calls them).",
+            "steps and their checks; *night recording*: record_night, the history files, the changes files "
+            "(timed where the export step calls them) and the SHA-256 ETags and gzip twins of those files "
+            "(the publish's writer threads).",
             "",
             "| night | DuckDB file | × night 1 | analytics copy | history rows | changed | transform CPU "
-            "| night recording CPU (record / history / changes files) | share |",
+            "| night recording CPU (record / history files / changes files / their ETags and gzip twins) | share |",
             "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         shown = sorted({0, 1, 2, 4, 9, 14, 19, 24, len(per_night) - 1} & set(range(len(per_night))))
@@ -516,7 +537,8 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
                 f"| {mib(n['analytics_bytes'])} | {n['churn']['history_rows'] if i else '–'} "
                 f"| {sum(n['churn']['kinds'].values()) if i else '–'} | {n['transform_cpu_s']:.2f} s "
                 f"| {n['night_work_cpu_s']:.2f} s ({work.get('record_night', 0):.2f} / "
-                f"{work.get('write_history_files', 0):.2f} / {work.get('write_changes_files', 0):.2f}) "
+                f"{work.get('write_history_files', 0):.2f} / {work.get('write_changes_files', 0):.2f} / "
+                f"{work.get('finish_files', 0):.2f}) "
                 f"| {pct(night_share(n))} |")
         lines += [
             "",
