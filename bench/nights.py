@@ -381,6 +381,8 @@ def serve_timings(children: Children, data_dir: Path, dates: list[str], org: str
     try:
         wait_for_port(port, proc)
         base = f"http://127.0.0.1:{port}{API_PREFIX}"
+        # The server's first request loads the published version (its manifest); it is timed on its own.
+        warm = {"summary (the server's first request)": time_get(base + "summary", 1)}
         queries = {
             "history": "history", "history?org": "history?" + urlencode({"org": org}),
             "history csv": "history?format=csv",
@@ -389,7 +391,7 @@ def serve_timings(children: Children, data_dir: Path, dates: list[str], org: str
                 "changes?" + urlencode({"since": dates[0], "org": org}),
             "changes?since csv": "changes?" + urlencode({"since": dates[0], "format": "csv"}),
         }
-        return {name: time_get(base + query, repeats) for name, query in queries.items()}
+        return {**warm, **{name: time_get(base + query, repeats) for name, query in queries.items()}}
     finally:
         children.stop(proc)
 
@@ -573,14 +575,15 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
         lines += ["", f"**1M users: the API between two nights** ({big['orgs']:,} × {big['users_per_org']}, "
                   f"{big['nights'][0]['raw_rows']['saas_users']:,} source S users, simulator nights 0 and 1). "
                   f"The real `m365-serve` on a real socket answering from the published version; each request "
-                  f"on a new connection, {big['serve'][next(iter(big['serve']))]['repeats']} times; the first "
-                  f"request is the one a cold cache sees. `org` = {big['serve_org']!r}, the organization "
-                  "with the most changes.", "",
+                  f"on a new connection, {big['serve']['history']['repeats']} times (*first*: the first time, "
+                  "what a cold cache sees), after one summary request that loads the version. "
+                  f"`org` = {big['serve_org']!r}, the organization with the most changes.", "",
                   "| request | status | body | first | median | max |", "|---|---:|---:|---:|---:|---:|"]
         for name, t in big["serve"].items():
             lines.append(f"| `{name}` | {t['status']} | {t['bytes'] / 1000:,.1f} KB | {t['first_ms']:.1f} ms "
                          f"| {t['median_ms']:.1f} ms | {t['max_ms']:.1f} ms |")
         changes = max(t["max_ms"] for name, t in big["serve"].items() if name.startswith("changes"))
+        # the version's one-time load is the summary's (the server's first request), not history's
         history = max(t["max_ms"] for name, t in big["serve"].items() if name.startswith("history"))
         lines += ["", f"- `/api/m365/changes` under a second: slowest {changes:.0f} ms — {yes(changes < 1000)}; "
                   f"`/api/m365/history` under 50 ms: slowest {history:.1f} ms — {yes(history < 50)}."]
