@@ -489,9 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def mib(value: float) -> str:
     return f"{value / 2**20:,.1f} MiB"
@@ -625,3 +622,7 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
 def coverage_own(n: dict[str, Any]) -> float:
     rest = n["transform_cpu_s"] - n["coverage_cpu_s"] + n["night_work"].get("record_night", 0.0)
     return n["coverage_cpu_s"] / rest
+
+
+if __name__ == "__main__":
+    sys.exit(main())
