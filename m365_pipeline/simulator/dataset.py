@@ -62,12 +62,17 @@ class SimulatorConfig:
     admin_token: str = DEFAULT_ADMIN_TOKEN
     faults: FaultConfig = field(default_factory=FaultConfig)
     night: int = 0  # nights after the first: the data evolves (see "nights" below); 0 = the base data
+    # Bench only (bench/nights.py): spreads the per-slot turnover and relicense nights over this many
+    # times the span, dividing the nightly churn by it; 1 = the served data.
+    churn_divisor: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.orgs <= MAX_ORGS:
             raise ValueError(f"orgs must be between 0 and {MAX_ORGS}, not {self.orgs}")
         if not 0 <= self.night <= MAX_NIGHT:
             raise ValueError(f"night must be between 0 and {MAX_NIGHT}, not {self.night}")
+        if self.churn_divisor < 1:
+            raise ValueError(f"churn_divisor must be at least 1, not {self.churn_divisor}")
         if not 0 <= self.users_per_org <= MAX_USERS_PER_ORG:
             raise ValueError(f"users_per_org must be between 0 and {MAX_USERS_PER_ORG}, not {self.users_per_org}")
         for name in ("saas_token", "reseller_token", "admin_token"):
@@ -573,14 +578,16 @@ class Dataset:
         """Extra digest parts for slot (o, j) once its first person has left; () before."""
         if tag is not None or not self.config.night:
             return ()
-        turnover = 1 + int.from_bytes(stable_digest(self.seed, "turnover", o, j, size=2), "big") % TURNOVER_SPAN
+        span = TURNOVER_SPAN * self.config.churn_divisor
+        turnover = 1 + int.from_bytes(stable_digest(self.seed, "turnover", o, j, size=2), "big") % span
         return ("hire",) if self.config.night >= turnover else ()
 
     def _license_draws(self, o: int, j: int, draws: bytes) -> bytes:
         """The slot's license draws: redrawn from the night its licenses change on."""
         if not self.config.night or self.owners[o].slot_kind(j)[1] is not None:
             return draws
-        change = 1 + int.from_bytes(stable_digest(self.seed, "relicense", o, j, size=2), "big") % RELICENSE_SPAN
+        span = RELICENSE_SPAN * self.config.churn_divisor
+        change = 1 + int.from_bytes(stable_digest(self.seed, "relicense", o, j, size=2), "big") % span
         return stable_digest(self.seed, "licenses", o, j, size=16) if self.config.night >= change else draws
 
     def _regular_indexes(self) -> list[int]:
