@@ -49,10 +49,11 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow and not browser and not load" $(PYTEST_ARGS)
 
 # The real product against m365-simulate at 700, 100k and 1M users, and m365-serve against nginx
-# (wrk): writes bench/RESULTS.md (~25 min). bench-quick: the demo scale only, under two minutes.
+# (wrk), then 30 nights at 100k (bench/nights.py): writes bench/RESULTS.md (~40 min). BENCH_ARGS=--nights-1m
+# adds the 1M nights cell (~15 min). bench-quick: the demo scale only, under two minutes.
 bench: $(STAMP)
 	@sh scripts/system-packages.sh nginx wrk
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	@sh scripts/system-packages.sh nginx wrk

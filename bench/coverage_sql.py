@@ -22,12 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import pandas as pd
 
 from m365_pipeline.assets.coverage import GAPS
 from m365_pipeline.duckdb_helpers import LAST_COLLECTED_SQL, ensure_schema, run_sql
 from m365_pipeline.landing import StagingFile
-from m365_pipeline.license_rules import default_rules_path, load_rules
+from m365_pipeline.license_rules import default_rules_path, load_rules, register_rules
 from m365_pipeline.raw_tables import (
     BACKUP_ACCOUNTS,
     BACKUP_ORGANIZATIONS,
@@ -66,7 +65,7 @@ def land(ds: Dataset, conn: duckdb.DuckDBPyConnection, staging: Path) -> None:
 
 
 def contract_transforms(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.register("rules_frame", pd.DataFrame([rule.as_row() for rule in load_rules(default_rules_path())]))
+    register_rules(conn, load_rules(default_rules_path()))
     run_sql(conn, "core_license_rules.sql")
     conn.unregister("rules_frame")
     run_sql(conn, "core_license_assignments.sql")

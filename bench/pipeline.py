@@ -97,7 +97,8 @@ def phase_of(step_key: str) -> str:
         return "pull"
     if step_key.startswith(("core__", "marts__")):
         return "transform"
-    if step_key.startswith("export__dashboard_api"):
+    # export.dashboard_api is a multi-asset (it also records the night's marts.*): its step is its op's name
+    if step_key.startswith(("export__dashboard_api", "dashboard_api")):
         return "export"
     if step_key.startswith("export__analytics_db"):
         return "publish"

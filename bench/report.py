@@ -3,7 +3,8 @@
 The machine and versions; per scale the medians of the runs (phases, Dagster overhead, job and process wall,
 vendor calls and calls/s, peak RSS, CPU of pipeline and simulator); the simulator alone; the server tables
 (req/s with the range of the repeats, p50, p99, ratio to nginx); the gzip exports; the targets, each with
-what was measured and whether it is met; and bench/NOTES.md at the end.
+what was measured and whether it is met (the nights kept and backup coverage sections carry their own,
+bench/nights.py); and bench/NOTES.md at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BENCH, system_tool
+from nights import section as nights_section
 from pace import BASELINE_REF, THREADS_REF, pace_table
 from pipeline import PHASES, SEED, ScaleResult
 from server import REPEATS, Published
@@ -31,7 +33,7 @@ TARGETS = {"demo_job_s": 10.0, "100k_total_s": 180.0, "1m_rss_bytes": 2 << 30, "
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for package in ("dagster", "duckdb", "granian", "urllib3", "pandas"):
+    for package in ("dagster", "duckdb", "granian", "urllib3"):
         out[package] = version(package)
     for tool, args in (("nginx", ["-v"]), ("wrk", ["-v"])):
         path = system_tool(tool)
@@ -168,7 +170,8 @@ PACE_INTRO = (
 
 def write_report(path: Path, args: argparse.Namespace, results: dict[str, ScaleResult], server: dict[str, Any],
                  published: dict[str, Published], gzip_rows: dict[str, list[dict[str, Any]]], started: float,
-                 pace_rows: list[dict[str, Any]] | None = None) -> None:
+                 pace_rows: list[dict[str, Any]] | None = None, nights: dict[str, Any] | None = None,
+                 nights_command: str = "") -> None:
     v = versions()
     lines = [
         "# Benchmark results", "",
@@ -225,6 +228,8 @@ def write_report(path: Path, args: argparse.Namespace, results: dict[str, ScaleR
                          f"{row['framing']} | "
                          f"{'yes' if ok else 'NO'} ({kb(row['received'])}) | {row['seconds']:.2f} s |")
         lines.append("")
+    if nights:
+        lines += [*nights_section(nights, nights_command), ""]
     lines += ["## Targets", "", *targets(results, server), ""]
     notes = BENCH / "NOTES.md"
     if notes.exists():

@@ -9,7 +9,8 @@ First the pull against vendors with latency and rate limits, today's client agai
 step events and the reported values are medians over the runs (bench/pipeline.py, bench/simulator_probe.py,
 bench/job.py). Then
 the server: m365-serve against nginx serving the same files and a stdlib ThreadingHTTPServer baseline, with
-wrk at 50 connections, and the exports served gzip-compressed (bench/server.py). The report is written by
+wrk at 50 connections, and the exports served gzip-compressed (bench/server.py). Then 30 nights at 100k
+through the real downstream assets (bench/nights.py; its 1M cell with --nights-1m). The report is written by
 bench/report.py.
 
 Every child has a timeout and its own process group; all are stopped at the end, on failure and on Ctrl-C
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BENCH, ROOT, Children, say
+from nights import bench_nights
 from pace import bench_pace
 from pipeline import PHASES, SCALES, Scale, ScaleResult, run_job, start_simulator
 from report import gib, machine, targets, write_report
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"duration of each of the {REPEATS} wrk runs per cell (default 5, quick 2)")
     parser.add_argument("--no-server", action="store_true", help="skip the server comparison")
     parser.add_argument("--no-pace", action="store_true", help="skip the latency and rate-limit comparison")
+    parser.add_argument("--no-nights", action="store_true",
+                        help="skip bench/nights.py (30 nights at 100k: file growth, history and coverage shares)")
+    parser.add_argument("--nights-1m", action="store_true",
+                        help="also bench/nights.py's 1M cell: two nights, coverage A/B and the history and "
+                             "changes endpoints (~15 min more)")
     parser.add_argument("--output", type=Path, default=None, help="report path")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     server: dict[str, Any] = {}
     gzip_rows: dict[str, list[dict[str, Any]]] = {}
     pace_rows: list[dict[str, Any]] = []
+    nights: dict[str, Any] | None = None
+    nights_command = ""
     try:
         say(f"machine: {machine()}; work directory {work}")
         if not args.no_pace:
@@ -104,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                             say(f"  {encoding} {srv}: summary {res['summary']['rps']:,.0f} req/s "
                                 f"(p99 {res['summary']['p99_ms']} ms), users {res['users']['rps']:,.0f} req/s "
                                 f"(p99 {res['users']['p99_ms']} ms)")
+        if not args.quick and not args.no_nights:
+            cells = ("100k", "1m") if args.nights_1m else ("100k",)
+            nights = bench_nights(children, work / "nights", cells=cells)
+            nights_command = "make bench" + (" BENCH_ARGS=--nights-1m" if args.nights_1m else "")
         largest = names[-1]
         gzip_rows[largest] = check_gzip(children, published[largest])
-        write_report(output, args, results, server, published, gzip_rows, started, pace_rows)
+        write_report(output, args, results, server, published, gzip_rows, started, pace_rows, nights,
+                     nights_command)
         say(f"wrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} "
             f"in {(time.monotonic() - started) / 60:.1f} min")
         print("\n".join(targets(results, server)))

@@ -5,6 +5,8 @@ module does nothing else: the environment is read, and ``.env`` loaded, only whe
 """
 
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from dagster import (
     AssetSelection,
@@ -83,15 +85,21 @@ def defs() -> Definitions:
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
         sensors=alert_sensors,
-        resources={
-            # URLs and tokens stay bound to their variables whatever run config changes (resources/base.py).
-            "saas": SaasApiResource.from_environment(),
-            "backup": BackupApiResource.from_environment(),
-            # DuckDB takes up to 80 % of RAM by default; capped, it spills to <db>.tmp instead
-            # (peak memory with and without the cap: bench/RESULTS.md).
-            "duckdb": WarehouseResource(database=str(data_dir() / DUCKDB_FILE),
-                                        connection_config={"memory_limit": "1GB"}),
-            "publish_policy": PublishPolicy(),
-        },
+        # URLs and tokens stay bound to their variables whatever run config changes (resources/base.py).
+        resources=pipeline_resources(SaasApiResource.from_environment(), BackupApiResource.from_environment(),
+                                     data_dir() / DUCKDB_FILE),
         executor=in_process_executor,
     )
+
+
+def pipeline_resources(saas: SaasApiResource, backup: BackupApiResource, database: Path) -> dict[str, Any]:
+    """The resources every run gets (the tests' runs too): the two sources, the working DuckDB file with
+    its run lock and data-directory checks (WarehouseResource), and the publish policy."""
+    return {
+        "saas": saas,
+        "backup": backup,
+        # DuckDB takes up to 80 % of RAM by default; capped, it spills to <db>.tmp instead
+        # (peak memory with and without the cap: bench/RESULTS.md).
+        "duckdb": WarehouseResource(database=str(database), connection_config={"memory_limit": "1GB"}),
+        "publish_policy": PublishPolicy(),
+    }

@@ -24,24 +24,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from m365_pipeline.processes import port_is_free, read_simulator_banner, wait_for_port
 from m365_pipeline.settings import DATA_DIR_VARIABLE, DataDirError, prepare_data_dir
 
 BIN = Path(sys.executable).parent
-DAGSTER_YAML = """\
-# Project-local Dagster instance for `make demo` / `make dev` (DAGSTER_HOME was unset).
-telemetry:
-  enabled: false
-run_retries:
-  enabled: true
-# One run at a time, as in deploy/dagster.yaml: a second one waits in the queue.
-concurrency:
-  runs:
-    tag_concurrency_limits:
-      - key: dagster/code_location
-        value: m365_pipeline
-        limit: 1
-"""
+# The shipped instance settings (one run at a time, run monitoring, retries, no telemetry), defined once.
+DEPLOY_INSTANCE = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
+
+
+def dev_instance_yaml() -> str:
+    """deploy/dagster.yaml without its PostgreSQL storage: ``make dev`` keeps Dagster's default SQLite
+    storage and gets everything else, so a run left STARTED by a killed process is ended by the daemon's
+    run monitoring instead of making the schedule skip every night."""
+    settings = yaml.safe_load(DEPLOY_INSTANCE.read_text())
+    settings.pop("storage")
+    return ("# Project-local Dagster instance for `make demo` / `make dev` (DAGSTER_HOME was unset),\n"
+            "# generated from deploy/dagster.yaml without its storage.\n" + yaml.safe_dump(settings, sort_keys=False))
+
+
+DAGSTER_YAML = dev_instance_yaml()
 
 
 def say(message: str) -> None:

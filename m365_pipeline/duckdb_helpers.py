@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from importlib import resources
+from operator import itemgetter
 from typing import Any
 
 import duckdb
@@ -48,6 +50,18 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection, schema: str) -> None:
 
 def last_collected(conn: duckdb.DuckDBPyConnection) -> datetime | None:
     return conn.execute(LAST_COLLECTED_SQL).fetchone()[0]
+
+
+def rows_by_first_column(cursor: duckdb.DuckDBPyConnection, batch_size: int = 50_000
+                         ) -> Iterator[tuple[Any, list[tuple]]]:
+    """The rows of an executed query sorted by its first column, one group at a time.
+
+    Groups are yielded as (key, rows without the key) so a writer holds one organization's rows
+    in memory, not the whole result (the publish step's memory at 1M users depends on it).
+    """
+    rows = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(batch_size), []))
+    for key, group in itertools.groupby(rows, key=itemgetter(0)):
+        yield key, [row[1:] for row in group]
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -8,9 +8,12 @@ turns each pattern into one SQL ``LIKE`` pattern so DuckDB applies every rule th
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
 from importlib import resources
 from pathlib import Path
+
+import duckdb
 
 RULES_FILE = "license_rules.csv"
 _ALLOWED = {
@@ -37,8 +40,14 @@ class LicenseRule:
     like_pattern: str
     description: str
 
-    def as_row(self) -> dict[str, object]:
-        return asdict(self)
+
+def register_rules(conn: duckdb.DuckDBPyConnection, rules: Sequence[LicenseRule]) -> None:
+    """The rules as this connection's temporary table ``rules_frame``, which core_license_rules.sql stores."""
+    columns = [f"{f.name} {'INTEGER' if f.type == 'int' else 'VARCHAR'}" for f in fields(LicenseRule)]
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE rules_frame ({', '.join(columns)})")
+    if rules:
+        conn.executemany(f"INSERT INTO rules_frame VALUES ({', '.join('?' * len(columns))})",
+                         [astuple(rule) for rule in rules])
 
 
 def _escape_like(text: str) -> str:

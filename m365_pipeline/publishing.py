@@ -139,6 +139,11 @@ class VersionWriter:
 
     def commit(self, metadata: dict[str, Any], workers: int = 2) -> Path:
         """Finish every file, write the manifest, and swap ``current`` to this version."""
+        self.seal(metadata, workers)
+        return self.swap()
+
+    def seal(self, metadata: dict[str, Any], workers: int = 2) -> None:
+        """Finish every file and write the manifest: the version is complete but not yet served."""
         with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib and hashlib release the GIL
             list(pool.map(self._finish_file, self.files.values()))
         manifest = {
@@ -152,6 +157,9 @@ class VersionWriter:
         os.sync()  # every file durable before the manifest says the version is complete
         (self.path / MANIFEST).write_bytes(json_bytes(manifest))
         _fsync_file(self.path / MANIFEST)
+
+    def swap(self) -> Path:
+        """Make this sealed version ``current`` (one atomic rename), then drop the versions no longer kept."""
         link = self.root / CURRENT
         staging_link = self.root / f".{CURRENT}.{self.version_id}"
         staging_link.symlink_to(Path(VERSIONS) / self.version_id)
@@ -162,8 +170,13 @@ class VersionWriter:
         prune_versions(self.root)
         return self.path
 
+    def is_current(self) -> bool:
+        return current_version_dir(self.root) == self.path.resolve()
+
     def abandon(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete this version, unless a failure after the swap left it served."""
+        if not self.is_current():
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class _NullWriter:

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DUCKDB_FILE = "m365.duckdb"
 ANALYTICS_FILE = "analytics.duckdb"
+STAGING_DIR = ".staging"  # beside the DuckDB file: the raw pulls land here before the table swap
 DATA_DIR_VARIABLE = "M365_DATA_DIR"
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import duckdb
 from dagster import materialize
-from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.definitions import pipeline_resources
 from m365_pipeline.raw_tables import RAW_TABLES
-from m365_pipeline.resources import BackupApiResource, PublishPolicy, SaasApiResource
+from m365_pipeline.resources import BackupApiResource, SaasApiResource
 
 from .helpers import dicts, query
 
@@ -117,8 +117,7 @@ class RawBuilder:
 
 def contract_resources(path: Path) -> dict[str, Any]:
     """Hand-written raw rows stand in for the vendors, so neither source is configured."""
-    return {"duckdb": DuckDBResource(database=str(path)), "publish_policy": PublishPolicy(),
-            "saas": SaasApiResource(), "backup": BackupApiResource()}
+    return pipeline_resources(SaasApiResource(), BackupApiResource(), path)
 
 
 def run_contract(path: Path) -> None:

@@ -1,17 +1,21 @@
 """Shared test helpers (no fixtures; those live in conftest.py): resources wired to a simulator,
-whole-graph runs, reading DuckDB files, starting ``m365-serve`` and making certificates."""
+whole-graph runs, reading DuckDB files, a webhook receiver, starting ``m365-serve`` and making certificates."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
 import duckdb
-from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.definitions import pipeline_resources
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import Simulator
@@ -36,8 +40,8 @@ def rule9(text: str) -> tuple[str, str]:
 def make_resources(sim: Simulator | None, db_path: Path, *, saas: dict[str, Any] | None = None,
                    backup: dict[str, Any] | None = None, sources: tuple[str, ...] = ("saas", "backup")
                    ) -> dict[str, Any]:
-    """Resources pointing at ``sim``; ``sources`` chooses which vendors are configured."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    """The resources a run gets, pointing at ``sim``; ``sources`` chooses which vendors are configured.
+    The run makes ``db_path``'s directory (its parent must exist), as a night does."""
     env = sim.env if sim else {}
     saas_cfg: dict[str, Any] = {**FAST_HTTP, **(saas or {})}
     backup_cfg: dict[str, Any] = {**FAST_HTTP, **(backup or {})}
@@ -46,11 +50,8 @@ def make_resources(sim: Simulator | None, db_path: Path, *, saas: dict[str, Any]
     if "backup" in sources:
         backup_cfg = {"base_url": env["BACKUP_API_BASE_URL"], "reseller_token": env["BACKUP_RESELLER_TOKEN"],
                       "admin_token": env["BACKUP_ADMIN_TOKEN"], **backup_cfg}
-    return {
-        "saas": SaasApiResource(**saas_cfg),
-        "backup": BackupApiResource(**backup_cfg),
-        "duckdb": DuckDBResource(database=str(db_path)),
-    }
+    # The code location's own resources (its run lock and data-directory checks included), not look-alikes.
+    return pipeline_resources(SaasApiResource(**saas_cfg), BackupApiResource(**backup_cfg), db_path)
 
 
 def all_definitions() -> list[Any]:
@@ -69,10 +70,10 @@ def run_pipeline(sim: Simulator | None, data_dir: Path, *, raise_on_error: bool 
     """Materialize every asset and check into ``data_dir`` (as the nightly job does)."""
     from dagster import materialize
 
-    from m365_pipeline.resources import PublishPolicy
-
-    policy = kwargs.pop("policy", PublishPolicy())
-    resources = {**make_resources(sim, data_dir / DUCKDB_FILE, **kwargs), "publish_policy": policy}
+    policy = kwargs.pop("policy", None)
+    resources = make_resources(sim, data_dir / DUCKDB_FILE, **kwargs)
+    if policy is not None:
+        resources["publish_policy"] = policy
     return materialize(all_definitions(), resources=resources, raise_on_error=raise_on_error)
 
 
@@ -89,6 +90,38 @@ def dicts(db_path: Path, sql: str, params: list[Any] | None = None) -> list[dict
         cursor = conn.execute(sql, params or [])
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+# -- a webhook receiver ------------------------------------------------------------------------
+
+class Receiver:
+    """A webhook on 127.0.0.1 that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(body) for body in self.bodies]
+
+    def wait_for(self, count: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.bodies) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self.messages()
 
 
 # -- published data and a running m365-serve ----------------------------------------------------
@@ -133,17 +166,20 @@ sys.exit(0 if run_pipeline(sim, Path(sys.argv[1]), raise_on_error=False).success
 """
 
 
-def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str) -> bool:
+def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str, crash_at: str | None = None) -> bool:
     """The whole graph in a child process whose clock starts at ``moment`` (UTC, libfaketime), as a
-    night on that date would run; True when the run succeeded. The pipeline itself is unchanged."""
+    night on that date would run; True when the run succeeded. The pipeline itself is unchanged.
+    ``crash_at`` names a crash point (m365_pipeline.crashpoints) where the run is SIGKILLed."""
     import json
     import os
 
     env = {**os.environ, "TZ": "UTC", "M365_TEST_SIM_ENV": json.dumps(sim.env),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1", **({"M365_CRASH_AT": crash_at} if crash_at else {})}
     done = subprocess.run(["faketime", "-f", f"@{moment}", sys.executable, "-c", _NIGHT_RUNNER, str(data_dir)],
                           env=env, capture_output=True, text=True, timeout=600)
+    if crash_at and "Caught Killed" in done.stderr:  # faketime's word for its child's SIGKILL
+        return False
     if done.returncode not in (0, 3):
         raise RuntimeError(f"night run at {moment} crashed: {done.stderr[-3000:]}")
     return done.returncode == 0

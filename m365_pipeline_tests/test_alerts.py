@@ -7,10 +7,8 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,40 +19,10 @@ from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.sensors import alert_on_missed_night
 
-from .helpers import BIN
+from .helpers import BIN, Receiver
 from .test_unattended import ROOT, cli_env, materialize_all
 
 UI = "http://127.0.0.1:3999/dagster"
-
-
-class Receiver:
-    """A webhook on 127.0.0.1 that keeps every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        received = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def messages(self) -> list[dict]:
-        return [json.loads(body) for body in self.bodies]
-
-    def wait_for(self, count: int, timeout: float) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.bodies) < count and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return self.messages()
 
 
 @pytest.fixture

@@ -1,24 +1,39 @@
 """The dashboard's nights features (docs/RULES.md, rules 11 and 12) in real headless Chromium against a
-real m365-serve, on two nights the real pipeline published at their dates (libfaketime) from the
+real m365-serve, on three nights the real pipeline published at their dates (libfaketime) from the
 evolving simulator. Expected numbers come from the simulator's ground truth of each night."""
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+import requests
+from playwright.sync_api import Page, expect
 
 from m365_pipeline.processes import free_port, wait_for_port
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
-from .helpers import expected_changes, run_pipeline_at, spawn_serve
-from .test_dashboard_page import CHROMIUM, browser, context, open_dashboard  # noqa: F401 (fixtures)
+from .helpers import expected_changes, rule9, run_pipeline_at, spawn_serve
+from .test_dashboard_page import (  # noqa: F401 (browser and context are fixtures)
+    CHROMIUM,
+    DESKTOP,
+    PHONE,
+    browser,
+    changes_shown,
+    context,
+    new_context,
+    open_dashboard,
+    org_button,
+    save_screenshot,
+)
 
 pytestmark = [
     pytest.mark.browser, pytest.mark.slow,
@@ -26,7 +41,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("faketime") is None, reason="needs libfaketime: sh scripts/system-packages.sh "
                        "faketime"),
 ]
-NIGHTS = {"2026-03-01": 0, "2026-03-02": DEPARTURE_NIGHT}  # date -> simulator night
+# date -> simulator night. No night on the 2nd: a date between kept nights means the one before it.
+NIGHTS = {"2026-03-01": 0, "2026-03-03": 2, "2026-03-04": DEPARTURE_NIGHT}
+FIRST, PREVIOUS, TONIGHT = NIGHTS
 
 
 def config(night: int) -> SimulatorConfig:
@@ -40,7 +57,7 @@ def users(night: int) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def two_nights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kept_nights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("dashboard-nights") / "data"
     for day, night in NIGHTS.items():
         with Simulator(config(night), host="127.0.0.1", port=0) as sim:
@@ -56,25 +73,221 @@ def two_nights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def test_each_organization_shows_users_in_and_out_since_the_previous_night(context, two_nights):  # noqa: F811
+def test_each_organization_shows_users_in_and_out_since_the_previous_night(context, kept_nights):  # noqa: F811
     arrived, left = Counter(), Counter()
-    for row in expected_changes(*(users(n) for n in NIGHTS.values())):
+    changes = expected_changes(users(NIGHTS[PREVIOUS]), users(NIGHTS[TONIGHT]))
+    for row in changes:
         if row["change"] in ("added", "moved"):
             arrived[row["organization_name"]] += 1
         if row["change"] == "removed":
             left[row["organization_name"]] += 1
         if row["change"] == "moved":
             left[row["previous_organization_name"]] += 1
-    assert arrived and left and any(r["change"] == "moved" for r in expected_changes(
-        *(users(n) for n in NIGHTS.values())))
-    page, seen = open_dashboard(context, two_nights)
+    assert arrived and left and any(r["change"] == "moved" for r in changes)
+    page, seen = open_dashboard(context, kept_nights)
     expect(page.locator("#delta-heading")).to_be_visible()
     shown = dict(page.evaluate("""() => [...document.querySelectorAll('#org-rows tr')]
         .filter((tr) => tr.querySelector('button.org-link'))
         .map((tr) => [tr.querySelector('button.org-link').textContent, tr.querySelector('.col-delta').textContent])"""))
     tonight = [o["organization_name"] for o in ground_truth(config(DEPARTURE_NIGHT))["organizations"]]
     assert shown == {org: f"+{arrived[org]} / \u2212{left[org]}" for org in tonight}
-    added = sum(r["change"] == "added" for r in expected_changes(*(users(n) for n in NIGHTS.values())))
-    removed = sum(r["change"] == "removed" for r in expected_changes(*(users(n) for n in NIGHTS.values())))
+    added = sum(r["change"] == "added" for r in changes)
+    removed = sum(r["change"] == "removed" for r in changes)
     assert page.locator("#total-delta").text_content() == f"+{added} / \u2212{removed}"
     seen.assert_clean(page)
+
+
+# -- the trend chart in the drill-down (rule 11) ------------------------------------------------
+
+def night_label(day: str, short: bool = False) -> str:
+    """A night's date as the en-US page writes it (``Mar 4, 2026``; short: ``Mar 4``), computed here."""
+    moment = datetime.strptime(day, "%Y-%m-%d")
+    return f"{moment:%b} {moment.day}" + ("" if short else f", {moment.year}")
+
+
+def night_counts(org: str) -> list[tuple[str, int, int]]:
+    """(date, ES, M365 licensed) of ``org`` on each kept night that has it, from that night's ground truth."""
+    return [(day, o["es_user_count"], o["m365_licensed_user_count"]) for day, night in NIGHTS.items()
+            for o in ground_truth(config(night))["organizations"] if o["organization_name"] == org]
+
+
+def trend_shown(page: Page) -> dict[str, Any]:
+    return page.evaluate("""() => {
+        const svg = document.querySelector('#trend-chart svg');
+        return {
+          rows: [...document.querySelectorAll('#trend-rows tr')].map((tr) => [tr.cells[0].dataset.date,
+                 tr.cells[0].textContent, tr.cells[1].textContent, tr.cells[2].textContent]),
+          dots: Object.fromEntries([...document.querySelectorAll('#trend-chart g[data-series]')].map((g) => [
+                 g.dataset.series, [...g.querySelectorAll('circle')].map((c) => ({date: c.dataset.date,
+                 cx: Number(c.getAttribute('cx')), cy: Number(c.getAttribute('cy')),
+                 title: c.querySelector('title').textContent}))])),
+          lines: document.querySelectorAll('#trend-chart polyline').length,
+          xLabels: [...document.querySelectorAll('#trend-chart .trend__tick--x')].map((t) => t.textContent),
+          role: svg && svg.getAttribute('role'),
+          title: svg && svg.querySelector(':scope > title').textContent,
+          desc: svg && svg.querySelector(':scope > desc').textContent,
+          note: document.getElementById('trend-note').textContent,
+        };
+    }""")
+
+
+def assert_drawn_to_scale(dots: list[dict[str, Any]], values: list[int]) -> None:
+    """Each dot's height is one linear function of its count, higher counts higher up (smaller y)."""
+    points = [(value, dot["cy"]) for value, dot in zip(values, dots, strict=True)]
+    (v0, y0), (v1, y1) = points[0], next(p for p in points if p[0] != points[0][0])
+    slope = (y1 - y0) / (v1 - v0)
+    assert slope < 0
+    for value, y in points:
+        assert abs(y - (y0 + slope * (value - v0))) < 0.5, (value, y)
+
+
+def test_the_drill_down_charts_each_kept_night_of_the_organization_from_the_ground_truth(context, kept_nights):  # noqa: F811
+    tonight = [o["organization_name"] for o in ground_truth(config(NIGHTS[TONIGHT]))["organizations"]]
+    counts = {org: night_counts(org) for org in tonight}
+    varying = next(org for org, rows in counts.items()
+                   if len(rows) == len(NIGHTS) and len({r[1] for r in rows}) > 1 and len({r[2] for r in rows}) > 1)
+    page, seen = open_dashboard(context, kept_nights)
+    org_button(page, varying).click()
+    expect(page.locator("#trend-chart svg")).to_be_visible()
+    shown = trend_shown(page)
+    expected = counts[varying]
+    # The accessible table holds exactly the ground truth's numbers, one row per kept night.
+    assert shown["rows"] == [[day, night_label(day), f"{es:,}", f"{m365:,}"] for day, es, m365 in expected]
+    assert shown["role"] == "img" and varying in shown["title"] and "3 kept nights" in shown["title"]
+    first, last = expected[0], expected[-1]
+    assert f"M365 licensed went from {first[2]:,} on {night_label(first[0])} to {last[2]:,} on " \
+           f"{night_label(last[0])}" in shown["desc"]
+    assert f"ES users went from {first[1]:,} on {night_label(first[0])}" in shown["desc"]
+    # The dates label the x axis; each series draws a line through one dot per night, to scale.
+    assert shown["xLabels"] == [night_label(day, short=True) for day, _, _ in expected]
+    assert shown["lines"] == 2
+    for key, column, name in (("es_user_count", 1, "ES users"), ("m365_licensed_user_count", 2, "M365 licensed")):
+        dots = shown["dots"][key]
+        assert [d["date"] for d in dots] == [r[0] for r in expected]
+        assert [d["title"] for d in dots] == [f"{night_label(r[0])}: {r[column]:,} {name}" for r in expected]
+        # Time to scale too: Mar 1 to Mar 3 is twice as wide as Mar 3 to Mar 4.
+        first_gap, second_gap = dots[1]["cx"] - dots[0]["cx"], dots[2]["cx"] - dots[1]["cx"]
+        assert second_gap > 0 and abs(first_gap - 2 * second_gap) < 0.5, dots
+    both = shown["dots"]["es_user_count"] + shown["dots"]["m365_licensed_user_count"]
+    assert_drawn_to_scale(both, [r[1] for r in expected] + [r[2] for r in expected])
+    assert shown["note"] == f"3 nights kept, from {night_label(FIRST)} to {night_label(TONIGHT)}."
+    page.keyboard.press("Escape")
+
+    # The customer that arrived tonight has one night: one dot per series, no line, and a note saying so.
+    arrived = next(org for org, rows in counts.items() if [r[0] for r in rows] == [TONIGHT])
+    org_button(page, arrived).click()
+    expect(page.locator("#trend-note")).to_contain_text("Only one night is kept")
+    shown = trend_shown(page)
+    (day, es, m365), = counts[arrived]
+    assert shown["rows"] == [[day, night_label(day), f"{es:,}", f"{m365:,}"]]
+    assert shown["lines"] == 0 and [len(d) for d in shown["dots"].values()] == [1, 1]
+    assert shown["note"] == f"Only one night is kept for this organization so far ({night_label(TONIGHT)}): " \
+        "the trend line starts with the next night."
+    page.keyboard.press("Escape")
+    seen.assert_clean(page)
+
+
+# -- the Changes view (rule 12) ------------------------------------------------------------------
+
+def expected_csv(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cell = {None: "", True: "true", False: "false"}
+    return [[cell.get(v, v) if v is None or isinstance(v, bool) else v for v in row.values()] for row in rows]
+
+
+def download_changes_csv(page: Page, base_url: str, params: dict[str, str], night_a: str) -> bytes:
+    """Click the Changes view's CSV link; the file must be the API's own CSV of ``params``, named
+    after the nights it compares."""
+    link = page.get_by_role("link", name="Download changes CSV")
+    with page.expect_download() as info:
+        link.click()
+    assert info.value.suggested_filename == f"m365-changes-{night_a}-to-{TONIGHT}.csv"
+    body = Path(info.value.path()).read_bytes()
+    api = requests.get(base_url + "/api/m365/changes", params={**params, "format": "csv"}, timeout=10)
+    assert api.status_code == 200 and body == api.content
+    return body
+
+
+def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_downloads_them(context, kept_nights):  # noqa: F811
+    since_previous = expected_changes(users(NIGHTS[PREVIOUS]), users(NIGHTS[TONIGHT]))
+    since_first = expected_changes(users(NIGHTS[FIRST]), users(NIGHTS[TONIGHT]))
+    assert since_previous != since_first
+    page, seen = open_dashboard(context, kept_nights)
+    since = page.get_by_label("Since the night of")
+    expect(page.locator("#changes-table")).to_be_visible()
+    # The date is limited to the kept nights and starts at the previous night.
+    assert (since.input_value(), since.get_attribute("min"), since.get_attribute("max")) == (PREVIOUS, FIRST, TONIGHT)
+    assert changes_shown(page) == since_previous
+    summary = page.locator("#changes-summary").inner_text()
+    assert summary.startswith(f"{len(since_previous)} changes from the night of {night_label(PREVIOUS)} to "
+                              f"{night_label(TONIGHT)}: ")
+    kinds = Counter(r["change"] for r in since_previous)
+    assert f"{kinds['moved']} moved" in summary and f"{kinds['added']} added" in summary
+    body = download_changes_csv(page, kept_nights, {"since": PREVIOUS}, PREVIOUS)
+    assert list(csv.reader(io.StringIO(body.decode()))) == [list(since_previous[0])] + expected_csv(since_previous)
+
+    since.fill(FIRST)
+    expect(page.locator("#changes-summary")).to_contain_text(f"from the night of {night_label(FIRST)}")
+    assert changes_shown(page) == since_first
+    assert {r["change"] for r in since_first} == {"added", "removed", "moved", "email_gained", "email_lost",
+                                                  "licenses_changed"}
+    # A customer that left since then can still be chosen, after tonight's organizations.
+    tonight = {o["organization_name"] for o in ground_truth(config(NIGHTS[TONIGHT]))["organizations"]}
+    left = sorted({r["organization_name"] for r in since_first} - tonight, key=rule9)
+    assert left and page.locator("#changes-org optgroup option").all_text_contents() == left
+    page.get_by_label("Organization", exact=True).select_option(left[0])
+    expect(page.locator("#changes-summary")).to_contain_text(f" in {left[0]} from")
+    assert changes_shown(page) == [r for r in since_first if r["organization_name"] == left[0]]
+    assert {r["change"] for r in changes_shown(page)} == {"removed"}
+    page.get_by_label("Organization", exact=True).select_option("")
+    # A date between kept nights means the latest kept night on or before it (rule 12).
+    since.fill("2026-03-02")
+    expect(page.locator("#changes-summary")).to_contain_text("the latest kept night on or before Mar 2, 2026")
+    assert changes_shown(page) == since_first
+
+    # One organization: its changes, including users moved out of it.
+    moved = next(r for r in since_first if r["change"] == "moved")
+    org = moved["previous_organization_name"]
+    page.get_by_label("Organization", exact=True).select_option(org)
+    expect(page.locator("#changes-summary")).to_contain_text(f" in {org} from")
+    wanted = [r for r in since_first if org in (r["organization_name"], r["previous_organization_name"])]
+    assert changes_shown(page) == wanted and moved in wanted
+    body = download_changes_csv(page, kept_nights, {"since": "2026-03-02", "org": org}, FIRST)
+    assert list(csv.reader(io.StringIO(body.decode())))[1:] == expected_csv(wanted)
+
+    # Before the first kept night: the API's 404 sentence as a message, no table, no CSV link.
+    since.fill("2026-02-01")
+    message = page.locator("#changes-message")
+    expect(message).to_be_visible()
+    assert message.inner_text() == "No changes to show: no kept night on or before 2026-02-01."
+    expect(page.locator("#changes-table")).to_be_hidden()
+    expect(page.get_by_role("link", name="Download changes CSV")).to_be_hidden()
+    # Tonight itself: nothing changed since.
+    since.fill(TONIGHT)
+    expect(message).to_have_text(f"No changes in {org} from the night of {night_label(TONIGHT)} to "
+                                 f"{night_label(TONIGHT)}.")
+    # The browser logs the 404 itself; nothing else may go wrong.
+    assert all("404" in m for m in seen.console_errors), seen.console_errors
+    assert seen.page_errors == [] and seen.dialogs == [] and seen.csp_violations(page) == []
+
+
+@pytest.mark.parametrize(("viewport", "suffix"), [(DESKTOP, "desktop"), (PHONE, "phone")])
+def test_the_changes_view_and_the_trend_chart_fit_the_screen(browser, kept_nights, viewport, suffix):  # noqa: F811
+    ctx = new_context(browser, viewport)
+    try:
+        page, seen = open_dashboard(ctx, kept_nights)
+        expect(page.locator("#changes-table")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+        page.evaluate("document.getElementById('changes').scrollIntoView()")
+        save_screenshot(page, f"dashboard-changes-{suffix}.png")
+        org_button(page, page.locator("#org-rows button.org-link").first.text_content()).click()
+        chart = page.locator("#trend-chart svg")
+        expect(chart).to_be_visible()
+        # Drawn at the width it is shown at: its 11px text stays 11px on a phone.
+        box = chart.bounding_box()
+        assert abs(box["width"] - float(chart.get_attribute("viewBox").split()[2])) <= 1
+        assert 0 <= box["x"] and box["x"] + box["width"] <= viewport["width"]
+        save_screenshot(page, f"dashboard-trend-{suffix}.png")
+        page.keyboard.press("Escape")
+        seen.assert_clean(page)
+    finally:
+        ctx.close()

@@ -24,6 +24,7 @@ import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from m365_pipeline.assets.coverage import csv_bytes
+from m365_pipeline.history_api import changes_body, file_key, history_body
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     COVERAGE_ORG_FIELDS,
@@ -165,6 +166,24 @@ def focused_is(page: Page, locator) -> bool:
     return locator.evaluate("(node) => node === document.activeElement")
 
 
+def changes_shown(page: Page) -> list[dict[str, Any]]:
+    """The Changes table's rows, read back into rule 12's fields ("—" is null; Yes/No the booleans)."""
+    rows = page.evaluate("""() => [...document.querySelectorAll('#changes-rows tr')].map((tr) => ({
+        organization_name: tr.querySelector('.change-org__name').textContent,
+        previous_organization_name: tr.querySelector('.change-org__previous')?.textContent ?? null,
+        user_principal_name: tr.querySelector('.change-upn').textContent,
+        display_name: tr.querySelector('.change-name').textContent,
+        change: tr.dataset.change,
+        licenses_before: tr.querySelector('.change-licenses-before').textContent,
+        licenses_after: tr.querySelector('.change-licenses-after').textContent,
+        has_email_license_before: tr.querySelector('.change-email-before').textContent,
+        has_email_license_after: tr.querySelector('.change-email-after').textContent}))""")
+    read = {"—": None, "Yes": True, "No": False}
+    return [{**row, **{k: read.get(row[k], row[k]) for k in ("licenses_before", "licenses_after",
+                                                              "has_email_license_before", "has_email_license_after")}}
+            for row in rows]
+
+
 def dialog_is_open(page: Page) -> bool:
     return page.evaluate("document.getElementById('users-dialog').open")
 
@@ -185,9 +204,12 @@ def as_of_text(page: Page) -> str:
 # -- data written for a test --------------------------------------------------------------
 
 def write_published(data_dir: Path, organizations: list[dict], users: dict[str, list[dict]],
-                    last_collected: str, coverage: dict[str, list[dict]] | None = None) -> dict[str, Any]:
-    """One published version as the export asset writes it: summary, users per org, six exports, and
-    backup coverage (rule 13) from ``coverage``'s rows per organization when given."""
+                    last_collected: str, coverage: dict[str, list[dict]] | None = None,
+                    nights: dict[str, dict[str, tuple[int, int]]] | None = None,
+                    changes: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """One published version as the export asset writes it: summary, users per org, six exports,
+    backup coverage (rule 13) from ``coverage``'s rows per organization when given, and kept nights
+    with their changes (rules 11 and 12, see ``write_nights``) when ``nights`` is given."""
     writer = VersionWriter(export_dir(data_dir))
     totals = {
         "total_organizations": len(organizations),
@@ -220,7 +242,8 @@ def write_published(data_dir: Path, organizations: list[dict], users: dict[str, 
              "last_collected": last_collected}), CONTENT_TYPES["json"])
     if coverage is not None:
         write_coverage(writer, organizations, coverage, last_collected)
-    writer.commit({"last_collected": last_collected, "totals": totals})
+    kept = write_nights(writer, nights, changes or {}) if nights is not None else {}
+    writer.commit({"last_collected": last_collected, "totals": totals, **kept})
     return summary
 
 
@@ -250,6 +273,33 @@ def write_coverage(writer: VersionWriter, organizations: list[dict], coverage: d
                                                      "totals": totals, "last_collected": last_collected}))
     writer.write_coverage(None, "csv", csv_bytes(COVERAGE_ORG_FIELDS,
                                                  [tuple(c[f] for f in COVERAGE_ORG_FIELDS) for c in counts]))
+
+
+def write_nights(writer: VersionWriter, nights: dict[str, dict[str, tuple[int, int]]],
+                 changes: dict[str, list[dict]]) -> dict[str, Any]:
+    """The history and changes files as the export step lays them out, from each night's counts
+    (date -> organization -> (ES, M365 licensed)) and the rule-12 rows from each night A to the last
+    (date -> rows; none when left out). Returns the manifest's entries for the nights."""
+    dates = sorted(nights)
+    kept = [{"date": day, "last_collected": f"{day}T23:00:00Z"} for day in dates]
+
+    def counts(day: str, names: list[str]) -> dict[str, Any]:
+        return {"date": day, "es_user_count": sum(nights[day][n][0] for n in names),
+                "m365_licensed_user_count": sum(nights[day][n][1] for n in names)}
+
+    history_organizations = {}
+    for fmt in ("json", "csv"):
+        writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(
+            None, [counts(day, list(nights[day])) for day in dates], fmt), CONTENT_TYPES[fmt])
+        for org in {name for day in dates for name in nights[day]}:
+            key = history_organizations[org] = file_key(org)
+            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(
+                org, [counts(day, [org]) for day in dates if org in nights[day]], fmt), CONTENT_TYPES[fmt])
+        for night in kept:
+            writer.write_bytes(f"changes:{fmt}:{night['date']}", f"changes/{night['date']}.{fmt}", changes_body(
+                night["last_collected"], kept[-1]["last_collected"], changes.get(night["date"], []), fmt),
+                CONTENT_TYPES[fmt])
+    return {"nights": kept, "history_organizations": history_organizations}
 
 
 def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:
@@ -667,3 +717,94 @@ def test_without_coverage_published_the_page_shows_no_coverage_and_still_works(c
     # The browser logs the coverage 404 itself; nothing else may go wrong.
     assert all("404" in message for message in seen.console_errors), seen.console_errors
     assert seen.page_errors == [] and seen.dialogs == [] and seen.csp_violations(page) == []
+
+
+# -- nights: the trend chart and the Changes view (docs/RULES.md, rules 11 and 12) ----------------
+# The real nights are in test_dashboard_nights.py; here, data written for the test.
+
+def change(org: str, upn: str, name: str, kind: str, before: tuple[str, bool] | None,
+           after: tuple[str, bool] | None, previous: str | None = None) -> dict[str, Any]:
+    """One rule-12 row, fields in the API's order."""
+    return {"organization_name": org, "previous_organization_name": previous, "user_principal_name": upn,
+            "display_name": name, "change": kind, "licenses_before": before and before[0],
+            "licenses_after": after and after[0], "has_email_license_before": before and before[1],
+            "has_email_license_after": after and after[1]}
+
+
+def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view(context, start_server, tmp_path):
+    data_dir = tmp_path / "data"
+    organizations, users = hostile_dataset()
+    tonight = {o["organization_name"]: (o["es_user_count"], o["m365_licensed_user_count"]) for o in organizations}
+    nights = {"2026-03-01": {HOSTILE_SCRIPT: (0, 1), HOSTILE_QUOTES: (1235, 12346)}, "2026-03-02": tonight}
+    rows = sorted([
+        change(HOSTILE_SCRIPT, "x@evil.example", "<img src=x onerror=alert(2)>", "moved",
+               ("<b>Bold</b>", False), ("Microsoft 365 Business Premium, <b>Bold</b>", True), previous=HOSTILE_QUOTES),
+        change(HOSTILE_SCRIPT, "gone@evil.example", "<script>alert(5)</script>", "removed", ("Office 365 E3", True),
+               None),
+        change(HOSTILE_CJK, "sato@test.example.jp", "佐藤 花子", "added", None, ("Microsoft 365 E5", True)),
+    ], key=lambda r: (rule9(r["organization_name"]), rule9(r["user_principal_name"])))
+    write_published(data_dir, organizations, users, iso_z(datetime.now(UTC)), hostile_coverage(users), nights=nights,
+                    changes={"2026-03-01": rows})
+    server = start_server(data_dir)
+    page, seen = open_dashboard(context, server.base_url)
+
+    expect(page.locator("#changes-table")).to_be_visible()
+    assert changes_shown(page) == rows
+    assert page.locator("#changes-org option").all_text_contents() == \
+        ["All organizations"] + sorted(tonight, key=rule9)
+    page.get_by_label("Organization", exact=True).select_option(HOSTILE_SCRIPT)  # the exact name, markup and all
+    expect(page.locator("#changes-rows tr")).to_have_count(2)
+    assert page.locator("#changes-rows .change-upn").all_text_contents() == ["gone@evil.example", "x@evil.example"]
+    expect(page.locator("#changes-summary")).to_contain_text(f"in {HOSTILE_SCRIPT} from the night of Mar 1, 2026")
+    assert page.locator("#changes img, #changes script, #changes b").count() == 0
+
+    org_button(page, HOSTILE_SCRIPT).click()
+    expect(page.locator("#trend-chart svg")).to_be_visible()
+    assert page.locator("#trend-chart svg > title").text_content() == f"{HOSTILE_SCRIPT}: users on 2 kept nights"
+    assert page.locator("#trend-caption").text_content() == \
+        f"{HOSTILE_SCRIPT}: ES and M365 licensed users on each kept night"
+    assert [row.split("\t") for row in page.locator("#trend-rows tr").all_inner_texts()] == \
+        [["Mar 1, 2026", "0", "1"], ["Mar 2, 2026", "1", "2"]]
+    assert page.locator("#users-dialog img, #users-dialog script, #trend-chart foreignObject").count() == 0
+    save_screenshot(page, "dashboard-trend-hostile-desktop.png")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(200)  # give a late script the chance to fire an alert
+    seen.assert_clean(page)
+
+
+def test_with_fewer_than_two_kept_nights_the_trend_and_changes_views_say_why(context, start_server, tmp_path,
+                                                                             session_server, published):
+    # No night kept (a version written without nights): nothing to chart or compare, and no request fails.
+    data_dir = tmp_path / "data"
+    organizations, users = hostile_dataset()
+    write_published(data_dir, organizations, users, iso_z(datetime.now(UTC)), hostile_coverage(users))
+    page, seen = open_dashboard(context, start_server(data_dir).base_url)
+    message = page.locator("#changes-message")
+    expect(message).to_have_text("No night is kept yet: changes appear once two nights have been published.")
+    expect(page.get_by_label("Since the night of")).to_be_hidden()
+    expect(page.get_by_role("link", name="Download changes CSV")).to_be_hidden()
+    org_button(page, HOSTILE_QUOTES).click()
+    expect(page.locator("#trend-note")).to_have_text(
+        "No kept night has this organization yet: its trend starts with its first published night.")
+    assert page.locator("#trend-chart svg").count() == 0 and page.locator("#trend-rows tr").count() == 0
+    expect(page.locator("#trend-legend")).to_be_hidden()
+    page.keyboard.press("Escape")
+    seen.assert_clean(page)
+
+    # One night kept (the shared published run): its numbers as one point, and no changes yet.
+    night = requests.get(session_server.base_url + "/api/m365/history", timeout=10).json()["history"]
+    assert len(night) == 1
+    day = datetime.strptime(night[0]["date"], "%Y-%m-%d")
+    label = f"{day:%b} {day.day}, {day.year}"
+    page, seen = open_dashboard(context, session_server.base_url)
+    expect(page.locator("#changes-message")).to_have_text(
+        f"Only one night is kept so far ({label}): changes appear after the next published night.")
+    org = max(published.truth["organizations"], key=lambda o: o["m365_licensed_user_count"])
+    org_button(page, org["organization_name"]).click()
+    expect(page.locator("#trend-note")).to_contain_text(f"Only one night is kept for this organization so far "
+                                                         f"({label})")
+    assert page.locator("#trend-rows tr").all_inner_texts() == \
+        [f"{label}\t{org['es_user_count']:,}\t{org['m365_licensed_user_count']:,}"]
+    assert page.locator("#trend-chart circle").count() == 2 and page.locator("#trend-chart polyline").count() == 0
+    page.keyboard.press("Escape")
+    seen.assert_clean(page)

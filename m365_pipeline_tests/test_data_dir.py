@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, materialize
 
-from m365_pipeline.resources import PublishPolicy
-from m365_pipeline.resources.warehouse import WarehouseResource
 from m365_pipeline.settings import DUCKDB_FILE, DataDirError, prepare_data_dir
 
 from .helpers import BIN, all_definitions, make_resources
@@ -91,11 +89,9 @@ def test_m365_serve_refuses_a_data_dir_that_does_not_exist(tmp_path, unused_port
     assert not typo.exists()
 
 
-def _run_with_warehouse(simulator, data_dir: Path, scratch: Path, instance: DagsterInstance | None = None):
-    """The whole graph with the product's WarehouseResource (the other helpers make the directory first)."""
-    resources = {**make_resources(simulator, scratch / "unused" / DUCKDB_FILE),
-                 "duckdb": WarehouseResource(database=str(data_dir / DUCKDB_FILE)),
-                 "publish_policy": PublishPolicy()}
+def _run_with_warehouse(simulator, data_dir: Path, instance: DagsterInstance | None = None):
+    """The whole graph with the code location's resources, which check (and make) the data directory."""
+    resources = make_resources(simulator, data_dir / DUCKDB_FILE)
     return materialize(all_definitions(), resources=resources, raise_on_error=False,
                        instance=instance or DagsterInstance.ephemeral())
 
@@ -103,7 +99,7 @@ def _run_with_warehouse(simulator, data_dir: Path, scratch: Path, instance: Dags
 def test_a_run_into_a_mistyped_data_dir_fails_at_its_start_naming_the_variable(simulator, tmp_path):
     typo = tmp_path / "typo" / "data"
     started = time.monotonic()
-    result = _run_with_warehouse(simulator, typo, tmp_path)
+    result = _run_with_warehouse(simulator, typo)
     assert not result.success and time.monotonic() - started < 30
     errors = [error.to_string() for event in result.all_events
               if (error := getattr(event.event_specific_data, "error", None))]
@@ -116,8 +112,8 @@ def test_a_run_into_a_mistyped_data_dir_fails_at_its_start_naming_the_variable(s
 def test_a_first_run_into_an_empty_data_dir_says_so_in_the_run_log(simulator, tmp_path):
     data = tmp_path / "data"
     instance = DagsterInstance.ephemeral()
-    first = _run_with_warehouse(simulator, data, tmp_path, instance)
-    second = _run_with_warehouse(simulator, data, tmp_path, instance)
+    first = _run_with_warehouse(simulator, data, instance)
+    second = _run_with_warehouse(simulator, data, instance)
     assert first.success and second.success
 
     def run_log(result) -> str:

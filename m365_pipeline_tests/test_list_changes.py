@@ -99,3 +99,81 @@ def test_saas_pages_hand_each_page_and_its_total_to_the_list_read():
     listing = ListRead()
     list(saas_pages(bodies.__getitem__, lambda n: Endpoint("S", "/users", n), listing))
     assert listing.keys == {"a", "b", "c"} and listing.totals == [3] and listing.problem() is None
+
+
+# -- source B: no totals, so pages overlap (paging.next_window) and a shifted list is read again ------------
+
+def _meta(result, node: str) -> dict:
+    return {key: value.value for key, value in result.asset_materializations_for_node(node)[0].metadata.items()}
+
+
+@pytest.mark.slow
+def test_a_mailbox_deleted_after_page_1_of_its_tenant_shifts_later_pages_and_the_list_is_read_again_losing_no_one(
+        start_simulator, tmp_path):
+    sim = start_simulator(seed=13, delete_backup_account="after_first_page", **SIZE)
+    data_dir = tmp_path / "data"
+    result = run_pipeline(sim, data_dir, backup={"per_page": 3})  # the largest tenant spans several pages
+    assert sim.stats()["faults"].get("delete_backup_account") == 1
+    assert result.success
+    assert _meta(result, "raw__backup_accounts")["lists_read_again"] == 1
+    owner, tenant = sim.dataset.largest_m365_tenant()
+    served = [a["upn"] for a in sim.dataset.backup_accounts(owner.id, tenant.id)]  # without the deleted one
+    db = data_dir / "m365.duckdb"
+    landed = [row[0] for row in query(db, "SELECT upn FROM raw.backup_accounts WHERE tenant_id = ? ORDER BY rowid",
+                                      [str(tenant.id)])]
+    assert sorted(landed) == sorted(served), "a mailbox was skipped or doubled, or the deleted one kept"
+    truth = ground_truth(sim.dataset)
+    assert query(db, "SELECT count(*) FROM raw.backup_accounts")[0][0] == truth["raw_counts"]["backup_accounts"]
+    assert _summary(db) == _expected(truth)
+
+
+def _with_empty(rows: list[tuple], name: str) -> list[tuple]:
+    """``rows`` plus an organization listed with no users, in rule 9's order."""
+    return sorted([*rows, (name, 0, 0)], key=lambda row: (row[0].lower(), row[0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("moment", "node"), [
+    ("after_detail", "raw__backup_tenants"),  # not listed any more when its tenants are read
+    ("at_tenants", "raw__backup_tenants"),  # listed, then its tenants answer 404
+])
+def test_an_owner_deleted_after_its_organization_was_read_is_gone_with_a_warning_not_a_failed_night(
+        start_simulator, tmp_path, moment, node):
+    sim = start_simulator(seed=14, delete_backup_owner=moment, **SIZE)
+    deleted = sim.dataset.listed_owners()[0]
+    data_dir = tmp_path / "data"
+    result = run_pipeline(sim, data_dir)
+    assert result.success
+    assert sim.stats()["faults"].get("delete_backup_owner") == 1
+    assert _meta(result, node)["deleted_during_pull"] == 1
+    db = data_dir / "m365.duckdb"
+    assert query(db, "SELECT count(*) FROM raw.backup_tenants WHERE owner_id = ?", [deleted.id])[0][0] == 0
+    truth = ground_truth(sim.dataset)  # the vendor without the owner
+    # Its organization was listed when the night started: it stays on the list, with no users.
+    assert _summary(db) == _with_empty(_expected(truth), deleted.name)
+
+
+@pytest.mark.slow
+def test_an_owner_deleted_before_its_mailboxes_were_read_is_gone_with_a_warning_not_a_failed_night(
+        start_simulator, tmp_path):
+    sim = start_simulator(seed=15, delete_backup_owner="at_accounts", **SIZE)
+    deleted = sim.dataset.listed_owners()[0]
+    data_dir = tmp_path / "data"
+    result = run_pipeline(sim, data_dir)
+    assert result.success
+    assert _meta(result, "raw__backup_accounts")["deleted_during_pull"] == len(deleted.tenants)
+    db = data_dir / "m365.duckdb"
+    assert query(db, "SELECT count(*) FROM raw.backup_accounts WHERE owner_id = ?", [deleted.id])[0][0] == 0
+    # Its tenants were read before it went, so its domains still count for rule 3 that night: the expected
+    # numbers are the contract applied to the vendor as the night read it.
+    assert _summary(db) == _expected(ground_truth(_as_read_before_mailboxes(sim.dataset, deleted)))
+
+
+def _as_read_before_mailboxes(ds, owner):
+    """``ds`` as a pull saw it when ``owner`` was deleted after its tenants were listed: the owner and its
+    tenants there, its mailboxes not (the public iterators the ground truth reads, overridden on the instance)."""
+    listed, tenants, accounts = ds.listed_owners(), ds.backup_tenants, ds.backup_accounts
+    ds.backup_owners = lambda: (ds.owner_record(o, full=True) for o in ds.owners if o in listed or o is owner)
+    ds.backup_tenants = lambda owner_id: iter(ds.tenant_records(owner)) if owner_id == owner.id else tenants(owner_id)
+    ds.backup_accounts = lambda owner_id, tenant_id: iter(()) if owner_id == owner.id else accounts(owner_id, tenant_id)
+    return ds

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
@@ -241,6 +242,25 @@ def test_history_and_changes_revalidate_and_gzip_like_the_documented_endpoints(n
             assert gzip.decompress(raw) == first.content
         else:
             assert len(first.content) < 1024 and raw == first.content
+
+
+def test_a_night_killed_between_its_duckdb_commit_and_its_swap_is_forgotten_by_the_next_night(tmp_path):
+    """Rule 11: only published nights count, even when the run dies after recording one."""
+    data_dir = tmp_path / "data"
+    first, killed, third = ("2026-02-01", (6, 12)), ("2026-02-02", (7, 12)), ("2026-02-03", (6, 11))
+    for (day, shape), crash in ((first, None), (killed, "publish-swap"), (third, None)):
+        with Simulator(config(shape), host="127.0.0.1", port=0) as sim:
+            assert run_pipeline_at(sim, data_dir, f"{day} 23:00:00", crash_at=crash) is (crash is None), day
+    db = data_dir / DUCKDB_FILE
+    assert query(db, "SELECT strftime(collection_date, '%Y-%m-%d') FROM marts.nights ORDER BY 1") == \
+        [(first[0],), (third[0],)]
+    # The killed night's users are not kept: on its date the first night's still hold.
+    assert {r["user_principal_name"]: r for r in dicts(db, "SELECT * FROM marts.published_users_on($1::DATE)",
+                                                       [killed[0]])} == published(first[1])
+    sql = f"SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1::DATE, $2::DATE)"
+    assert dicts(db, sql, [first[0], third[0]]) == expected_changes(published(first[1]), published(third[1]))
+    served = published_manifest(export_dir(data_dir))
+    assert [n["date"] for n in served["nights"]] == [first[0], third[0]]
 
 
 # -- the simulator's evolving nights (SimulatorConfig.night) ----------------------------------------

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from m365_pipeline.landing import is_secret_field, snake_case, without_secrets
-from m365_pipeline.resources.http import Endpoint, MalformedResponseError
-from m365_pipeline.resources.paging import backup_pages, require_fields, saas_pages
+from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError
+from m365_pipeline.resources.paging import (
+    ListShiftedError,
+    backup_pages,
+    next_window,
+    read_again_if_shifted,
+    require_fields,
+    saas_pages,
+)
 
 
 def _where(page: int) -> Endpoint:
@@ -50,30 +57,118 @@ def test_saas_paging_rejects_a_missing_or_odd_total_pages(bad):
         list(saas_pages(fetch, _where))
 
 
+def _backup_where(page: int, per_page: int) -> Endpoint:
+    return Endpoint("source X", "/things", page)
+
+
 def _backup_fetcher(pages: dict[int, dict]):
     calls: list[int] = []
 
-    def fetch(page: int) -> dict:
+    def fetch(page: int, per_page: int) -> dict:
         calls.append(page)
         return pages[page]
     return fetch, calls
 
 
-def test_backup_paging_follows_next_page_until_it_is_absent():
+def test_backup_paging_follows_next_page_until_it_is_absent_and_a_short_page_is_not_the_end():
     pages = {
-        1: {"pagination": {"current_page": 1, "per_page": 2, "next_page": 2}, "data": [1, 2]},
-        2: {"pagination": {"current_page": 2, "per_page": 1, "next_page": 3, "prev_page": 1}, "data": [3]},
-        3: {"pagination": {"current_page": 3, "per_page": 2, "prev_page": 2}, "data": [4, 5]},
+        1: {"pagination": {"current_page": 1, "per_page": 3, "next_page": 2}, "data": [1, 2]},
+        2: {"pagination": {"current_page": 2, "per_page": 3, "next_page": 3, "prev_page": 1}, "data": [3]},
+        3: {"pagination": {"current_page": 3, "per_page": 3, "prev_page": 2}, "data": [4, 5, 6]},
     }
     fetch, calls = _backup_fetcher(pages)
-    assert [x for _, data in backup_pages(fetch, _where) for x in data] == [1, 2, 3, 4, 5]
+    assert [x for _, data in backup_pages(fetch, _backup_where, 3) for x in data] == [1, 2, 3, 4, 5, 6]
     assert calls == [1, 2, 3]
+
+
+class _PagedList:
+    """A list served as source B pages it (page n of size p holds positions (n-1)*p to n*p - 1, next_page
+    only when more follow); ``changes`` maps a call number to an edit made right after that call was answered."""
+
+    def __init__(self, n: int, changes: dict | None = None):
+        self.records = [{"id": i} for i in range(n)]
+        self.changes = changes or {}
+        self.calls: list[tuple[int, int]] = []
+
+    def fetch(self, page: int, per_page: int) -> dict:
+        self.calls.append((page, per_page))
+        start = (page - 1) * per_page
+        data = self.records[start:start + per_page]
+        pagination = {"current_page": page, "per_page": per_page if data else 0}
+        if start + per_page < len(self.records):
+            pagination["next_page"] = page + 1
+        if len(self.calls) in self.changes:
+            self.changes[len(self.calls)](self.records)
+        return {"pagination": pagination, "data": data}
+
+    def read(self, per_page: int) -> list:
+        return [r["id"] for _, data in backup_pages(self.fetch, _backup_where, per_page) for r in data]
+
+
+@pytest.mark.parametrize("per_page", [100, 7, 3, 2, 1])
+@pytest.mark.parametrize("n", [0, 1, 2, 6, 7, 99, 100, 101, 250, 1203])
+def test_backup_paging_reads_every_record_exactly_once_through_overlapping_pages(n, per_page):
+    vendor = _PagedList(n)
+    assert vendor.read(per_page) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [1, 50, 100])
+def test_a_source_b_list_of_one_page_costs_one_call(n):
+    vendor = _PagedList(n)
+    vendor.read(100)
+    assert vendor.calls == [(1, 100)]
+
+
+@pytest.mark.parametrize("per_page", [100, 7, 2, 1])
+@pytest.mark.parametrize(("edit", "what"), [
+    (lambda records: records.pop(0), "a record deleted before the next page"),
+    (lambda records: records.insert(0, {"id": "new"}), "a record added before the next page"),
+])
+def test_a_source_b_list_that_shifts_while_paged_is_caught_before_a_record_is_skipped_or_doubled(per_page, edit,
+                                                                                                    what):
+    vendor = _PagedList(3 * per_page + 1, changes={1: edit})
+    with pytest.raises(ListShiftedError, match="changed while it was paged"):
+        vendor.read(per_page)
+
+
+def test_a_record_deleted_after_the_pager_passed_it_changes_nothing_before_the_next_page():
+    vendor = _PagedList(250, changes={1: lambda records: records.pop(200)})  # not read yet: no shift seen
+    assert vendor.read(100) == [i for i in range(250) if i != 200]
+
+
+def test_a_shifted_source_b_list_is_read_again_until_a_read_is_clean_then_fails_clearly():
+    vendor = _PagedList(250, changes={1: lambda records: records.pop(0)})
+    noted: list[str] = []
+    assert read_again_if_shifted(lambda: vendor.read(100), noted.append) == list(range(1, 250))
+    assert len(noted) == 1 and "/things" in noted[0]
+
+    restless = _PagedList(250, changes={k: (lambda records: records.pop(0)) for k in range(1, 100, 2)})
+    with pytest.raises(VendorUnavailableError, match="kept changing, 4 reads in a row"):
+        read_again_if_shifted(lambda: restless.read(100), noted.append)
+
+
+@pytest.mark.parametrize(("end", "per_page", "window"), [
+    (0, 100, (1, 100, 0)),  # the first page
+    (100, 100, (2, 99, 1)),  # positions 99-197: one record read again
+    (198, 100, (3, 98, 2)),
+    (2, 2, (2, 2, 0)),  # no size overlaps: the boundary record is checked alone
+    (1, 1, (2, 1, 0)),
+])
+def test_the_next_source_b_page_overlaps_the_records_already_read(end, per_page, window):
+    assert next_window(end, per_page) == window
+
+
+@pytest.mark.parametrize("end", range(1, 5000, 37))
+def test_every_next_page_starts_inside_what_was_read_and_moves_past_it(end):
+    page, size, overlap = next_window(end, 100)
+    start = (page - 1) * size
+    assert overlap >= 1 and start == end - overlap and start + size > end and size - overlap >= 50
 
 
 def test_backup_paging_treats_empty_page_with_per_page_zero_as_normal_end():
     pages = {1: {"pagination": {"current_page": 1, "per_page": 0}, "data": []}}
     fetch, calls = _backup_fetcher(pages)
-    assert list(backup_pages(fetch, _where)) == [(1, [])]
+    assert [data for _, data in backup_pages(fetch, _backup_where, 2)] == [[]]
     assert calls == [1]
 
 
@@ -82,13 +177,13 @@ def test_backup_paging_refuses_a_next_page_that_does_not_move_forward(next_page)
     pages = {1: {"pagination": {"current_page": 1, "next_page": next_page}, "data": [1]}}
     fetch, _ = _backup_fetcher(pages)
     with pytest.raises(MalformedResponseError, match="does not move forward"):
-        list(backup_pages(fetch, _where))
+        list(backup_pages(fetch, _backup_where, 2))
 
 
 @pytest.mark.parametrize("body", [[], {"data": "x", "pagination": {}}, {"data": []}, "oops"])
 def test_backup_paging_names_endpoint_and_page_of_a_malformed_body(body):
     with pytest.raises(MalformedResponseError, match=r"source X GET /things \(page 1\)"):
-        list(backup_pages(lambda page: body, _where))
+        list(backup_pages(lambda page, per_page: body, _backup_where, 2))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The shipped production setup, for real: PostgreSQL, dagster-daemon and dagster-webserver on
-deploy/dagster.yaml, the 23:00 schedule firing, a second run waiting in the queue, a re-execution
-and the schedule switched off and on from the webserver's API, all reaching the daemon."""
+deploy/dagster.yaml. The schedule switched off from the webserver's API lets a 23:00 pass, switched on
+it fires at the next; a second run waits in the queue; a re-execution runs; a failed night sends one
+alert to a webhook on 127.0.0.1, without a token."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,9 @@ import requests
 
 from m365_pipeline.definitions import NIGHTLY_JOB, NIGHTLY_SCHEDULE
 from m365_pipeline.processes import free_port, wait_for_port
+from m365_pipeline.simulator import FaultConfig, Simulator
 
-from .helpers import BIN
+from .helpers import BIN, Receiver
 from .test_unattended import ROOT, cli_env
 
 pytestmark = pytest.mark.slow  # PostgreSQL, two Dagster services, and waits for a real schedule tick
@@ -62,18 +65,26 @@ def postgres() -> Iterator[dict[str, str]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def zone_where_2300_is_soon(directory: Path, lead_s: int = 75) -> tuple[str, str]:
-    """A time zone (compiled with zic into ``directory``) whose 23:00 is about ``lead_s`` seconds away.
+def zone_where_2300_comes_twice(directory: Path, lead_s: int = 120) -> tuple[str, str, datetime, datetime]:
+    """A time zone (compiled with zic into ``directory``) whose 23:00 is about ``lead_s`` seconds away and
+    comes again a minute later; returns (zone, PYTHONTZPATH, first 23:00, second 23:00) in UTC.
 
     Real zones put 23:00 only at whole quarter hours of UTC; this one is a fixed offset, whole minutes.
+    Half a minute after the first 23:00 it skips a day less one minute, as Samoa skipped 30 December
+    2011, so the next day's 23:00 is one minute after the first: two real schedule ticks in a test.
     """
-    fire = (datetime.now(UTC) + timedelta(seconds=lead_s + 60)).replace(second=0, microsecond=0)
-    offset = (23 * 60 - (fire.hour * 60 + fire.minute)) % 1440
-    offset = offset - 1440 if offset > 720 else offset
-    sign = "-" if offset < 0 else ""
-    (directory / "src").write_text(f"Zone M365Test/Soon {sign}{abs(offset) // 60}:{abs(offset) % 60:02d} - TST\n")
+    first = (datetime.now(UTC) + timedelta(seconds=lead_s + 60)).replace(second=0, microsecond=0)
+    before = (23 * 60 - (first.hour * 60 + first.minute)) % 1440 - 1440  # minutes; (-24 h, 0]: room to jump
+    after = before + 1440 - 1
+
+    def hours(minutes: int) -> str:
+        return f"{'-' if minutes < 0 else ''}{abs(minutes) // 60}:{abs(minutes) % 60:02d}"
+
+    jump = first + timedelta(seconds=30)
+    (directory / "src").write_text(f"Zone M365Test/Soon {hours(before)} - TST {jump:%Y %b %d %H:%M:%S}u\n"
+                                   f"\t\t\t{hours(after)} - TSU\n")
     subprocess.run(["zic", "-d", str(directory / "zones"), str(directory / "src")], check=True, timeout=30)
-    return "M365Test/Soon", f"{directory / 'zones'}:/usr/share/zoneinfo"
+    return "M365Test/Soon", f"{directory / 'zones'}:/usr/share/zoneinfo", first, first + timedelta(minutes=1)
 
 
 class Dagit:
@@ -94,6 +105,13 @@ class Dagit:
     def runs(self) -> list[dict[str, Any]]:
         return self("""{ runsOrError { ... on Runs { results { runId status
                          tags { key value } } } } }""")["runsOrError"]["results"]
+
+    def launch(self) -> str:
+        launched = self("""mutation ($p: ExecutionParams!) { launchRun(executionParams: $p) {
+                            __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+                        p={"selector": JOB, "mode": "default"})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        return launched["run"]["runId"]
 
     def schedule(self) -> dict[str, Any]:
         return self("""query ($s: ScheduleSelector!) { scheduleOrError(scheduleSelector: $s) {
@@ -125,20 +143,33 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.mark.timeout(900)  # bounded: ~2 min to the tick, then three short runs and a few CLI calls
-def test_production_setup_on_postgresql_schedule_queue_reexecution_and_schedule_toggle(
+def tag(run: dict[str, Any], key: str) -> str | None:
+    return next((t["value"] for t in run["tags"] if t["key"] == key), None)
+
+
+def finished(api: Dagit, run_id: str, timeout: float = 300) -> str:
+    return wait_until(f"run {run_id} to finish", lambda: api.run(run_id)["status"] in ("SUCCESS", "FAILURE", "CANCELED")
+                      and api.run(run_id)["status"], timeout)
+
+
+@pytest.mark.timeout(900)  # bounded: ~3 min to the ticks, then five short runs
+def test_production_setup_on_postgresql_schedule_toggle_queue_reexecution_and_alerts(
         postgres, start_simulator, tmp_path):
     # Source S's user list answers after 15 s (the first two times), so each run lasts a while.
     sim = start_simulator(orgs=4, users_per_org=6, seed=9, slow_match=r"/users\?page_size", slow_ms=15_000)
-    zone, tzpath = zone_where_2300_is_soon(tmp_path)
-    env = cli_env(tmp_path, sim, **postgres, M365_SCHEDULE_TIMEZONE=zone, PYTHONTZPATH=tzpath)
-    shutil.copy(ROOT / "deploy" / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml")
+    hook = Receiver()
+    zone, tzpath, first_2300, second_2300 = zone_where_2300_comes_twice(tmp_path)
     port = free_port()
+    ui = f"http://127.0.0.1:{port}"
+    env = cli_env(tmp_path, sim, **postgres, M365_SCHEDULE_TIMEZONE=zone, PYTHONTZPATH=tzpath,
+                  M365_ALERT_WEBHOOK_URL=hook.url, M365_DAGSTER_UI_URL=ui)
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml")
     logs = {name: tmp_path / f"{name}.log" for name in ("daemon", "webserver")}
     commands = {"daemon": [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
                 "webserver": [str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1",
                               "-p", str(port)]}
     procs: dict[str, subprocess.Popen] = {}
+    rejecting: Simulator | None = None
     try:
         for name, command in commands.items():  # as the units in deploy/ start them
             with logs[name].open("w") as out:
@@ -148,51 +179,74 @@ def test_production_setup_on_postgresql_schedule_queue_reexecution_and_schedule_
         api = Dagit(port)
         wait_until("the webserver to load the code location", lambda: "scheduleState" in api.schedule(), 120)
 
-        # 1. The 23:00 schedule fires (in the zone whose 23:00 is now) and its run starts.
+        # 1. The schedule switched off in the UI does not fire at 23:00; switched on again, it fires at the
+        #    next 23:00: the daemon acts on the state the webserver set (one location name, one instance).
+        state = api.schedule()["scheduleState"]
+
+        def stop_schedule() -> bool:  # retried: the daemon may be storing the schedule's state at this moment
+            stopped = api("""mutation ($id: String) { stopRunningSchedule(id: $id) { __typename
+                               ... on ScheduleStateResult { scheduleState { status } }
+                               ... on PythonError { message } } }""", id=state["id"])["stopRunningSchedule"]
+            return stopped.get("scheduleState", {}).get("status") == "STOPPED"
+        wait_until("the schedule to stop", stop_schedule, 30, every=2)
+        assert datetime.now(UTC) < first_2300 - timedelta(seconds=5), "the services took too long to start"
+        time.sleep(max(0.0, (first_2300 - datetime.now(UTC)).total_seconds()) + 2)
+        started = api("""mutation ($s: ScheduleSelector!) { startSchedule(scheduleSelector: $s) { __typename
+                           ... on ScheduleStateResult { scheduleState { status } } } }""", s=SCHEDULE)
+        assert started["startSchedule"]["scheduleState"]["status"] == "RUNNING", started
+
         def scheduled() -> dict | None:
-            return next((run for run in api.runs() if {"key": "dagster/schedule_name", "value": NIGHTLY_SCHEDULE}
-                         in run["tags"] and run["status"] == "STARTED"), None)
-        first = wait_until("the scheduled run to start", scheduled, 240)
+            return next((run for run in api.runs() if tag(run, "dagster/schedule_name") == NIGHTLY_SCHEDULE
+                         and run["status"] == "STARTED"), None)
+        first = wait_until("the re-enabled schedule's run to start", scheduled, 240)
 
         # 2. A second run launched through the webserver while it runs waits in the queue, then succeeds.
-        launched = api("""mutation ($p: ExecutionParams!) { launchRun(executionParams: $p) {
-                            __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-                       p={"selector": JOB, "mode": "default"})["launchRun"]
-        second = launched["run"]["runId"]
+        second = api.launch()
         time.sleep(5)
         assert api.run(first["runId"])["status"] == "STARTED"
         assert api.run(second)["status"] == "QUEUED", "a second run started alongside the first"
         for run_id in (first["runId"], second):
-            status = wait_until(f"run {run_id} to finish",
-                                lambda r=run_id: api.run(r)["status"] in ("SUCCESS", "FAILURE", "CANCELED")
-                                and api.run(r)["status"], 300)
-            assert status == "SUCCESS", (run_id, logs["daemon"].read_text()[-3000:])
+            assert finished(api, run_id) == "SUCCESS", (run_id, logs["daemon"].read_text()[-3000:])
 
         # 3. Re-executing the scheduled run from the UI's API works under the one location name.
         again = api("""mutation ($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
                          __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
                     p={"parentRunId": first["runId"], "strategy": "ALL_STEPS"})["launchRunReexecution"]
         assert again["__typename"] == "LaunchRunSuccess", again
-        rerun = again["run"]["runId"]
-        wait_until("the re-execution to succeed", lambda: api.run(rerun)["status"] == "SUCCESS", 300)
+        assert finished(api, again["run"]["runId"]) == "SUCCESS"
 
-        # 4. The schedule switched off and on in the UI: the daemon's view of the instance (the same
-        #    workspace.yaml, so the same location name and schedule state) follows.
-        def daemon_sees(status: str) -> bool:
-            listed = subprocess.run([str(BIN / "dagster"), "schedule", "list", "-w", "workspace.yaml",
-                                     f"--{status}", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                    timeout=120, check=False)
-            return NIGHTLY_SCHEDULE in listed.stdout
+        # Only the second 23:00 ticked: the stopped schedule let the first one pass.
+        ticks = api("""query ($s: ScheduleSelector!) { scheduleOrError(scheduleSelector: $s) { ... on Schedule {
+                         scheduleState { ticks { timestamp status runIds } } } } }""",
+                    s=SCHEDULE)["scheduleOrError"]["scheduleState"]["ticks"]
+        assert [(datetime.fromtimestamp(t["timestamp"], UTC), t["runIds"]) for t in ticks] == \
+            [(second_2300, [first["runId"]])], ticks
 
-        state = api.schedule()["scheduleState"]
-        stopped = api("""mutation ($id: String) { stopRunningSchedule(id: $id) { __typename
-                           ... on ScheduleStateResult { scheduleState { status } } } }""", id=state["id"])
-        assert stopped["stopRunningSchedule"]["scheduleState"]["status"] == "STOPPED", stopped
-        assert daemon_sees("stopped") and not daemon_sees("running")
-        started = api("""mutation ($s: ScheduleSelector!) { startSchedule(scheduleSelector: $s) { __typename
-                           ... on ScheduleStateResult { scheduleState { status } } } }""", s=SCHEDULE)
-        assert started["startSchedule"]["scheduleState"]["status"] == "RUNNING", started
-        assert daemon_sees("running")
+        # 4. A failed night (the vendor now rejects our source S token) sends one alert, from the daemon's
+        #    sensor on PostgreSQL storage; the good nights above sent none.
+        assert hook.messages() == []
+        vendor_port = sim.port
+        sim.stop()
+        rejecting = Simulator(replace(sim.config, saas_token="rotated-at-the-vendor", faults=FaultConfig()),
+                              port=vendor_port).start()
+        failed = api.launch()
+        assert finished(api, failed) == "FAILURE"
+        messages = hook.wait_for(1, timeout=180)
+        time.sleep(35)  # one more sensor interval, and the run retry's outcome: nothing else may arrive
+        messages = hook.messages()
+        assert [m["kind"] for m in messages] == ["failed"], messages
+        alert = messages[0]
+        retried = {run["runId"] for run in api.runs() if run["runId"] == failed
+                   or tag(run, "dagster/parent_run_id") == failed}
+        assert alert["run_id"] in retried and alert["step"] == "raw__saas_users", alert
+        assert alert["link"] == f"{ui}/runs/{alert['run_id']}"
+        raw = b"".join(hook.bodies).decode()
+        for token in (sim.config.saas_token, sim.config.reseller_token, sim.config.admin_token,
+                      rejecting.config.saas_token):
+            assert token not in raw
     finally:
         for proc in procs.values():
             stop(proc)
+        if rejecting is not None:
+            rejecting.stop()
+        hook.server.shutdown()

@@ -12,7 +12,7 @@ from dagster import DagsterInstance, materialize
 from m365_pipeline.assets.raw import raw_assets
 from m365_pipeline.publishing import CURRENT, export_dir
 from m365_pipeline.raw_tables import RAW_TABLES
-from m365_pipeline.settings import DUCKDB_FILE
+from m365_pipeline.settings import DUCKDB_FILE, STAGING_DIR
 from m365_pipeline.simulator import Simulator
 
 from .helpers import BIN, make_resources, query
@@ -172,7 +172,7 @@ def test_a_failed_pull_leaves_the_previous_raw_table_in_place(start_simulator, d
     broken = start_simulator(seed=3, missing_field_match=r"/v1/users\?")
     assert not _run(make_resources(broken, db_path)).success
     assert query(db_path, "SELECT count(*), min(collected_at) FROM raw.saas_users")[0] == before
-    assert not list((db_path.parent / ".staging").glob("*.jsonl")), "staging files must be cleaned up"
+    assert not list((db_path.parent / STAGING_DIR).glob("*.jsonl")), "staging files must be cleaned up"
 
 
 def test_an_unconfigured_source_is_skipped_and_its_tables_are_emptied(simulator, db_path):

@@ -19,7 +19,7 @@ import requests
 from m365_pipeline.crashpoints import POINTS
 from m365_pipeline.processes import free_port
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
-from m365_pipeline.settings import ANALYTICS_FILE
+from m365_pipeline.settings import ANALYTICS_FILE, STAGING_DIR
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 
 from .helpers import BIN, run_pipeline
@@ -71,7 +71,7 @@ def failure_text(result) -> str:
 
 
 def assert_no_leftovers(data_dir: Path) -> None:
-    assert not list((data_dir / ".staging").glob("*.jsonl")), "staging files left behind"
+    assert not list((data_dir / STAGING_DIR).glob("*.jsonl")), "staging files left behind"
     versions = export_dir(data_dir) / VERSIONS
     unfinished = [v.name for v in versions.iterdir() if not (v / MANIFEST).exists()]
     assert not unfinished, f"unfinished versions left behind: {unfinished}"

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -103,3 +104,20 @@ def test_a_departed_customer_is_not_served_by_id_either():
     listed = {o.id for o in ds.listed_owners()}
     gone = [o for o in ds.owners if o.id not in listed]
     assert len(gone) == 1 and ds.owner(gone[0].id) is None
+
+
+def test_the_bench_churn_divisor_spreads_the_changes_over_more_nights():
+    """bench/nights.py's knob: a divisor of 1 is the served data; N changes about N times fewer users a night."""
+    assert ground_truth(replace(config(5), churn_divisor=1)) == ground_truth(config(5))
+    wide, divisor = SimulatorConfig(orgs=30, users_per_org=20, seed=SEED, faults=FaultConfig()), 4
+
+    def changed(churn_divisor: int) -> int:
+        nights = [ground_truth(replace(wide, night=n, churn_divisor=churn_divisor)) for n in range(1, 8)]
+        flat = [{u["user_principal_name"]: {**u, "organization_name": org}
+                 for org, users in truth["users"].items() for u in users} for truth in nights]
+        return sum(len(expected_changes(a, b)) for a, b in zip(flat, flat[1:], strict=False))
+
+    served, slowed = changed(1), changed(divisor)
+    assert 0 < slowed < served / (divisor / 2), (served, slowed)
+    with pytest.raises(ValueError, match="churn_divisor"):
+        SimulatorConfig(churn_divisor=0)

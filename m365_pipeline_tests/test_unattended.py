@@ -237,3 +237,18 @@ def test_shipped_and_dev_instances_queue_runs_one_at_a_time_under_the_one_code_l
     for unit in ("m365-dagster-webserver.service", "m365-dagster-daemon.service"):
         exec_start = re.search(r"^ExecStart=(.*)$", (ROOT / "deploy" / unit).read_text(), re.M)[1]
         assert " -w workspace.yaml" in exec_start, unit  # both load the location under that one name
+
+
+def test_the_make_dev_instance_loads_with_the_shipped_run_monitoring_so_a_dead_run_cannot_block_the_schedule(
+        tmp_path):
+    from dagster import DagsterInstance
+
+    from m365_pipeline.demo import prepare_environment
+
+    env = prepare_environment(tmp_path)  # what `make dev` does when DAGSTER_HOME is unset
+    shipped = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())["run_monitoring"]
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:  # loads and validates it, as dagster dev does
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_max_runtime_seconds == shipped["max_runtime_seconds"]
+        assert instance.run_monitoring_start_timeout_seconds == shipped["start_timeout_seconds"]
+        assert instance.get_concurrency_config().run_queue_config.tag_concurrency_limits == ONE_RUN_PER_LOCATION

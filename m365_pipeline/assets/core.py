@@ -4,7 +4,6 @@ Every transform is one set-based SQL statement in DuckDB (``m365_pipeline/sql``)
 Python only wires them to Dagster and reports what they found.
 """
 
-import pandas as pd
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
@@ -28,7 +27,7 @@ from m365_pipeline.duckdb_helpers import (
     table_result,
     table_schema,
 )
-from m365_pipeline.license_rules import default_rules_path, load_rules
+from m365_pipeline.license_rules import default_rules_path, load_rules, register_rules
 from m365_pipeline.raw_tables import RAW_TABLES
 
 GROUP = "core"
@@ -86,10 +85,8 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
     rules = load_rules(path)
     with duckdb.get_connection() as conn:
         ensure_schema(conn, "core")
-        frame = pd.DataFrame([rule.as_row() for rule in rules])
-        conn.register("rules_frame", frame)
+        register_rules(conn, rules)
         run_sql(conn, "core_license_rules.sql")
-        conn.unregister("rules_frame")
         return table_result(conn, "core.license_rules", rules_file=MetadataValue.path(str(path)))
 
 

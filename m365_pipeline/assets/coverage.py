@@ -27,6 +27,7 @@ from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     markdown_preview,
+    rows_by_first_column,
     run_sql,
     table_metadata,
     table_result,
@@ -212,20 +213,9 @@ def _write_organization(writer: VersionWriter, name: str, rows: list[tuple]) -> 
 
 def _rows_by_organization(conn: Any) -> Iterator[tuple[str, list[tuple]]]:
     """Each organization's rows in rule 9's order, one organization in memory at a time."""
-    cursor = conn.execute(f"""
+    return rows_by_first_column(conn.execute(f"""
         SELECT organization_name, {', '.join(COVERAGE_USER_FIELDS)} FROM core.backup_coverage
-        ORDER BY organization_name, lower(user_principal_name), user_principal_name""")
-    current: str | None = None
-    rows: list[tuple] = []
-    while batch := cursor.fetchmany(50_000):
-        for organization, *fields in batch:
-            if organization != current:
-                if current is not None:
-                    yield current, rows
-                current, rows = organization, []
-            rows.append(tuple(fields))
-    if current is not None:
-        yield current, rows
+        ORDER BY organization_name, lower(user_principal_name), user_principal_name"""))
 
 
 coverage_assets = [backup_coverage, org_backup_coverage]

@@ -24,9 +24,15 @@ from dagster_duckdb import DuckDBResource
 from m365_pipeline.assets.core import users
 from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_files
 from m365_pipeline.assets.marts import org_summary
-from m365_pipeline.assets.nights import NIGHT_SPECS, record_night, write_changes_files, write_history_files
+from m365_pipeline.assets.nights import (
+    NIGHT_SPECS,
+    forget_nights,
+    record_night,
+    write_changes_files,
+    write_history_files,
+)
 from m365_pipeline.crashpoints import crash_point
-from m365_pipeline.duckdb_helpers import markdown_table, table_result
+from m365_pipeline.duckdb_helpers import markdown_table, rows_by_first_column, table_result
 from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -36,6 +42,7 @@ from m365_pipeline.publishing import (
     export_file_name,
     iso_z,
     json_bytes,
+    published_manifest,
 )
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import configured_sources
@@ -86,7 +93,8 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
     root = export_dir(Path(duckdb.database).parent)
     writer = VersionWriter(root)
     with duckdb.get_connection() as conn:
-        conn.begin()  # tonight's night is committed only once its version is current
+        conn.begin()  # tonight's night is recorded in one transaction, committed just before the swap
+        recorded = False
         try:
             started = time.perf_counter()
             organizations = conn.execute(SUMMARY_SQL).fetchall()
@@ -99,19 +107,26 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
             for sort in SORT_FIELDS:
                 _write_exports(conn, writer, sort, published_users, last_collected)
             coverage = _write_coverage(conn, writer, backup, last_collected)
-            night, _ = record_night(conn)
+            night, _ = record_night(conn, published_manifest(root))
             nights, history_organizations = write_history_files(conn, writer)
             write_changes_files(conn, writer, nights)
             # The sources tonight's numbers came from: the next night must not silently lose one.
-            writer.commit({"last_collected": last_collected, "totals": totals, "nights": nights,
-                           "history_organizations": history_organizations,
-                           "sources": configured_sources(saas, backup)})
+            writer.seal({"last_collected": last_collected, "totals": totals, "nights": nights,
+                         "history_organizations": history_organizations,
+                         "sources": configured_sources(saas, backup)})
+            conn.commit()
+            recorded = True  # the night counts once the swap makes it current; a kill in between is undone next run
+            writer.swap()
         except BaseException:
-            conn.rollback()
+            if recorded and not writer.is_current():
+                conn.begin()  # recorded but never served; the next run would forget it too
+                forget_nights(conn, night)
+                conn.commit()
+            elif not recorded:
+                conn.rollback()
             conn.close()  # dagster_duckdb closes only on success; a failed run must not hold the file
             writer.abandon()
             raise
-        conn.commit()
         night_results = _night_results(conn, night)
     context.log.info(f"published version {writer.version_id} to {root / 'current'}")
     size = sum((writer.path / entry["path"]).stat().st_size for entry in writer.files.values())
@@ -176,8 +191,7 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
     """One file per organization (also for those without users); returns the published user count.
 
     Each organization's file is written as soon as its rows have arrived, so only one organization's
-    users are in memory (holding all of them took this step to 1.1 GiB RSS at 1M users, now 0.77 GiB;
-    bench/RESULTS.md).
+    users are in memory (the publish step's peak memory at 1M users is in bench/RESULTS.md).
     """
     cursor = conn.execute("""
         SELECT organization_name, user_principal_name, display_name, licenses, has_email_license
@@ -195,18 +209,9 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
         writer.add_organization(name, json_bytes(
             {"status": "success", "organization": name, "users": rows, "total_users": len(rows)}))
 
-    current: str | None = None
-    rows: list[dict] = []
-    while batch := cursor.fetchmany(50_000):
-        for organization, *fields in batch:
-            if organization != current:
-                if current is not None:
-                    write(current, rows)
-                current, rows = organization, []
-            rows.append(dict(zip(USER_FIELDS, fields, strict=True)))
-            total += 1
-    if current is not None:
-        write(current, rows)
+    for organization, rows in rows_by_first_column(cursor):
+        write(organization, [dict(zip(USER_FIELDS, fields, strict=True)) for fields in rows])
+        total += len(rows)
     for name in organization_names:  # organizations without published users
         if name in summarised:
             write(name, [])

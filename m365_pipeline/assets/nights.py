@@ -1,21 +1,30 @@
 """Nights (docs/RULES.md, rule 11) and their changes (rule 12): recorded by the publish step.
 
 Only published nights count, so the night is recorded inside ``export.dashboard_api``: in one
-DuckDB transaction that is committed right after the new version became current, and rolled back
-when anything before that fails. A blocked run never reaches the publish step and leaves no night.
+DuckDB transaction, rolled back when anything before the version is sealed fails, and committed
+just before the version swap. A night recorded but not served (the swap failed, or the run was
+killed in between) is forgotten, at once or by the next run, which compares the kept nights with
+the served version's. A blocked run never reaches the publish step and leaves no night.
 The history and changes files of the version are built from the tables inside that transaction,
 so they include tonight.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import duckdb
 from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
-from m365_pipeline.duckdb_helpers import LAST_COLLECTED_SQL, run_sql, table_metadata, table_schema
+from m365_pipeline.duckdb_helpers import (
+    LAST_COLLECTED_SQL,
+    rows_by_first_column,
+    run_sql,
+    table_metadata,
+    table_schema,
+)
 from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
@@ -60,11 +69,13 @@ class NightOutOfOrder(RuntimeError):
     pass
 
 
-def record_night(conn: duckdb.DuckDBPyConnection) -> tuple[str, str]:
+def record_night(conn: duckdb.DuckDBPyConnection, served: dict[str, Any] | None) -> tuple[str, str]:
     """Record tonight in the open transaction; returns (date, last_collected).
 
     last_collected is the summary's; a night with no organization (source B not configured) takes it
-    from the raw tables, as rule 10 defines it.
+    from the raw tables, as rule 10 defines it. ``served`` is the manifest of the version served now:
+    a kept night newer than its latest night was recorded by a run killed before its swap, and is
+    forgotten, as is a night on tonight's date (a re-run replaces it).
 
     Nights are recorded in date order: a clock set back before the latest kept night is refused
     with a clear error rather than rewriting history.
@@ -76,15 +87,26 @@ def record_night(conn: duckdb.DuckDBPyConnection) -> tuple[str, str]:
     day, collected = conn.execute("SELECT collection_date, last_collected FROM tonight").fetchone()
     if day is None:
         raise RuntimeError("no raw table has a collected_at: nothing was collected tonight")
-    latest = conn.execute("SELECT max(collection_date) FROM marts.nights").fetchone()[0] \
-        if _exists(conn, "nights") else None
-    if latest is not None and day < latest:
-        raise NightOutOfOrder(
-            f"tonight's collection date {day} is before the latest kept night {latest}; "
-            "check the clock of the machine running the pipeline. Nothing was published.")
+    if _exists(conn, "nights"):
+        served_nights = (served or {}).get("nights") or []
+        # Without a served version (its directory removed) no kept night is presumed unserved.
+        served_latest = dt.date.fromisoformat(served_nights[-1]["date"]) if served_nights else None
+        latest = conn.execute("SELECT max(collection_date) FROM marts.nights WHERE $1::DATE IS NULL "
+                              "OR collection_date <= $1::DATE", [served_latest]).fetchone()[0]
+        if latest is not None and day < latest:
+            raise NightOutOfOrder(
+                f"tonight's collection date {day} is before the latest kept night {latest}; "
+                "check the clock of the machine running the pipeline. Nothing was published.")
+        forget_nights(conn, min(day, served_latest + dt.timedelta(days=1)) if served_latest else day)
     for name in NIGHT_SQL:
         run_sql(conn, name)
     return day.isoformat(), iso_z(collected)
+
+
+def forget_nights(conn: duckdb.DuckDBPyConnection, since: dt.date | str) -> None:
+    """Forget every kept night dated ``since`` or later (see marts_nights_forget.sql)."""
+    conn.execute("CREATE OR REPLACE TEMP TABLE forget_from AS SELECT $1::DATE AS d", [since])
+    run_sql(conn, "marts_nights_forget.sql")
 
 
 def _exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
@@ -120,17 +142,12 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
                h.m365_licensed_user_count
         FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
         ORDER BY h.organization_name, h.collection_date""")
-    current, rows = None, []
-    for name, *values in [*cursor.fetchall(), (None, None, None, None)]:
-        if name != current and current is not None:
-            key = file_key(current)
-            organizations[current] = key
-            for fmt in ("json", "csv"):
-                writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(current, rows, fmt),
-                                   CONTENT_TYPES[fmt])
-            rows = []
-        current = name
-        rows.append(dict(zip(HISTORY_FIELDS, values, strict=True)))
+    for name, rows in rows_by_first_column(cursor):
+        key = organizations[name] = file_key(name)
+        body_rows = [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows]
+        for fmt in ("json", "csv"):
+            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(name, body_rows, fmt),
+                               CONTENT_TYPES[fmt])
     return nights, organizations
 
 

@@ -29,7 +29,8 @@ from m365_pipeline.raw_tables import (
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import VendorApiResource
 from m365_pipeline.resources.http import CallStats, Page, VendorError, VendorNotFoundError, run_concurrently
-from m365_pipeline.resources.paging import ListRead, read_until_consistent
+from m365_pipeline.resources.paging import ListRead, read_again_if_shifted, read_until_consistent
+from m365_pipeline.settings import STAGING_DIR
 
 GROUP = "raw"
 NEITHER_CONFIGURED = (
@@ -82,7 +83,7 @@ def _land(
     A source that is not configured is not pulled: its table is emptied, never left stale.
     """
     collected_at = datetime.now(UTC).replace(microsecond=0)
-    staging_dir = Path(duckdb.database).parent / ".staging"
+    staging_dir = Path(duckdb.database).parent / STAGING_DIR
     metadata: dict[str, Any] = {}
     with StagingFile(staging_dir, table) as staging:
         if source.skip_reason:
@@ -203,25 +204,28 @@ def backup_tenants(
 ) -> MaterializeResult:
     owner_ids = [row[0] for row in _column_values(duckdb, "SELECT id FROM raw.backup_organizations ORDER BY id")]
     gone: list[str] = []
+    shifted: list[str] = []
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
             tokens = _owner_tokens(client)
-            progress = _Progress(context, "owners' tenants", len(owner_ids), client.stats)
+            listed = _still_listed(owner_ids, tokens, gone, owner_of=str, label=str)
+            progress = _Progress(context, "owners' tenants", len(listed), client.stats)
 
             def fetch(owner_id: str) -> list[Page]:
-                return client.tenant_pages(owner_id, _token_for(tokens, owner_id))
+                return client.tenant_pages(owner_id, tokens[owner_id])
 
             def keep(owner_id: str, pages: list[Page]) -> None:
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=owner_id)
 
-            run_concurrently(owner_ids, _gone_on_404(fetch, gone), workers=backup.concurrency,
-                             on_result=_counting(keep, progress), pace=client.pace)
+            run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone),
+                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
             _warn_gone(context, gone, "organization owners", "source B GET /users", "their tenants")
+            _warn_shifted(context, shifted)
             return client.stats
 
-    return _with_gone(_land(context, duckdb, BACKUP_TENANTS, backup, pull), gone)
+    return _with_gone(_land(context, duckdb, BACKUP_TENANTS, backup, pull), gone, shifted)
 
 
 @asset(deps=[backup_tenants], **_asset_kwargs(BACKUP_ACCOUNTS))
@@ -230,26 +234,55 @@ def backup_accounts(
 ) -> MaterializeResult:
     tenants = _column_values(duckdb, "SELECT owner_id, id, type FROM raw.backup_tenants ORDER BY owner_id, id")
     gone: list[str] = []
+    shifted: list[str] = []
 
     def pull(staging: StagingFile) -> CallStats:
         with backup.client() as client:
             tokens = _owner_tokens(client)
-            progress = _Progress(context, "tenants' mailboxes", len(tenants), client.stats)
+            listed = _still_listed(tenants, tokens, gone, owner_of=lambda t: str(t[0]), label=_tenant_label)
+            progress = _Progress(context, "tenants' mailboxes", len(listed), client.stats)
 
             def fetch(tenant: tuple[str, str, str]) -> list[Page]:
                 owner_id, tenant_id, tenant_type = tenant
-                return client.account_pages(owner_id, _token_for(tokens, owner_id), tenant_id, tenant_type)
+                return client.account_pages(owner_id, tokens[owner_id], tenant_id, tenant_type)
 
             def keep(tenant: tuple[str, str, str], pages: list[Page]) -> None:
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=tenant[0], tenant_id=tenant[1])
 
-            run_concurrently(tenants, _gone_on_404(fetch, gone, label=lambda t: f"{t[0]}/{t[1]}"),
+            run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone, label=_tenant_label),
                              workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
             _warn_gone(context, gone, "tenants (owner/tenant)", "source B", "their mailboxes")
+            _warn_shifted(context, shifted)
             return client.stats
 
-    return _with_gone(_land(context, duckdb, BACKUP_ACCOUNTS, backup, pull), gone)
+    return _with_gone(_land(context, duckdb, BACKUP_ACCOUNTS, backup, pull), gone, shifted)
+
+
+def _tenant_label(tenant: tuple[str, str, str]) -> str:
+    return f"{tenant[0]}/{tenant[1]}"
+
+
+def _still_listed(items: list[Any], tokens: dict[str, str], gone: list[str], owner_of: Callable[[Any], str],
+                  label: Callable[[Any], str]) -> list[Any]:
+    """The items whose owner source B still lists; the others' owner was deleted since it was listed: gone."""
+    gone.extend(label(item) for item in items if owner_of(item) not in tokens)
+    return [item for item in items if owner_of(item) in tokens]
+
+
+def _again_if_shifted(fetch: Callable[[Any], list[Page]], shifted: list[str]) -> Callable[[Any], list[Page]]:
+    """``fetch``, with a list that changed while it was paged read again (``paging.read_again_if_shifted``)."""
+    def fetch_again(item: Any) -> list[Page]:
+        return read_again_if_shifted(lambda: fetch(item), shifted.append)
+
+    return fetch_again
+
+
+def _warn_shifted(context: AssetExecutionContext, shifted: list[str]) -> None:
+    for message in shifted[:10]:
+        context.log.warning(f"{message}; it was read again")
+    if len(shifted) > 10:
+        context.log.warning(f"... and {len(shifted) - 10} more lists were read again")
 
 
 def _gone_on_404(fetch: Callable[[Any], list[Page]], gone: list[str],
@@ -272,18 +305,11 @@ def _warn_gone(context: AssetExecutionContext, gone: list[str], what: str, liste
                             f"were read (HTTP 404); treated as gone: {shown}")
 
 
-def _with_gone(result: MaterializeResult, gone: list[str]) -> MaterializeResult:
-    return MaterializeResult(metadata={**(result.metadata or {}), "deleted_during_pull": len(gone)})
-
-
-def _token_for(tokens: dict[str, str], owner_id: str) -> str:
-    try:
-        return tokens[owner_id]
-    except KeyError:
-        raise VendorError(
-            f"owner {owner_id} is in raw.backup_organizations but no longer listed by source B GET /users; "
-            "re-run from raw.backup_organizations"
-        ) from None
+def _with_gone(result: MaterializeResult, gone: list[str], shifted: list[str] | None = None) -> MaterializeResult:
+    extra = {"deleted_during_pull": len(gone)}
+    if shifted is not None:
+        extra["lists_read_again"] = len(shifted)
+    return MaterializeResult(metadata={**(result.metadata or {}), **extra})
 
 
 def _counting(keep: Callable[[Any, Any], None], progress: _Progress) -> Callable[[Any, Any], None]:

@@ -59,16 +59,18 @@ class BackupClient(VendorClient):
     ) -> list[Page]:
         headers = {"X-Access-Token": token}
 
-        def fetch(page: int) -> Any:
+        def fetch(page: int, per_page: int) -> Any:
             return self.get_json(
-                path, params={**params, "page": page, "per_page": self.per_page}, headers=headers, page=page
+                path, params={**params, "page": page, "per_page": per_page}, headers=headers, page=page
             )
 
-        def where(page: int) -> Endpoint:
-            return Endpoint(self.source_name, path, page)
+        def where(page: int, per_page: int) -> Endpoint:
+            # Pages after the first overlap the previous one (paging.next_window), so their size varies.
+            shown = path if per_page == self.per_page else f"{path}?per_page={per_page}"
+            return Endpoint(self.source_name, shown, page)
 
-        return [(where(page), require_fields(data, required, where(page)))
-                for page, data in backup_pages(fetch, where)]
+        return [(endpoint, require_fields(data, required, endpoint))
+                for endpoint, data in backup_pages(fetch, where, self.per_page)]
 
     def tenant_pages(self, owner_id: str, owner_token: str) -> list[Page]:
         path = f"/users/{path_segment(owner_id)}/tenants"

@@ -3,12 +3,16 @@
 Source S pages by ``page_number`` until ``page_number >= pagination.total_pages``;
 source B pages until a response carries no ``next_page``. Neither treats a short
 page as the end: vendors return short pages mid-stream.
+
+A list that changes while it is paged shifts its later pages. Source S reports its total, so a
+read is checked against it (``ListRead``); source B reports none, so each of its pages after the
+first re-reads the end of the one before (``next_window``). Either way the list is read again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError
 
@@ -16,6 +20,8 @@ from m365_pipeline.resources.http import Endpoint, MalformedResponseError, Vendo
 MAX_PAGES = 1_000_000
 # A list that changes while it is paged is read again, this many times in all before the pull fails.
 MAX_LIST_READS = 4
+
+T = TypeVar("T")
 
 
 class ListRead:
@@ -91,28 +97,85 @@ def saas_pages(
         _guard(page_number, endpoint)
 
 
+class ListShiftedError(VendorUnavailableError):
+    """Records already read moved while a list was paged: a record was deleted or added before the page."""
+
+
+def next_window(end: int, per_page: int) -> tuple[int, int, int]:
+    """``(page, per_page, overlap)`` of the read that follows the first ``end`` positions of a page-numbered list.
+
+    Page ``n`` of size ``p`` holds positions ``[(n-1)*p, n*p)``, so a size that does not divide ``end`` gives
+    a window that starts ``end % p`` positions back: those records are read twice, and a record deleted or
+    added earlier in the list while it is paged shows as a changed overlap. Of the sizes up to ``per_page``
+    the one that moves furthest is taken; overlap 0 means no size overlaps (``end`` is 0, or ``per_page`` is
+    tiny) and the caller checks the boundary record on its own.
+    """
+    best = (end // per_page + 1, per_page, 0)
+    for size in range(per_page, 1, -1):
+        overlap = end % size
+        if overlap and (best[2] == 0 or size - overlap > best[1] - best[2]):
+            best = ((end - overlap) // size + 1, size, overlap)
+    return best
+
+
 def backup_pages(
-    fetch: Callable[[int], Any], where: Callable[[int], Endpoint]
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Yield ``(page, data)`` for every page of a source B collection, following ``next_page``."""
-    page = 1
+    fetch: Callable[[int, int], Any], where: Callable[[int, int], Endpoint], per_page: int
+) -> Iterator[tuple[Endpoint, list[dict[str, Any]]]]:
+    """Yield ``(endpoint, new records)`` for every page of a source B collection until one has no ``next_page``.
+
+    Source B reports no totals, so each page after the first overlaps the records already read (see
+    ``next_window``); when they differ, the list changed under the pull and ``ListShiftedError`` is raised
+    for the caller to read it again. After a short page (a vendor quirk) positions are unknown: the next page
+    follows it without an overlap, as the vendor's own ``next_page`` does.
+    """
+    page, size, overlap = 1, per_page, 0
+    tail: list[Any] = []  # the last records read (at most per_page), which the next overlap re-reads
     while True:
-        body = fetch(page)
-        endpoint = where(page)
+        endpoint = where(page, size)
+        body = fetch(page, size)
         data = _list_field(body, "data", endpoint)
         pagination = body.get("pagination")
         if not isinstance(pagination, dict):
             raise MalformedResponseError(f"{endpoint.describe()}: the response has no pagination object")
-        yield page, data
+        if data[:overlap] != tail[len(tail) - overlap:]:
+            raise ListShiftedError(f"{endpoint.describe()}: the list changed while it was paged "
+                                   "(records before this page moved)")
+        yield endpoint, data[overlap:]
         next_page = pagination.get("next_page")
         if next_page in (None, "", 0):
             return
         if not isinstance(next_page, int) or isinstance(next_page, bool) or next_page <= page:
-            raise MalformedResponseError(
-                f"{endpoint.describe()}: next_page {next_page!r} does not move forward"
-            )
-        page = next_page
+            raise MalformedResponseError(f"{endpoint.describe()}: next_page {next_page!r} does not move forward")
+        if len(data) < size:  # a short page mid-stream: follow it as the vendor says, unchecked
+            page, overlap, tail = next_page, 0, []
+        else:
+            tail = (tail + data[overlap:])[-per_page:]
+            page, size, overlap = next_window(page * size, per_page)
+            if overlap == 0:
+                _check_boundary(fetch, where, page_end=(page - 1) * size, last=tail[-1])
         _guard(page, endpoint)
+
+
+def _check_boundary(fetch: Callable[[int, int], Any], where: Callable[[int, int], Endpoint], page_end: int,
+                    last: Any) -> None:
+    """Read the record at position ``page_end - 1`` alone: it must still be the last one read."""
+    endpoint = where(page_end, 1)
+    data = _list_field(fetch(page_end, 1), "data", endpoint)
+    if data != [last]:
+        raise ListShiftedError(f"{endpoint.describe()}: the list changed while it was paged "
+                               "(records before this page moved)")
+
+
+def read_again_if_shifted(read: Callable[[], T], noted: Callable[[str], None], attempts: int = MAX_LIST_READS) -> T:
+    """``read()`` a whole list, again when it shifted while paged (``noted`` hears why); then a clear error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except ListShiftedError as exc:
+            if attempt == attempts:
+                raise VendorUnavailableError(f"{exc}; it kept changing, {attempts} reads in a row") from None
+            noted(str(exc))
+    raise AssertionError("unreachable")
 
 
 def require_fields(

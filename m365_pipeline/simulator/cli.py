@@ -26,7 +26,7 @@ from m365_pipeline.simulator.dataset import (
     MAX_NIGHT,
     SimulatorConfig,
 )
-from m365_pipeline.simulator.faults import DELETE_MOMENTS, SCOPES, FaultConfig
+from m365_pipeline.simulator.faults import DELETE_MOMENTS, OWNER_DELETE_MOMENTS, SCOPES, FaultConfig
 from m365_pipeline.simulator.server import Simulator
 from m365_pipeline.simulator.truth import ground_truth
 
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--delete-saas-user", choices=DELETE_MOMENTS,
                    help="delete source S's first user right after page 1 (later pages shift) or the last page "
                         "(its subscriptions then answer 404) of the user list was served")
+    f.add_argument("--delete-backup-account", choices=DELETE_MOMENTS[:1],
+                   help="delete the first mailbox of source B's largest m365 tenant right after page 1 of its "
+                        "list was served (later pages shift)")
+    f.add_argument("--delete-backup-owner", choices=OWNER_DELETE_MOMENTS,
+                   help="delete source B's first owner right after its GET /users/{id}, or when its tenants or "
+                        "its first tenant's mailboxes are asked for (that call answers 404)")
     return p
 
 

@@ -62,12 +62,17 @@ class SimulatorConfig:
     admin_token: str = DEFAULT_ADMIN_TOKEN
     faults: FaultConfig = field(default_factory=FaultConfig)
     night: int = 0  # nights after the first: the data evolves (see "nights" below); 0 = the base data
+    # Bench only (bench/nights.py): spreads the per-slot turnover and relicense nights over this many
+    # times the span, dividing the nightly churn by it; 1 = the served data.
+    churn_divisor: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.orgs <= MAX_ORGS:
             raise ValueError(f"orgs must be between 0 and {MAX_ORGS}, not {self.orgs}")
         if not 0 <= self.night <= MAX_NIGHT:
             raise ValueError(f"night must be between 0 and {MAX_NIGHT}, not {self.night}")
+        if self.churn_divisor < 1:
+            raise ValueError(f"churn_divisor must be at least 1, not {self.churn_divisor}")
         if not 0 <= self.users_per_org <= MAX_USERS_PER_ORG:
             raise ValueError(f"users_per_org must be between 0 and {MAX_USERS_PER_ORG}, not {self.users_per_org}")
         for name in ("saas_token", "reseller_token", "admin_token"):
@@ -419,6 +424,9 @@ class Dataset:
         # Source S users deleted at the vendor (global indices, sorted): gone from the list, 404 for
         # their subscriptions, and from the ground truth.
         self._deleted: list[int] = []
+        # Source B records deleted at the vendor: account positions per tenant id (sorted), owner ids.
+        self._deleted_accounts: dict[int, list[int]] = {}
+        self.deleted_owners: set[str] = set()
 
     # -- public iterators (what both APIs serve, unpaged) -----------------------------------
     def saas_users(self) -> Iterator[dict[str, Any]]:
@@ -445,7 +453,7 @@ class Dataset:
         tenant = self.tenant(owner, str(tenant_id))
         if tenant is None:
             raise KeyError(tenant_id)
-        return iter(self.account_page(owner, tenant, 0, tenant.account_count))
+        return iter(self.account_page(owner, tenant, 0, self.account_count(tenant)))
 
     # -- index access for the server ----------------------------------------------------------
     @property
@@ -462,11 +470,7 @@ class Dataset:
 
     def _saas_index(self, position: int) -> int:
         """The global index of the user at ``position`` of the list, deleted users skipped."""
-        index = position
-        for deleted in self._deleted:  # sorted; a handful at most
-            if deleted <= index:
-                index += 1
-        return index
+        return _skip_deleted(position, self._deleted)
 
     def delete_saas_user(self, position: int) -> str:
         """Delete the user at ``position`` of source S's list, as a vendor admin would; returns its id."""
@@ -489,7 +493,27 @@ class Dataset:
 
     def owner(self, owner_id: str) -> Owner | None:
         owner = self._by_id.get(owner_id)
-        return None if owner is None or owner.index in self._departed else owner
+        return None if owner is None or owner.index in self._departed or owner_id in self.deleted_owners else owner
+
+    def delete_owner(self, owner_id: str) -> None:
+        """Delete an organization owner at source B, as a vendor admin would (source S keeps its users)."""
+        self.deleted_owners.add(owner_id)
+
+    def account_count(self, tenant: Tenant) -> int:
+        return tenant.account_count - len(self._deleted_accounts.get(tenant.id, ()))
+
+    def delete_account(self, tenant: Tenant, position: int) -> str:
+        """Delete the account at ``position`` of the tenant's list; returns its upn."""
+        deleted = self._deleted_accounts.setdefault(tenant.id, [])
+        index = _skip_deleted(position, deleted)
+        owner = self.owners[(tenant.id - self._tenant_base) // 4]
+        upn = self.account_page(owner, tenant, position, position + 1)[0]["upn"]
+        bisect.insort(deleted, index)
+        return str(upn)
+
+    def largest_m365_tenant(self) -> tuple[Owner, Tenant]:
+        return max(((owner, t) for owner in self.listed_owners() for t in self._listed_tenants(owner)
+                    if t.type == "m365"), key=lambda pair: pair[1].account_count)
 
     def owner_record(self, owner: Owner, *, full: bool) -> dict[str, Any]:
         bits = _Bits(stable_hash(self.seed, "owner", owner.index))
@@ -522,7 +546,7 @@ class Dataset:
             created = bits.below(10**12)
             out.append({"id": tenant.id, "organization_id": owner.organization_id, "created_at": _stamp(created),
                         "updated_at": _stamp(created + bits.below(10**13)), "domain": tenant.domain,
-                        "status": (7, 7, 7, 7, 0, 1, 5, 13)[bits.below(8)], "total_users": tenant.account_count,
+                        "status": (7, 7, 7, 7, 0, 1, 5, 13)[bits.below(8)], "total_users": self.account_count(tenant),
                         "type": tenant.type})
         return out
 
@@ -530,7 +554,9 @@ class Dataset:
         slots = tenant.slot_stop - tenant.slot_start
         out = []
         slot_owner = (tenant.id - self._tenant_base) // 4  # not ``owner`` once the tenant has moved
-        for k in range(start, min(stop, tenant.account_count)):
+        deleted = self._deleted_accounts.get(tenant.id, [])
+        for position in range(start, min(stop, self.account_count(tenant))):
+            k = _skip_deleted(position, deleted)
             if k < slots:
                 out.append(self._slot_account(slot_owner, tenant.slot_start + k))
             elif k < slots + tenant.generated:
@@ -552,14 +578,16 @@ class Dataset:
         """Extra digest parts for slot (o, j) once its first person has left; () before."""
         if tag is not None or not self.config.night:
             return ()
-        turnover = 1 + int.from_bytes(stable_digest(self.seed, "turnover", o, j, size=2), "big") % TURNOVER_SPAN
+        span = TURNOVER_SPAN * self.config.churn_divisor
+        turnover = 1 + int.from_bytes(stable_digest(self.seed, "turnover", o, j, size=2), "big") % span
         return ("hire",) if self.config.night >= turnover else ()
 
     def _license_draws(self, o: int, j: int, draws: bytes) -> bytes:
         """The slot's license draws: redrawn from the night its licenses change on."""
         if not self.config.night or self.owners[o].slot_kind(j)[1] is not None:
             return draws
-        change = 1 + int.from_bytes(stable_digest(self.seed, "relicense", o, j, size=2), "big") % RELICENSE_SPAN
+        span = RELICENSE_SPAN * self.config.churn_divisor
+        change = 1 + int.from_bytes(stable_digest(self.seed, "relicense", o, j, size=2), "big") % span
         return stable_digest(self.seed, "licenses", o, j, size=16) if self.config.night >= change else draws
 
     def _regular_indexes(self) -> list[int]:
@@ -587,7 +615,8 @@ class Dataset:
                 for owner in owners]
 
     def listed_owners(self) -> list[Owner]:
-        return [owner for owner in self.owners if owner.index not in self._departed]
+        return [owner for owner in self.owners
+                if owner.index not in self._departed and owner.id not in self.deleted_owners]
 
     def _listed_tenants(self, owner: Owner) -> tuple[Tenant, ...]:
         move = self._move
@@ -750,6 +779,15 @@ class Dataset:
         stamp = stable_hash(self.seed, "extra", tenant.id, extra.upn) % 10**15
         return _account(extra.name, extra.upn.strip().lower(), extra.upn, extra.mailbox, extra.licensed, "active",
                         "m365", None, stamp)
+
+
+def _skip_deleted(position: int, deleted: list[int]) -> int:
+    """The index of the record at ``position`` of a list whose records at ``deleted`` (sorted indices) are gone."""
+    index = position
+    for gone in deleted:  # a handful at most
+        if gone <= index:
+            index += 1
+    return index
 
 
 def _saas_id(o: int, j: int, d: bytes) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 SOURCES = ("saas", "backup")
 SCOPES = ("saas", "backup", "both")
 DELETE_MOMENTS = ("after_first_page", "after_last_page")
+OWNER_DELETE_MOMENTS = ("after_detail", "at_tenants", "at_accounts")
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,22 @@ class FaultConfig:
     # right after page 1 ("after_first_page": later pages shift by one) or the last page
     # ("after_last_page": the list read is whole, the user's subscriptions then answer 404) was served.
     delete_saas_user: str | None = None
+    # The same on source B: the first account of the largest m365 tenant's list is deleted right after page 1
+    # of that list was served ("after_first_page": later pages shift by one).
+    delete_backup_account: str | None = None
+    # An organization owner (the first GET /users lists) deleted at source B mid-pull: right after its
+    # GET /users/{id} was served ("after_detail": later listings leave it out), or when its tenants
+    # ("at_tenants") or its first tenant's accounts ("at_accounts") are asked for (that call answers 404).
+    delete_backup_owner: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("scope", "down_scope"):
             if getattr(self, name) not in SCOPES:
                 raise ValueError(f"{name} must be one of {', '.join(SCOPES)}, not {getattr(self, name)!r}")
-        if self.delete_saas_user not in (None, *DELETE_MOMENTS):
-            raise ValueError(f"delete_saas_user must be one of {', '.join(DELETE_MOMENTS)}")
+        for name, moments in (("delete_saas_user", DELETE_MOMENTS), ("delete_backup_account", DELETE_MOMENTS[:1]),
+                              ("delete_backup_owner", OWNER_DELETE_MOMENTS)):
+            if getattr(self, name) not in (None, *moments):
+                raise ValueError(f"{name} must be one of {', '.join(moments)}")
         for name in ("rate_429", "rate_5xx", "reset_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

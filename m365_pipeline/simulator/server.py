@@ -92,6 +92,7 @@ class _App:
         self.faults = FaultInjector(config.faults, config.seed, counters)
         self._delete_lock = threading.Lock()
         self.deleted_users: list[str] = []
+        self.deleted_accounts: list[str] = []
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request: faults first (see ``faults.py``), then the endpoint's answer."""
@@ -195,8 +196,11 @@ class _App:
                 and access_token is not None and _same(headers.get("X-Access-Token"), access_token)):
             raise _Reject(401, _B_UNAUTHORIZED)
 
-    def _owner(self, handler: web.BaseRequest, owner_id: str) -> Owner:
-        """The owner whose own token authenticates this request (an unknown owner is a 401 too)."""
+    def _owner(self, handler: web.BaseRequest, owner_id: str, moment: str) -> Owner:
+        """The owner whose own token authenticates this request (an unknown owner is a 401 too, a deleted one 404)."""
+        self._maybe_delete_owner(owner_id, moment)
+        if owner_id in self.dataset.deleted_owners:
+            raise _Reject(404, {"errors": {"user": ["Record not found"]}})
         owner = self.dataset.owner(owner_id)
         self._backup_auth(handler, owner.token if owner else None)
         assert owner is not None
@@ -216,10 +220,21 @@ class _App:
         owner = self.dataset.owner(owner_id)
         if owner is None:
             raise _Reject(404, {"errors": {"user": ["Record not found"]}})
-        return 201, self.dataset.owner_record(owner, full=True)
+        body = self.dataset.owner_record(owner, full=True)
+        self._maybe_delete_owner(owner_id, "after_detail")
+        return 201, body
+
+    def _maybe_delete_owner(self, owner_id: str, moment: str) -> None:
+        """The ``delete_backup_owner`` fault: once, at its moment, delete the first owner GET /users lists."""
+        if self.config.faults.delete_backup_owner != moment:
+            return
+        with self._delete_lock:
+            if not self.dataset.deleted_owners and owner_id == self.dataset.listed_owners()[0].id:
+                self.dataset.delete_owner(owner_id)
+                self.faults.record("delete_backup_owner")
 
     def _backup_tenants(self, handler: web.BaseRequest, query: Query, owner_id: str) -> Response:
-        owner = self._owner(handler, owner_id)
+        owner = self._owner(handler, owner_id, "at_tenants")
         type_ = _str_param(query, "type")
         if type_ is not None and type_ not in _TENANT_TYPES:
             raise _Reject(400, _B_BAD_TYPE)
@@ -228,14 +243,27 @@ class _App:
                             lambda start, stop: tenants[start:stop])
 
     def _backup_accounts(self, handler: web.BaseRequest, query: Query, owner_id: str, tenant_id: str) -> Response:
-        owner = self._owner(handler, owner_id)
+        owner = self._owner(handler, owner_id, "at_accounts")
         tenant = self.dataset.tenant(owner, tenant_id)
         type_ = _str_param(query, "type")
         if tenant is None or type_ != tenant.type:
             raise _Reject(401, _B_BAD_CREDENTIALS)
-        return _backup_page(query, f"/api/users/{owner.id}/tenants/{tenant.id}/accounts", type_,
-                            tenant.account_count,
-                            lambda start, stop: self.dataset.account_page(owner, tenant, start, stop))
+        status, body = _backup_page(query, f"/api/users/{owner.id}/tenants/{tenant.id}/accounts", type_,
+                                    self.dataset.account_count(tenant),
+                                    lambda start, stop: self.dataset.account_page(owner, tenant, start, stop))
+        self._maybe_delete_account(tenant, body["pagination"])
+        return status, body
+
+    def _maybe_delete_account(self, tenant: Any, pagination: dict[str, Any]) -> None:
+        """The ``delete_backup_account`` fault: once, after page 1 of the largest m365 tenant's accounts was
+        built (and more pages follow), delete that list's first account."""
+        if self.config.faults.delete_backup_account != "after_first_page":
+            return
+        with self._delete_lock:
+            if (not self.deleted_accounts and pagination["current_page"] == 1 and "next_page" in pagination
+                    and tenant == self.dataset.largest_m365_tenant()[1]):
+                self.deleted_accounts.append(self.dataset.delete_account(tenant, 0))
+                self.faults.record("delete_backup_account")
 
     def _unknown(self, handler: web.BaseRequest, query: Query) -> Response:
         raise _Reject(404, {"error": "Not found", "path": urlsplit(handler.raw_path).path})
@@ -402,6 +430,7 @@ class Simulator:
         """Counters: ``requests`` per endpoint kind (``saas_users``, ``saas_subscriptions``, ``backup_owners``,
         ``backup_owner``, ``backup_tenants``, ``backup_accounts``, ``unknown``), ``faults`` per kind
         (``latency``, ``slow``, ``429``, ``5xx``, ``reset``, ``fail_once``, ``malformed``,
-        ``missing_field``, ``down``), ``responses`` per status code, ``connections`` accepted, and
+        ``missing_field``, ``down``, ``delete_saas_user``, ``delete_backup_account``,
+        ``delete_backup_owner``), ``responses`` per status code, ``connections`` accepted, and
         ``requests_total``."""
         return self._counters.snapshot()

@@ -3,5 +3,4 @@
 -- marts_org_summary_history.sql and marts_published_users_history.sql; re-running a date replaces it.
 CREATE TABLE IF NOT EXISTS marts.nights (
     collection_date DATE PRIMARY KEY, last_collected TIMESTAMPTZ NOT NULL);
-DELETE FROM marts.nights WHERE collection_date = (SELECT collection_date FROM tonight);
 INSERT INTO marts.nights SELECT collection_date, last_collected FROM tonight;

@@ -6,7 +6,6 @@ CREATE TABLE IF NOT EXISTS marts.org_summary_history (
     last_collected TIMESTAMPTZ,
     PRIMARY KEY (collection_date, organization_name));
 
-DELETE FROM marts.org_summary_history WHERE collection_date = (SELECT collection_date FROM tonight);
 INSERT INTO marts.org_summary_history
 SELECT (SELECT collection_date FROM tonight), organization_name, es_user_count, m365_licensed_user_count,
        last_collected

@@ -8,10 +8,7 @@ CREATE TABLE IF NOT EXISTS marts.published_users_history (
     licenses VARCHAR NOT NULL, has_email_license BOOLEAN NOT NULL,
     valid_from DATE NOT NULL, valid_to DATE);
 
--- Re-running a date: undo that date's night first (rows it opened go, rows it closed reopen).
-DELETE FROM marts.published_users_history WHERE valid_from = (SELECT collection_date FROM tonight);
-UPDATE marts.published_users_history SET valid_to = NULL WHERE valid_to = (SELECT collection_date FROM tonight);
-
+-- A night re-run on its date was forgotten first (marts_nights_forget.sql).
 -- Close the open rows that no longer hold tonight, then open rows for what is new.
 UPDATE marts.published_users_history AS h SET valid_to = (SELECT collection_date FROM tonight)
 WHERE h.valid_to IS NULL AND NOT EXISTS (

@@ -13,6 +13,9 @@
     csv: "api/m365/export?format=csv",
     history: "api/m365/history",
     changes: "api/m365/changes",
+    orgHistory: (name) => `api/m365/history?${new URLSearchParams({ org: name })}`,
+    changesSince: (since, name, format) => `api/m365/changes?${new URLSearchParams({
+      since, ...(name ? { org: name } : {}), ...(format ? { format } : {}) })}`,
     coverage: (name, format) => `api/m365/coverage?${new URLSearchParams({
       ...(name === undefined ? {} : { org: name }), ...(format ? { format } : {}) })}`,
   };
@@ -37,6 +40,12 @@
     coverageHead: $("coverage-head"), totalCoverage: $("total-coverage"), coverageNote: $("coverage-note"),
     coverageCsv: $("coverage-csv"), usersBackupHead: $("users-backup-head"), unbilled: $("unbilled"),
     unbilledList: $("unbilled-list"),
+    trend: $("trend"), trendNote: $("trend-note"), trendChart: $("trend-chart"), trendLegend: $("trend-legend"),
+    trendCaption: $("trend-caption"), trendRows: $("trend-rows"),
+    changes: $("changes"), changesSince: $("changes-since"), changesNights: $("changes-nights"),
+    changesOrg: $("changes-org"), changesCsv: $("changes-csv"), changesSummary: $("changes-summary"),
+    changesLoading: $("changes-loading"), changesMessage: $("changes-message"),
+    changesMessageText: $("changes-message-text"), changesTable: $("changes-table"), changesRows: $("changes-rows"),
   };
 
   const numberFormat = new Intl.NumberFormat();
@@ -53,6 +62,7 @@
     lastCollected: null,
     sortKey: NAME_KEY,
     sortDir: "ascending",
+    nightsLoaded: Promise.resolve([]), // the kept nights (loadNights), shared by the views that need them
   };
 
   // -- helpers ----------------------------------------------------------------------------
@@ -109,7 +119,7 @@
       if (!response.ok) {
         const message = body && typeof body.error === "string" ? body.error : response.statusText;
         throw Object.assign(new Error(`HTTP ${response.status}: ${message}`),
-          { kind: "http", status: response.status });
+          { kind: "http", status: response.status, detail: message });
       }
       if (!body || body.status !== "success") {
         throw Object.assign(new Error("The API answered with an unexpected response."), { kind: "format" });
@@ -148,7 +158,10 @@
         throw Object.assign(new Error("The summary has no organization list."), { kind: "format" });
       }
       renderSummary(body, headers);
-      loadDeltas(controller.signal);
+      const nights = loadNights(controller.signal);
+      state.nightsLoaded = nights;
+      loadDeltas(controller.signal, nights);
+      initChanges(controller.signal, nights);
       showState("content");
       updateFreshness();
       loadCoverage();
@@ -322,11 +335,16 @@
     return cell;
   }
 
+  /** The kept nights, oldest first ([{date, es_user_count, m365_licensed_user_count}]); rejects when unknown. */
+  async function loadNights(signal) {
+    const { body } = await fetchJson(API.history, signal);
+    return Array.isArray(body.history) ? body.history.filter((n) => typeof n.date === "string") : [];
+  }
+
   /** The delta column appears only when an earlier night is kept to compare tonight with. */
-  async function loadDeltas(signal) {
+  async function loadDeltas(signal, nightsLoaded) {
     try {
-      const { body: history } = await fetchJson(API.history, signal);
-      const nights = Array.isArray(history.history) ? history.history : [];
+      const nights = await nightsLoaded;
       if (nights.length < 2) return;
       const { body } = await fetchJson(API.changes, signal);
       const changes = Array.isArray(body.changes) ? body.changes : [];
@@ -410,6 +428,7 @@
     el.userSearch.focus();
     loadUsers();
     loadUserCoverage(String(item.org[NAME_KEY]));
+    loadTrend(String(item.org[NAME_KEY]));
   }
 
   async function loadUsers() {
@@ -493,6 +512,7 @@
   function onDialogClose() {
     if (drill.controller) drill.controller.abort();
     if (drillCoverage.controller) drillCoverage.controller.abort();
+    if (trend.controller) trend.controller.abort();
     const opener = drill.opener;
     drill.item = null;
     drill.opener = null;
@@ -639,6 +659,349 @@
     return cell;
   }
 
+  // -- nights: dates and numbers shared by the trend chart and the Changes view ----------------
+  // A night's date is the UTC date of its last_collected (docs/RULES.md, rule 11): shown in UTC.
+
+  const nightFormat = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "short", day: "numeric",
+    timeZone: "UTC" });
+  const nightShortFormat = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", timeZone: "UTC" });
+
+  function formatNight(iso, short = false) {
+    const day = new Date(`${String(iso).slice(0, 10)}T00:00:00Z`);
+    if (Number.isNaN(day.getTime())) return String(iso);
+    return (short ? nightShortFormat : nightFormat).format(day);
+  }
+
+  const plural = (n, one, many) => `${fmt(n)} ${n === 1 ? one : many}`;
+  const compactFormat = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+
+  // -- trend chart in the drill-down (docs/RULES.md, rule 11) ----------------------------------
+  // An inline SVG made with DOM calls (the CSP allows no inline styles: colours come from classes);
+  // a visually hidden table holds the same numbers for screen readers and for copying.
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const CHART = { width: 760, minWidth: 280, height: 180, left: 48, right: 20, top: 14, bottom: 36, maxLabels: 6,
+    minLabelGap: 64 };
+  const DAY_MS = 86400000;
+  const SERIES = [
+    { key: "m365_licensed_user_count", name: "M365 licensed", className: "m365" },
+    { key: "es_user_count", name: "ES users", className: "es" },
+  ];
+  const trend = { controller: null };
+
+  function svgNode(tag, attributes = {}, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  /** A round axis maximum at or above ``max`` and its step, for about four gridlines. */
+  function niceScale(max) {
+    if (max <= 0) return { top: 1, step: 1 };
+    const rough = max / 4;
+    const power = 10 ** Math.floor(Math.log10(rough));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= rough);
+    const whole = Math.max(1, Math.round(step));
+    return { top: Math.ceil(max / whole) * whole, step: whole };
+  }
+
+  /** Indexes of the nights whose dates label the x axis: at most maxLabels, never closer than
+   * minLabelGap, the first and the last always included. */
+  function labelledIndexes(xs) {
+    const every = Math.ceil(xs.length / CHART.maxLabels);
+    const picked = [];
+    for (let i = 0; i < xs.length; i += every) {
+      if (!picked.length || xs[i] - xs[picked[picked.length - 1]] >= CHART.minLabelGap) picked.push(i);
+    }
+    const last = xs.length - 1;
+    if (picked[picked.length - 1] !== last) {
+      if (picked.length > 1 && xs[last] - xs[picked[picked.length - 1]] < CHART.minLabelGap) picked.pop();
+      picked.push(last);
+    }
+    return picked;
+  }
+
+  function trendSvg(name, rows, width) {
+    const plotWidth = width - CHART.left - CHART.right;
+    const plotHeight = CHART.height - CHART.top - CHART.bottom;
+    const max = Math.max(...rows.flatMap((r) => SERIES.map((s) => Number(r[s.key]) || 0)));
+    const { top, step } = niceScale(max);
+    // Time runs left to right in proportion: a night missing between two kept ones leaves a gap.
+    const dayOf = (r) => Date.parse(`${r.date}T00:00:00Z`) / DAY_MS;
+    const days = rows.map((r) => dayOf(r) - dayOf(rows[0]));
+    const span = days[days.length - 1];
+    const x = (i) => CHART.left + (rows.length === 1 || !(span > 0) ? plotWidth / 2 : (days[i] * plotWidth) / span);
+    const y = (value) => CHART.top + plotHeight - (value / top) * plotHeight;
+    const round = (v) => Math.round(v * 10) / 10;
+
+    const first = rows[0];
+    const last = rows[rows.length - 1];
+    const root = svgNode("svg", { class: "trend__svg", viewBox: `0 0 ${width} ${CHART.height}`,
+      role: "img", "aria-labelledby": "trend-svg-title trend-svg-desc", focusable: "false" });
+    const summary = SERIES.map((s) => (rows.length === 1
+      ? `${s.name}: ${fmt(first[s.key])} on ${formatNight(first.date)}`
+      : `${s.name} went from ${fmt(first[s.key])} on ${formatNight(first.date)} to ${fmt(last[s.key])}`
+        + ` on ${formatNight(last.date)}`)).join("; ");
+    root.append(svgNode("title", { id: "trend-svg-title" }, `${name}: users on ${plural(rows.length, "kept night",
+      "kept nights")}`), svgNode("desc", { id: "trend-svg-desc" }, `${summary}.`));
+
+    const grid = svgNode("g", { class: "trend__grid", "aria-hidden": "true" });
+    for (let value = 0; value <= top; value += step) {
+      grid.append(svgNode("line", { x1: CHART.left, x2: width - CHART.right, y1: round(y(value)),
+        y2: round(y(value)) }));
+      grid.append(svgNode("text", { class: "trend__tick trend__tick--y", x: CHART.left - 8, y: round(y(value)),
+        "text-anchor": "end", "dominant-baseline": "middle" }, compactFormat.format(value)));
+    }
+    const sameYear = first.date.slice(0, 4) === last.date.slice(0, 4);
+    for (const i of labelledIndexes(rows.map((_, i) => x(i)))) {
+      const anchor = rows.length === 1 ? "middle" : i === 0 ? "start" : i === rows.length - 1 ? "end" : "middle";
+      grid.append(svgNode("text", { class: "trend__tick trend__tick--x", x: round(x(i)),
+        y: CHART.height - CHART.bottom + 22, "text-anchor": anchor, "data-date": rows[i].date },
+      formatNight(rows[i].date, sameYear)));
+    }
+    root.append(grid);
+
+    for (const series of SERIES) {
+      const group = svgNode("g", { class: `trend__series trend__series--${series.className}`,
+        "data-series": series.key });
+      const points = rows.map((r, i) => `${round(x(i))},${round(y(Number(r[series.key]) || 0))}`);
+      if (rows.length > 1) group.append(svgNode("polyline", { class: "trend__line", points: points.join(" ") }));
+      rows.forEach((r, i) => {
+        const value = Number(r[series.key]) || 0;
+        const dot = svgNode("circle", { class: "trend__dot", cx: round(x(i)), cy: round(y(value)), r: 3.5,
+          "data-date": r.date, "data-value": value });
+        dot.append(svgNode("title", {}, `${formatNight(r.date)}: ${fmt(value)} ${series.name}`));
+        group.append(dot);
+      });
+      root.append(group);
+    }
+    return root;
+  }
+
+  function renderTrend(name, rows) {
+    el.trendCaption.textContent = `${name}: ES and M365 licensed users on each kept night`;
+    el.trendRows.replaceChildren(...rows.map((r) => {
+      const row = make("tr");
+      const night = make("th", "trend-date", formatNight(r.date));
+      night.scope = "row";
+      night.dataset.date = r.date;
+      row.append(night, make("td", "num trend-es", fmt(r.es_user_count)),
+        make("td", "num trend-m365", fmt(r.m365_licensed_user_count)));
+      return row;
+    }));
+    el.trendLegend.hidden = rows.length === 0;
+    // Drawn at the width it is shown at (one unit a pixel), so its text is as legible on a phone.
+    const width = Math.max(CHART.minWidth, Math.round(el.trendChart.clientWidth) || CHART.width);
+    el.trendChart.replaceChildren(...(rows.length ? [trendSvg(name, rows, width)] : []));
+    if (rows.length === 0) {
+      el.trendNote.textContent = "No kept night has this organization yet: its trend starts with its first "
+        + "published night.";
+    } else if (rows.length === 1) {
+      el.trendNote.textContent = `Only one night is kept for this organization so far (${formatNight(rows[0].date)})`
+        + ": the trend line starts with the next night.";
+    } else {
+      el.trendNote.textContent = `${plural(rows.length, "night", "nights")} kept, from `
+        + `${formatNight(rows[0].date)} to ${formatNight(rows[rows.length - 1].date)}.`;
+    }
+  }
+
+  async function loadTrend(name) {
+    if (trend.controller) trend.controller.abort();
+    const controller = new AbortController();
+    trend.controller = controller;
+    el.trend.hidden = false;
+    el.trendNote.textContent = "Loading the trend…";
+    el.trendLegend.hidden = true;
+    el.trendChart.replaceChildren();
+    el.trendRows.replaceChildren();
+    try {
+      // With no night kept at all there is nothing to ask for (the API would answer 404).
+      const nights = await state.nightsLoaded.catch(() => null);
+      if (controller.signal.aborted) return;
+      if (nights && nights.length === 0) {
+        renderTrend(name, []);
+        return;
+      }
+      const { body } = await fetchJson(API.orgHistory(name), controller.signal);
+      const rows = Array.isArray(body.history) ? body.history.filter((r) => typeof r.date === "string") : [];
+      renderTrend(name, rows);
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      if (err.kind === "http" && err.status === 404) renderTrend(name, []); // on no kept night (yet)
+      else el.trendNote.textContent = `The trend could not be loaded. ${err.message || err}`;
+    } finally {
+      if (trend.controller === controller) trend.controller = null;
+    }
+  }
+
+  // -- Changes view (docs/RULES.md, rule 12) -----------------------------------------------------
+  // Who changed from a chosen kept night to the latest one, optionally in one organization; the CSV
+  // link is the API's own CSV of the same selection.
+
+  const CHANGE_LABELS = {
+    added: "Added", removed: "Removed", moved: "Moved", email_gained: "Email gained", email_lost: "Email lost",
+    licenses_changed: "Licenses changed",
+  };
+  const CHANGES_SHOWN_MAX = 2000; // more rows than anyone reads on a page: the CSV has them all
+  const changesView = { nights: [], controller: null };
+
+  function showChangesState(name, message = "") {
+    el.changesLoading.hidden = name !== "loading";
+    el.changesMessage.hidden = name !== "message";
+    el.changesTable.hidden = name !== "table";
+    el.changesMessageText.textContent = message;
+    el.changes.setAttribute("aria-busy", String(name === "loading"));
+  }
+
+  async function initChanges(signal, nightsLoaded) {
+    el.changes.hidden = false;
+    const controls = el.changesSince.closest(".changes__form");
+    let nights;
+    try {
+      nights = await nightsLoaded;
+    } catch (err) {
+      if (signal.aborted) return;
+      controls.hidden = true;
+      el.changesCsv.hidden = true;
+      el.changesSummary.textContent = "";
+      showChangesState("message", `The kept nights could not be loaded. ${err.message || err}`);
+      return;
+    }
+    changesView.nights = nights;
+    controls.hidden = nights.length < 2;
+    if (nights.length < 2) {
+      el.changesCsv.hidden = true;
+      el.changesSummary.textContent = "";
+      showChangesState("message", nights.length === 0
+        ? "No night is kept yet: changes appear once two nights have been published."
+        : `Only one night is kept so far (${formatNight(nights[0].date)}): changes appear after the next `
+          + "published night.");
+      return;
+    }
+    const dates = nights.map((n) => n.date);
+    el.changesSince.min = dates[0];
+    el.changesSince.max = dates[dates.length - 1];
+    el.changesSince.value = dates[dates.length - 2]; // the previous night
+    el.changesNights.replaceChildren(...dates.map((d) => Object.assign(make("option"), { value: d })));
+    fillChangesOrganizations([]);
+    loadChanges();
+  }
+
+  /** The organization filter: tonight's organizations, then those only earlier nights had (a customer
+   * that left), as far as the unfiltered changes name them. Keeps the choice when it is still there. */
+  function fillChangesOrganizations(namesInChanges) {
+    const chosen = el.changesOrg.value;
+    const tonight = state.organizations.map((item) => String(item.org[NAME_KEY])).sort(compareNames);
+    const known = new Set(tonight);
+    const earlier = [...new Set(namesInChanges)].filter((n) => typeof n === "string" && !known.has(n))
+      .sort(compareNames);
+    const option = (name) => Object.assign(make("option", "", name), { value: name });
+    const options = [option("All organizations"), ...tonight.map(option)];
+    options[0].value = "";
+    if (earlier.length) {
+      const group = make("optgroup");
+      group.label = "Not published tonight";
+      group.append(...earlier.map(option));
+      options.push(group);
+    }
+    el.changesOrg.replaceChildren(...options);
+    el.changesOrg.value = known.has(chosen) || earlier.includes(chosen) ? chosen : "";
+  }
+
+  async function loadChanges() {
+    const nights = changesView.nights;
+    if (nights.length < 2) return;
+    if (changesView.controller) changesView.controller.abort();
+    const controller = new AbortController();
+    changesView.controller = controller;
+    // An emptied date field means the default: the previous night.
+    const previous = nights[nights.length - 2].date;
+    const since = el.changesSince.value || previous;
+    const org = el.changesOrg.value;
+    el.changesCsv.href = API.changesSince(since, org, "csv");
+    el.changesCsv.hidden = true;
+    el.changesSummary.textContent = "";
+    showChangesState("loading");
+    try {
+      // The default selection is the delta column's request (the same answer): one download, not two.
+      const url = since === previous && !org ? API.changes : API.changesSince(since, org);
+      const { body } = await fetchJson(url, controller.signal);
+      renderChanges(Array.isArray(body.changes) ? body.changes : [], since, org, body);
+      el.changesCsv.hidden = false;
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      const reason = err.kind === "http" && err.detail ? err.detail : (err.message || String(err));
+      showChangesState("message", `No changes to show: ${reason.replace(/\.?$/u, ".")}`);
+    } finally {
+      if (changesView.controller === controller) changesView.controller = null;
+    }
+  }
+
+  function renderChanges(changes, since, org, body) {
+    if (!org) fillChangesOrganizations(changes.flatMap((c) => [c.organization_name, c.previous_organization_name]));
+    const from = typeof body.from === "string" ? body.from.slice(0, 10) : since;
+    const to = typeof body.to === "string" ? body.to.slice(0, 10) : "";
+    const scope = org ? ` in ${org}` : "";
+    const counts = Object.keys(CHANGE_LABELS).map((kind) => [kind, changes.filter((c) => c.change === kind).length])
+      .filter(([, n]) => n > 0).map(([kind, n]) => `${fmt(n)} ${CHANGE_LABELS[kind].toLowerCase()}`);
+    const range = `from the night of ${formatNight(from)} to ${formatNight(to)}`;
+    const nearest = from !== since ? ` (the latest kept night on or before ${formatNight(since)})` : "";
+    if (changes.length === 0) {
+      el.changesRows.replaceChildren();
+      showChangesState("message", `No changes${scope} ${range}${nearest}.`);
+      return;
+    }
+    const shown = changes.slice(0, CHANGES_SHOWN_MAX);
+    el.changesSummary.textContent = `${plural(changes.length, "change", "changes")}${scope} ${range}${nearest}: `
+      + `${counts.join(", ")}.`
+      + (shown.length < changes.length ? ` The first ${fmt(shown.length)} are listed; the CSV has all.` : "");
+    el.changesRows.replaceChildren(...shown.map(changeRow));
+    showChangesState("table");
+  }
+
+  function optionalText(value) {
+    return value === null || value === undefined ? "—" : String(value);
+  }
+
+  function emailText(value) {
+    return value === true ? "Yes" : value === false ? "No" : "—";
+  }
+
+  function changeRow(change) {
+    const row = make("tr");
+    const kind = String(change.change);
+    row.dataset.change = kind;
+    const kindCell = make("td", "change-kind");
+    kindCell.append(make("span", `badge badge--change badge--${CHANGE_LABELS[kind] ? kind : "other"}`,
+      CHANGE_LABELS[kind] || kind));
+    const orgCell = make("td", "change-org");
+    orgCell.append(make("span", "change-org__name", String(change.organization_name ?? "")));
+    if (change.previous_organization_name !== null && change.previous_organization_name !== undefined) {
+      const from = make("span", "change-org__from", "from ");
+      from.append(make("span", "change-org__previous", String(change.previous_organization_name)));
+      orgCell.append(from);
+    }
+    const user = make("td", "change-user");
+    user.dataset.label = "User";
+    user.append(make("span", "change-name", String(change.display_name ?? "")),
+      make("span", "user-upn change-upn", String(change.user_principal_name ?? "")));
+    const licenses = make("td", "change-licenses");
+    licenses.dataset.label = "Licenses";
+    const email = make("td", "center change-email");
+    email.dataset.label = "Email license";
+    for (const [when, label] of [["before", "Before"], ["after", "After"]]) {
+      const line = make("span", `change-line change-line--${when}`);
+      line.append(make("span", "change-line__label", `${label}: `),
+        make("span", `change-licenses-${when}`, optionalText(change[`licenses_${when}`])));
+      licenses.append(line);
+      if (when === "after") email.append(make("span", "change-arrow", " → "));
+      email.append(make("span", `change-email-${when}`, emailText(change[`has_email_license_${when}`])));
+    }
+    row.append(kindCell, orgCell, user, licenses, email);
+    return row;
+  }
+
   // -- wiring -----------------------------------------------------------------------------
 
   el.orgTable.tHead.addEventListener("click", onSortClick);
@@ -658,6 +1021,8 @@
   el.orgSearch.addEventListener("search", applyOrder);
   el.dialog.addEventListener("close", onDialogClose);
   el.dialog.addEventListener("click", onDialogClick);
+  el.changesSince.addEventListener("change", loadChanges);
+  el.changesOrg.addEventListener("change", loadChanges);
   setInterval(() => { if (!el.content.hidden) updateFreshness(); }, 60000);
 
   loadSummary();
