@@ -292,7 +292,7 @@ def _gone_on_404(fetch: Callable[[Any], list[Page]], gone: list[str],
         try:
             return fetch(item)
         except VendorNotFoundError:
-            gone.append(label(item))  # list.append is atomic: safe from the pool's threads
+            gone.append(label(item))  # items run in greenlets on one event loop: no lock needed
             return []
 
     return fetch_or_gone
