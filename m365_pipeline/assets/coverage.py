@@ -28,6 +28,7 @@ from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.duckdb_helpers import (
     ensure_schema,
     markdown_preview,
+    read_sql,
     rows_by_first_column,
     run_sql,
     table_metadata,
@@ -195,14 +196,47 @@ def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str |
     writer.write_coverage(None, "json", json_bytes(overview))
     writer.write_coverage(None, "csv", csv_bytes(COVERAGE_ORG_FIELDS, organizations))
     missing = {row[0] for row in organizations}
-    for name, rows in _rows_by_organization(conn):
+    with_control = []
+    conn.execute(read_sql("macros.sql"))  # csv_field
+    for name, rows in rows_by_first_column(conn.execute(ROW_TEXT_SQL)):
         if name not in missing:  # a mailbox of an organization the summary lacks cannot happen
             raise RuntimeError("coverage rows of an organization missing from the summary")
         missing.discard(name)
-        _write_organization(writer, name, rows)
+        if any(control for _, _, control in rows):
+            with_control.append(name)  # written below, once this query's rows are all read
+        else:
+            _write_organization_text(writer, name, rows)
+    for name in with_control:
+        _write_organization(writer, name, conn.execute(ORGANIZATION_ROWS_SQL, [name]).fetchall())
     for name in missing:
         _write_organization(writer, name, [])
     return totals
+
+
+# Each coverage row's JSON object and CSV record, written by DuckDB in rule 9's order, so Python only
+# joins them: JSON and CSV byte for byte as json_bytes and csv_bytes write them, except that DuckDB
+# escapes control characters as \u001F where Python writes \u001f. An organization with any (flagged
+# here) is written from its rows by the reference encoders instead.
+ROW_TEXT_SQL = f"""
+    SELECT organization_name,
+           to_json({{{', '.join(f"'{field}': {field}" for field in COVERAGE_USER_FIELDS)}}})::VARCHAR,
+           {" || ',' || ".join(f"csv_field({field})" for field in COVERAGE_USER_FIELDS)} || chr(13) || chr(10),
+           regexp_matches(concat(organization_name, user_principal_name, display_name), '[\\x00-\\x1f]')
+    FROM core.backup_coverage
+    ORDER BY organization_name, lower(user_principal_name), user_principal_name"""
+ORGANIZATION_ROWS_SQL = f"""
+    SELECT {', '.join(COVERAGE_USER_FIELDS)} FROM core.backup_coverage WHERE organization_name = $1
+    ORDER BY lower(user_principal_name), user_principal_name"""
+CSV_HEADER = ",".join(COVERAGE_USER_FIELDS) + "\r\n"
+
+
+def _write_organization_text(writer: VersionWriter, name: str, rows: list[tuple[str, str, bool]]) -> None:
+    """The same bytes as _write_organization, from rows DuckDB formatted."""
+    users = ",".join(json_row for json_row, _, _ in rows)
+    writer.write_coverage(name, "json", b"".join((
+        b'{"status":"success","organization":', json_bytes(name), b',"users":[', users.encode("utf-8"),
+        b'],"total_users":', str(len(rows)).encode(), b"}")))
+    writer.write_coverage(name, "csv", (CSV_HEADER + "".join(record for _, record, _ in rows)).encode("utf-8"))
 
 
 def _write_organization(writer: VersionWriter, name: str, rows: list[tuple]) -> None:
@@ -210,13 +244,6 @@ def _write_organization(writer: VersionWriter, name: str, rows: list[tuple]) -> 
             "users": [dict(zip(COVERAGE_USER_FIELDS, row, strict=True)) for row in rows], "total_users": len(rows)}
     writer.write_coverage(name, "json", json_bytes(body))
     writer.write_coverage(name, "csv", csv_bytes(COVERAGE_USER_FIELDS, rows))
-
-
-def _rows_by_organization(conn: Any) -> Iterator[tuple[str, list[tuple]]]:
-    """Each organization's rows in rule 9's order, one organization in memory at a time."""
-    return rows_by_first_column(conn.execute(f"""
-        SELECT organization_name, {', '.join(COVERAGE_USER_FIELDS)} FROM core.backup_coverage
-        ORDER BY organization_name, lower(user_principal_name), user_principal_name"""))
 
 
 coverage_assets = [backup_coverage, org_backup_coverage]
