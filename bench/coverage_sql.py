@@ -69,12 +69,13 @@ def contract_transforms(conn: duckdb.DuckDBPyConnection) -> None:
     run_sql(conn, "core_license_rules.sql")
     conn.unregister("rules_frame")
     run_sql(conn, "core_license_assignments.sql")
-    run_sql(conn, "core_users.sql", raw_macros=True)
+    run_sql(conn, "core_backup_accounts.sql")
+    run_sql(conn, "core_users.sql")
     run_sql(conn, "marts_org_summary.sql", [conn.execute(LAST_COLLECTED_SQL).fetchone()[0]])
 
 
 def coverage_transforms(conn: duckdb.DuckDBPyConnection) -> None:
-    run_sql(conn, "core_backup_coverage.sql", raw_macros=True)
+    run_sql(conn, "core_backup_coverage.sql")
     run_sql(conn, "marts_org_backup_coverage.sql")
     for where in GAPS.values():  # what the WARN checks ask
         conn.execute(f"SELECT organization_name, count(*) FROM core.backup_coverage WHERE {where} GROUP BY 1"

@@ -34,13 +34,9 @@ def read_sql(name: str) -> str:
     return resources.files("m365_pipeline").joinpath("sql", name).read_text(encoding="utf-8")
 
 
-def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: list[Any] | None = None, *,
-            raw_macros: bool = False) -> None:
-    """Run ``sql/<name>`` after the shared rule macros (``sql/macros.sql``, and ``sql/raw_macros.sql``
-    when asked: those need the raw tables to exist) on this connection."""
+def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: list[Any] | None = None) -> None:
+    """Run ``sql/<name>`` after the shared rule macros (``sql/macros.sql``) on this connection."""
     conn.execute(read_sql("macros.sql"))
-    if raw_macros:
-        conn.execute(read_sql("raw_macros.sql"))
     conn.execute(read_sql(name), params or [])
 
 

@@ -12,9 +12,11 @@ from dagster import AssetCheckSeverity, materialize
 from m365_pipeline.assets.core import core_assets
 from m365_pipeline.assets.coverage import coverage_assets, coverage_checks
 from m365_pipeline.assets.marts import marts_assets
+from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.simulator.truth import _smallest
 
 from .contract_fixtures import RawBuilder, contract_resources
-from .helpers import dicts
+from .helpers import dicts, make_resources
 
 E3 = "Microsoft 365 E3"
 APPS = "Microsoft 365 Apps for business"  # an M365 license that is not an email license
@@ -172,3 +174,38 @@ def test_warn_checks_pass_when_every_email_user_is_backed_up(tmp_path):
     b.person("ann@acme.com", E3).account("o1", "t1", "ann@acme.com", status="active")
     result = run_coverage(b)
     assert all(e.passed for e in result.get_asset_check_evaluations())
+
+
+def expected_backup_accounts(dataset) -> dict[tuple[str, str], dict]:
+    """core.backup_accounts from the simulator's records in plain Python: rule 2's accounts (mailboxes of m365
+    tenants, with a key) per organization and key; name, licensed, and rule 13's status of them all."""
+    accounts: dict[tuple[str, str], list[dict]] = {}
+    for owner in dataset.backup_owners():
+        for tenant in dataset.backup_tenants(owner["id"]):
+            for account in dataset.backup_accounts(owner["id"], tenant["id"]):
+                if tenant["type"] == "m365" and account["mailbox"] is True and (account["upn"] or "").strip():
+                    key = (owner["organization_name"], account["upn"].strip().lower())
+                    accounts.setdefault(key, []).append(account)
+    known = ("active", "excluded", "available")
+    expected = {}
+    for key, group in accounts.items():
+        statuses = {(a["status"] or "").strip().lower() for a in group}
+        unknown = sorted(s for s in statuses if s and s not in known)
+        expected[key] = {"name": _smallest([a["name"] for a in group]),
+                         "licensed": any(a["licensed"] is True for a in group),
+                         "backup_status": next((s for s in known if s in statuses), "none"),
+                         "unknown_status": unknown[0] if unknown else None, "accounts": len(group)}
+    return expected
+
+
+def test_core_backup_accounts_holds_each_organizations_rule2_accounts_once_per_key(start_simulator, db_path):
+    sim = start_simulator(orgs=10, users_per_org=14, seed=5)
+    materialize([*raw_assets, *core_assets], resources=make_resources(sim, db_path), raise_on_error=True)
+    found = {(r.pop("organization_name"), r.pop("user_principal_name")): r
+             for r in dicts(db_path, "SELECT * FROM core.backup_accounts")}
+    expected = expected_backup_accounts(sim.dataset)
+    assert found == expected
+    # The data has what the rules are about: several accounts with one key, unknown and missing statuses.
+    assert any(r["accounts"] > 1 for r in expected.values())
+    assert any(r["unknown_status"] for r in expected.values())
+    assert {r["backup_status"] for r in expected.values()} == {"active", "excluded", "available", "none"}

@@ -20,7 +20,7 @@ EXPECTED_ASSETS = {
     ("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
     ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
     ("export", "dashboard_api"), ("export", "analytics_db"),
-    ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
+    ("core", "backup_accounts"), ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
 }
 
 

@@ -55,6 +55,15 @@ LICENSE_ASSIGNMENTS_SCHEMA = table_schema(
     ("m365_rule", "VARCHAR", "rule_id that decided is_m365_license."),
     ("email_rule", "VARCHAR", "rule_id that decided is_email_license; null when no include pattern matched."),
 )
+BACKUP_ACCOUNTS_SCHEMA = table_schema(
+    ("organization_name", "VARCHAR", "Organization (rule 1) of the tenant holding the accounts."),
+    ("user_principal_name", "VARCHAR", "The accounts' key: trimmed, lower-cased UPN."),
+    ("name", "VARCHAR", "The accounts' name, trimmed; the first by name when several; null when empty."),
+    ("licensed", "BOOLEAN", "Any of the accounts is licensed (source B's stand-in, rule 6)."),
+    ("backup_status", "VARCHAR", "Rule 13: active beats excluded beats available; anything else is none."),
+    ("unknown_status", "VARCHAR", "A status rule 13 does not know (read as none); the least if several."),
+    ("accounts", "INTEGER", "Rule-2 accounts with this key in this organization."),
+)
 USERS_SCHEMA = table_schema(
     ("user_principal_name", "VARCHAR", "The user's key: trimmed, lower-cased UPN."),
     ("organization_name", "VARCHAR", "Organization (contract rule 3); null when unassigned."),
@@ -123,8 +132,29 @@ def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) 
 
 
 @asset(
+    key=["core", "backup_accounts"], group_name=GROUP, kinds={"duckdb"},
+    deps=[RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"]],
+    metadata=table_metadata("core.backup_accounts", BACKUP_ACCOUNTS_SCHEMA),
+)
+def backup_accounts(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:
+    """One row = one user key's rule-2 accounts (m365 mailboxes) in one organization of source B.
+
+    Source B's accounts read, joined to their tenant and organization, and normalised once for
+    core.users (rules 2, 3, 6) and core.backup_coverage (rule 13).
+    """
+    with duckdb.get_connection() as conn:
+        ensure_schema(conn, "core")
+        run_sql(conn, "core_backup_accounts.sql")
+        accounts, several = conn.execute(
+            "SELECT coalesce(sum(accounts), 0), count(*) FILTER (WHERE accounts > 1) FROM core.backup_accounts"
+        ).fetchone()
+        return table_result(conn, "core.backup_accounts", rule2_accounts=int(accounts),
+                            keys_with_several_accounts=several)
+
+
+@asset(
     key=["core", "users"], group_name=GROUP, kinds={"duckdb"},
-    deps=[RAW["backup_organizations"], RAW["backup_tenants"], RAW["backup_accounts"], RAW["saas_users"],
+    deps=[backup_accounts, RAW["backup_tenants"], RAW["backup_organizations"], RAW["saas_users"],
           license_assignments],
     metadata=table_metadata("core.users", USERS_SCHEMA),
 )
@@ -135,7 +165,7 @@ def users(context: AssetExecutionContext, duckdb: DuckDBResource) -> Materialize
     the user is M365-licensed and an ES user, which source decided, and whether it is published.
     """
     with duckdb.get_connection() as conn:
-        run_sql(conn, "core_users.sql", raw_macros=True)
+        run_sql(conn, "core_users.sql")
         counts = conn.execute("""
             SELECT count(*) FILTER (WHERE published), count(*) FILTER (WHERE organization_name IS NULL),
                    count(*) FILTER (WHERE classification_source = 'backup')
@@ -209,5 +239,5 @@ def new_license_names(context: AssetCheckExecutionContext, duckdb: DuckDBResourc
     )
 
 
-core_assets = [license_rules, license_assignments, users]
+core_assets = [license_rules, license_assignments, backup_accounts, users]
 core_checks = [unassigned_users, upn_in_several_organizations, new_license_names]

@@ -9,10 +9,9 @@ m365_tenants AS (
     JOIN owners AS o ON o.owner_id = t.owner_id
     WHERE t.type = 'm365'
 ),
--- Rule 2: mailboxes of m365 tenants; public folders (mailbox false) and GWS never count.
+-- Rule 2: mailboxes of m365 tenants (public folders and GWS never count), one row per organization and key.
 accounts AS (
-    SELECT upn, nullif(trim(name), '') AS name, coalesce(licensed, false) AS licensed, organization_name
-    FROM rule2_accounts()
+    SELECT user_principal_name AS upn, name, licensed, organization_name FROM core.backup_accounts
 ),
 -- Rule 3: an organization owns its m365 tenants' domains and its mailboxes' UPN domains.
 domain_owners AS (
@@ -32,7 +31,7 @@ org_tenant_domains AS (
     SELECT DISTINCT organization_name, domain FROM m365_tenants
 ),
 account_orgs AS (
-    SELECT DISTINCT a.upn, a.organization_name, d.domain IS NOT NULL AS tenant_has_domain
+    SELECT a.upn, a.organization_name, d.domain IS NOT NULL AS tenant_has_domain
     FROM accounts AS a
     LEFT JOIN org_tenant_domains AS d
         ON d.organization_name = a.organization_name AND d.domain = upn_domain(a.upn)

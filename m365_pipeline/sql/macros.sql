@@ -11,3 +11,8 @@ CREATE OR REPLACE TEMP MACRO domain_key(domain) AS lower(trim(domain));
 -- Rule 13: a source B status compared after trimming whitespace, case-insensitively.
 CREATE OR REPLACE TEMP MACRO backup_status_key(status) AS
     nullif(lower(trim(status, ' ' || chr(9) || chr(10) || chr(13))), '');
+-- A CSV field as Python's csv module writes it (RFC 4180): quoted, quotes doubled, only when it holds
+-- a comma, a quote, CR or LF; null as empty; booleans true/false.
+CREATE OR REPLACE TEMP MACRO csv_field(v) AS
+    CASE WHEN regexp_matches(v::VARCHAR, '[,"\r\n]') THEN '"' || replace(v::VARCHAR, '"', '""') || '"'
+         ELSE coalesce(v::VARCHAR, '') END;
