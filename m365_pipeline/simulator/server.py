@@ -185,7 +185,7 @@ class _App:
 
     def _saas_subscriptions(self, handler: web.BaseRequest, query: Query, user_id: str) -> Response:
         self._saas_auth(handler)
-        subs = self.dataset.subscriptions_of(user_id)
+        subs = self.dataset.subscription_records(user_id)
         if subs is None:
             raise _Reject(404, {"code": 404, "message": f"User {user_id} not found"})
         return self._saas_page(query, len(subs), lambda start, stop: subs[start:stop])
