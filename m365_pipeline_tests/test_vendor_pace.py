@@ -19,10 +19,10 @@ import requests
 from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.processes import GC_YOUNG_THRESHOLD
 from m365_pipeline.resources import SaasApiResource
 from m365_pipeline.resources.http import (
     AHEAD,
-    GC_YOUNG_THRESHOLD,
     Page,
     VendorError,
     VendorNotFoundError,

@@ -16,7 +16,6 @@ not followed, so credentials never go to another host.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import re
 import socket
@@ -24,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, quote_plus, urlsplit
@@ -37,6 +35,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 from yarl import URL
 
+from m365_pipeline.processes import young_garbage_collected_less
 from m365_pipeline.resources.pace import AdaptiveLimit
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -407,30 +406,8 @@ def run_concurrently(
     started ahead, or ``AHEAD`` times the client's current limit when ``pace`` is given (the limit
     then decides how many calls are in flight). The first failure cancels everything else and is re-raised.
     """
-    with _young_garbage_collected_less():
+    with young_garbage_collected_less():
         return _event_loop().run_until_complete(_run_concurrently(items, fn, workers, on_result, pace))
-
-
-# Young objects before a collection during a pull (the default is 700).
-GC_YOUNG_THRESHOLD = 50_000
-
-
-@contextmanager
-def _young_garbage_collected_less() -> Iterator[None]:
-    """Fewer garbage-collector passes during a pull, none of them over what was alive before it.
-
-    Every call allocates hundreds of objects (aiohttp's request and response, futures, decoded JSON) that die
-    young, so the collector ran every few calls, and each full pass walked the whole process (Dagster,
-    DuckDB's bindings): 11-20 % of a pull's CPU. ``gc.freeze`` sets what was alive aside until the pull ends.
-    """
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(thresholds[0], GC_YOUNG_THRESHOLD), *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 async def _run_concurrently(items: Iterable[T], fn: Callable[[T], R], workers: int,

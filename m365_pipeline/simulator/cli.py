@@ -7,7 +7,6 @@ comment saying where it serves: ``m365-simulate > sim.env &`` then ``. ./sim.env
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from m365_pipeline.resources.http import GC_YOUNG_THRESHOLD
+from m365_pipeline.processes import young_garbage_collected_less
 from m365_pipeline.simulator.dataset import (
     DEFAULT_ADMIN_TOKEN,
     DEFAULT_RESELLER_TOKEN,
@@ -160,10 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    # This process only serves: what is alive now lives until it stops, and each answer's objects die
-    # young, so the collector need not walk the dataset nor run every 700 objects (see run_concurrently).
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -172,8 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"export {name}={shlex.quote(value)}")
         print(f"# {PROG}: serving {config.orgs} organizations, {sim.dataset.saas_user_count} source S users "
               f"on {sim.base_url} (seed {config.seed}, night {config.night}); Ctrl-C to stop", flush=True)
-        while not stop.wait(0.5):
-            pass
+        # What is alive now lives until the simulator stops, and each answer's objects die young.
+        with young_garbage_collected_less():
+            while not stop.wait(0.5):
+                pass
     finally:
         sim.stop()
     return 0
