@@ -44,7 +44,15 @@ def is_secret_field(name: str) -> bool:
     return bool(_TOKEN_FIELD.search(name))
 
 
-def without_secrets(record: Mapping[str, Any]) -> dict[str, Any]:
+# Keys already known to hold no credential: a record with only those is kept as it is (a set test in C).
+_PLAIN_KEYS: set[str] = set()
+
+
+def without_secrets(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    if record.keys() <= _PLAIN_KEYS:
+        return record
+    if len(_PLAIN_KEYS) < 4096:  # bounded, like is_secret_field's cache, whatever keys a vendor invents
+        _PLAIN_KEYS.update(key for key in record if not is_secret_field(key))
     return {key: value for key, value in record.items() if not is_secret_field(key)}
 
 

@@ -79,7 +79,10 @@ class AdaptiveLimit:
         self._second = 0  # successes per whole second of the clock, for _sustained
         self._successes = 0
         self._last_second_successes = 0
-        self._cond = threading.Condition()
+        # A plain lock held with ``with self._lock`` (C code, unlike Condition's __enter__), shared by the
+        # threads' condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._waiters: deque[asyncio.Future[None]] = deque()  # coroutines waiting for a slot
 
     @property
@@ -87,17 +90,17 @@ class AdaptiveLimit:
         return int(self._limit)
 
     def snapshot(self) -> PaceSnapshot:
-        with self._cond:
+        with self._lock:
             return PaceSnapshot(int(self._limit), self._in_flight, self._peak, self._throttled, self._decreases)
 
     def pause_remaining(self) -> float:
         """Seconds until calls may start again after a 429's Retry-After (0 when not paused)."""
-        with self._cond:
+        with self._lock:
             return max(0.0, self._paused_until - self._clock())
 
     def acquire(self) -> int:
         """Wait for a free slot and for any shared pause to end; returns a ticket for ``release``."""
-        with self._cond:
+        with self._lock:
             while True:
                 pause = self._paused_until - self._clock()
                 if pause > 0:
@@ -112,7 +115,7 @@ class AdaptiveLimit:
         """``acquire`` for a coroutine: waits on the event loop, never blocking it."""
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 pause = self._paused_until - self._clock()
                 if pause <= 0 and self._in_flight < int(self._limit):
                     self._in_flight += 1
@@ -130,7 +133,7 @@ class AdaptiveLimit:
     def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
                 retry_after_s: float = 0.0) -> None:
         """Report how the call went: its latency when it succeeded, or that the vendor said 429."""
-        with self._cond:
+        with self._lock:
             busy = self._in_flight >= self._limit / 2  # an idle client learns nothing about the vendor
             self._in_flight -= 1
             if throttled:
