@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import msgspec
 
 from m365_pipeline.processes import process_alive
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
 
 # Fields whose values are credentials. They never reach the staging file or a table.
 _TOKEN_FIELD = re.compile(r"token|secret|password", re.IGNORECASE)
-# One encoder for every line: json.dumps with options builds a new JSONEncoder per call.
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# UTF-8 JSON lines, ten times faster than the stdlib's encoder; integers of any size stay exact.
+_ENCODE = msgspec.json.Encoder().encode
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
@@ -43,7 +44,15 @@ def is_secret_field(name: str) -> bool:
     return bool(_TOKEN_FIELD.search(name))
 
 
-def without_secrets(record: Mapping[str, Any]) -> dict[str, Any]:
+# Keys already known to hold no credential: a record with only those is kept as it is (a set test in C).
+_PLAIN_KEYS: set[str] = set()
+
+
+def without_secrets(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    if record.keys() <= _PLAIN_KEYS:
+        return record
+    if len(_PLAIN_KEYS) < 4096:  # bounded, like is_secret_field's cache, whatever keys a vendor invents
+        _PLAIN_KEYS.update(key for key in record if not is_secret_field(key))
     return {key: value for key, value in record.items() if not is_secret_field(key)}
 
 
@@ -64,16 +73,14 @@ class StagingFile:
         self.path = directory / f"{table.qualified}.{os.getpid()}.jsonl"
         self.table = table
         self.rows = 0
-        self._handle = self.path.open("w", encoding="utf-8")
+        self._handle = self.path.open("wb")
 
     def add(self, records: Iterable[Mapping[str, Any]], *, origin: Endpoint, **context: Any) -> None:
-        write = self._handle.write
         where = origin.describe()
-        for record in records:
-            line = {**without_secrets(record), **context, "_origin": where}
-            write(_ENCODE(line))
-            write("\n")
-            self.rows += 1
+        lines = [_ENCODE({**without_secrets(record), **context, "_origin": where}) for record in records]
+        if lines:
+            self._handle.write(b"\n".join(lines) + b"\n")
+            self.rows += len(lines)
 
     def restart(self) -> None:
         """Drop everything added so far (a read that has to be done again)."""

@@ -178,6 +178,22 @@ def test_latency_noise_below_the_absolute_floor_is_not_congestion():
     assert limit.snapshot().decreases == 0
 
 
+def test_calls_that_only_queue_hold_the_limit_without_shrinking_it():
+    # A vendor answering in 1 ms: at 32 in flight answers take 20 ms, so the calls only wait in a queue.
+    limit = AdaptiveLimit(ceiling=1000, initial=32, clock=Clock())
+    busy_round(limit, 0.001)
+    before = limit.limit
+    busy_round(limit, 0.020)  # the smoothed latency takes a few answers to see the queue
+    held = limit.limit
+    assert held < before + 10
+    for _ in range(5):
+        busy_round(limit, 0.020)
+    assert limit.limit == held and limit.snapshot().decreases == 0
+    for _ in range(3):  # the queue drained: latency is back, and so is growth
+        busy_round(limit, 0.001)
+    assert limit.limit > held
+
+
 def test_a_decrease_never_goes_below_one_call_in_flight():
     limit = AdaptiveLimit(ceiling=10, initial=2, clock=Clock())
     for _ in range(5):

@@ -7,6 +7,7 @@ every row lands either way.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -18,6 +19,7 @@ import requests
 from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
+from m365_pipeline.processes import GC_YOUNG_THRESHOLD
 from m365_pipeline.resources import SaasApiResource
 from m365_pipeline.resources.http import (
     AHEAD,
@@ -133,6 +135,24 @@ def test_the_first_failure_stops_the_pull_and_is_raised(start_simulator):
                              pace=client.pace)
         # Everything not yet started was dropped: far fewer calls than users (the window is AHEAD x 4).
         assert sim.stats()["requests"]["saas_subscriptions"] <= AHEAD * 4 + 4 < len(ids) // 2
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_garbage_collector_skips_what_was_alive_before_a_pull_and_is_restored_after(fails):
+    before, seen = gc.get_threshold(), []
+
+    def fn(item: int) -> int:
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count()))
+        if fails and item == 2:
+            raise ValueError("boom")
+        return item
+
+    try:
+        run_concurrently(range(3), fn, workers=2, on_result=lambda *_: None)
+    except ValueError:
+        assert fails
+    assert seen and all(threshold == GC_YOUNG_THRESHOLD and frozen > 1000 for threshold, frozen in seen)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 class _Redirect(BaseHTTPRequestHandler):

@@ -19,6 +19,10 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
   mark: once latency is back the limit regrows as before, since a spike (the network's, or a busy
   machine's) says less about the vendor than a 429. A rise under 50 ms is a fast vendor's queueing or
   this machine's scheduling, not congestion: backing off for it only costs CPU per call.
+* **Queueing**: latency above ``tolerance`` times the lowest and by more than ``hold_rise_s`` (10 ms), but
+  less than the 50 ms that shrink the limit: hold it. More calls in flight only wait in a queue then (a
+  vendor answering in a millisecond, served as fast as this machine can go), and each one held in flight
+  costs CPU in both processes: at zero latency 256 in flight cost ~20 % more per call than 8 to 64.
 * At most one decrease per round trip: answers to calls sent before the last decrease say
   nothing about the new limit, so they cannot shrink it again.
 """
@@ -52,12 +56,14 @@ class AdaptiveLimit:
     """
 
     def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.05,
-                 probe_rounds: int = 50, clock: Callable[[], float] = time.monotonic) -> None:
+                 hold_rise_s: float = 0.01, probe_rounds: int = 50,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if ceiling < 1:
             raise ValueError("ceiling must be at least 1")
         self.ceiling = ceiling
         self.tolerance = tolerance
         self.min_rise_s = min_rise_s
+        self.hold_rise_s = hold_rise_s
         self.probe_rounds = probe_rounds
         self._clock = clock
         self._limit = float(min(initial, ceiling))
@@ -73,7 +79,10 @@ class AdaptiveLimit:
         self._second = 0  # successes per whole second of the clock, for _sustained
         self._successes = 0
         self._last_second_successes = 0
-        self._cond = threading.Condition()
+        # A plain lock held with ``with self._lock`` (C code, unlike Condition's __enter__), shared by the
+        # threads' condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._waiters: deque[asyncio.Future[None]] = deque()  # coroutines waiting for a slot
 
     @property
@@ -81,17 +90,17 @@ class AdaptiveLimit:
         return int(self._limit)
 
     def snapshot(self) -> PaceSnapshot:
-        with self._cond:
+        with self._lock:
             return PaceSnapshot(int(self._limit), self._in_flight, self._peak, self._throttled, self._decreases)
 
     def pause_remaining(self) -> float:
         """Seconds until calls may start again after a 429's Retry-After (0 when not paused)."""
-        with self._cond:
+        with self._lock:
             return max(0.0, self._paused_until - self._clock())
 
     def acquire(self) -> int:
         """Wait for a free slot and for any shared pause to end; returns a ticket for ``release``."""
-        with self._cond:
+        with self._lock:
             while True:
                 pause = self._paused_until - self._clock()
                 if pause > 0:
@@ -106,7 +115,7 @@ class AdaptiveLimit:
         """``acquire`` for a coroutine: waits on the event loop, never blocking it."""
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 pause = self._paused_until - self._clock()
                 if pause <= 0 and self._in_flight < int(self._limit):
                     self._in_flight += 1
@@ -124,7 +133,7 @@ class AdaptiveLimit:
     def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
                 retry_after_s: float = 0.0) -> None:
         """Report how the call went: its latency when it succeeded, or that the vendor said 429."""
-        with self._cond:
+        with self._lock:
             busy = self._in_flight >= self._limit / 2  # an idle client learns nothing about the vendor
             self._in_flight -= 1
             if throttled:
@@ -157,13 +166,14 @@ class AdaptiveLimit:
         self._lowest = min(smoothed, lowest + 0.0001 * (smoothed - lowest))
         if ticket != self._epoch:
             return
-        if smoothed > self.tolerance * self._lowest and smoothed - self._lowest > self.min_rise_s:
+        rise = smoothed - self._lowest if smoothed > self.tolerance * self._lowest else 0.0
+        if rise > self.min_rise_s:
             # No new mark: a latency spike (the network's, or a busy machine's) is no limit to remember the way
             # a 429 is; once latency is back, the limit regrows as fast as it grew before.
             self._decrease(0.9)
             # The latency a smaller limit brings is the new normal only once it is seen again.
             self._smoothed = None
-        elif busy:
+        elif busy and rise <= self.hold_rise_s:  # calls that only queue are not worth more in flight
             if self._limit < self._threshold:
                 self._limit = min(self._threshold, self._limit + 1.0)
             else:

@@ -44,7 +44,8 @@ class SaasClient(VendorClient):
             return Endpoint(self.source_name, path, page_number)
 
         for page_number, items in saas_pages(fetch, where, listing):
-            yield where(page_number), require_fields(items, required, where(page_number))
+            endpoint = where(page_number)
+            yield endpoint, require_fields(items, required, endpoint)
 
     def user_pages(self, listing: ListRead | None = None) -> Iterator[Page]:
         return self._collection("/users", USER_REQUIRED, listing)

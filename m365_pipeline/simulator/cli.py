@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
+from m365_pipeline.processes import young_garbage_collected_less
 from m365_pipeline.simulator.dataset import (
     DEFAULT_ADMIN_TOKEN,
     DEFAULT_RESELLER_TOKEN,
@@ -166,8 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"export {name}={shlex.quote(value)}")
         print(f"# {PROG}: serving {config.orgs} organizations, {sim.dataset.saas_user_count} source S users "
               f"on {sim.base_url} (seed {config.seed}, night {config.night}); Ctrl-C to stop", flush=True)
-        while not stop.wait(0.5):
-            pass
+        # What is alive now lives until the simulator stops, and each answer's objects die young.
+        with young_garbage_collected_less():
+            while not stop.wait(0.5):
+                pass
     finally:
         sim.stop()
     return 0

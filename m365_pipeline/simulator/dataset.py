@@ -482,14 +482,23 @@ class Dataset:
 
     def subscriptions_of(self, user_id: str) -> list[dict[str, Any]] | None:
         """The user's subscriptions, or None when the id is not one this dataset issued."""
+        subs = self.subscription_records(user_id)
+        return None if subs is None else [dict(sub) for sub in subs]
+
+    def subscription_records(self, user_id: str) -> tuple[dict[str, Any], ...] | None:
+        """``subscriptions_of`` without the copies, for the server, which only encodes them (never change them).
+
+        Only the person and the subscriptions are made, not the user record: the one call per user a
+        pull makes comes long after the user's page left the record cache.
+        """
         match = _USER_ID.fullmatch(user_id)
         if not match:
             return None
         o, j = int(match[1], 16), int(match[2], 16)
         if o >= len(self.owners) or j >= self.owners[o].saas_count or self._saas_offsets[o] + j in self._deleted:
             return None
-        user, subs = self._saas_record(o, j)
-        return [dict(sub) for sub in subs] if user["id"] == user_id else None
+        p = self._person(o, j)
+        return self._subscriptions(p, o, j) if _saas_id(o, j, p.draws) == user_id else None
 
     def owner(self, owner_id: str) -> Owner | None:
         owner = self._by_id.get(owner_id)
@@ -720,8 +729,7 @@ class Dataset:
     def _make_saas_record(self, o: int, j: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
         p = self._person(o, j)
         d = p.draws[11:]  # draws[:11] belong to the id
-        specs = p.subs if p.subs is not None else _random_subs(p.tier, self._license_draws(o, j, d[:16]))
-        subs = tuple(self._subscription(o, j, k, spec) for k, spec in enumerate(specs))
+        subs = self._subscriptions(p, o, j)
         if p.username is None or p.username == "":
             username, email = p.username, _spell(p.local, p.domain, p.s_spell)
         else:
@@ -742,6 +750,10 @@ class Dataset:
             "userCostPerMonth": sum(s["totalCostPerMonth"] for s in subs), "username": username,
         }
         return user, subs
+
+    def _subscriptions(self, p: _Person, o: int, j: int) -> tuple[dict[str, Any], ...]:
+        specs = p.subs if p.subs is not None else _random_subs(p.tier, self._license_draws(o, j, p.draws[11:27]))
+        return tuple(self._subscription(o, j, k, spec) for k, spec in enumerate(specs))
 
     def _subscription(self, o: int, j: int, k: int, spec: Any) -> dict[str, Any]:
         name, mode, vendor = (spec, None, None) if isinstance(spec, str) else spec

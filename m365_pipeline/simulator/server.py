@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import msgspec
 import uvloop
 from aiohttp import web
 
@@ -184,7 +185,7 @@ class _App:
 
     def _saas_subscriptions(self, handler: web.BaseRequest, query: Query, user_id: str) -> Response:
         self._saas_auth(handler)
-        subs = self.dataset.subscriptions_of(user_id)
+        subs = self.dataset.subscription_records(user_id)
         if subs is None:
             raise _Reject(404, {"code": 404, "message": f"User {user_id} not found"})
         return self._saas_page(query, len(subs), lambda start, stop: subs[start:stop])
@@ -328,8 +329,7 @@ def _same(given: str | None, expected: str) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
-def _encode(body: Any) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+_encode = msgspec.json.Encoder().encode  # compact UTF-8 JSON, as json.dumps(ensure_ascii=False) but faster
 
 
 def _reset(request: web.BaseRequest) -> None:
