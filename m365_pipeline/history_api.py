@@ -1,6 +1,7 @@
-"""Bodies of ``/api/m365/history`` and ``/api/m365/changes`` (docs/RULES.md, rules 11 and 12), and
-the choice of night A. Plain Python shared by the export step (which writes them as files) and
-``m365-serve`` (which selects one organization's changes at request time)."""
+"""Bodies of ``/api/m365/history`` and ``/api/m365/changes`` (docs/RULES.md, rules 11 and 12), the
+choice of night A, and the changes database. Shared by the export step (which writes the history
+files and the changed users' history, ``CHANGED_USERS_FILE``) and ``m365-serve`` (which answers
+``/changes`` at request time from that file with the stored rule-12 SQL, ``CHANGES_SQL``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import hashlib
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from m365_pipeline.publishing import json_bytes
+
+if TYPE_CHECKING:
+    import duckdb
 
 HISTORY_FIELDS = ("date", "es_user_count", "m365_licensed_user_count")
 CHANGE_FIELDS = (
@@ -19,6 +25,11 @@ CHANGE_FIELDS = (
     "licenses_before", "licenses_after", "has_email_license_before", "has_email_license_after",
 )
 CHANGE_KINDS = ("added", "removed", "moved", "email_gained", "email_lost", "licenses_changed")
+# The stored macros of rules 11 and 12 (marts.published_users_on, marts.changes_between).
+CHANGES_SQL = "marts_changes.sql"
+# In each published version: the marts.published_users_history rows of every user whose rows changed
+# on a kept night (see nights.write_changed_users), all m365-serve needs to answer /changes.
+CHANGED_USERS_FILE = "history/changed_users.parquet"
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -82,7 +93,26 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
                        "total_changes": len(rows)})
 
 
-def select_organization(rows: Iterable[dict[str, Any]], organization: str) -> list[dict[str, Any]]:
-    """The changes whose organization_name or previous_organization_name is exactly ``organization``."""
-    return [row for row in rows
-            if row["organization_name"] == organization or row["previous_organization_name"] == organization]
+def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
+    with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
+    import duckdb
+
+    conn = duckdb.connect(":memory:")
+    conn.execute("CREATE SCHEMA marts")
+    conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])
+    conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
+    conn.execute("SET enable_external_access = false")
+    conn.execute("SET lock_configuration = true")
+    return conn
+
+
+def changes_rows(conn: duckdb.DuckDBPyConnection, night_a: str, tonight: str, organization: str | None
+                 ) -> list[dict[str, Any]]:
+    """Rule 12's rows from night A to tonight; with ``organization``, those whose organization_name or
+    previous_organization_name is exactly it."""
+    cursor = conn.execute(f"""
+        SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1::DATE, $2::DATE)
+        WHERE $3::VARCHAR IS NULL OR organization_name = $3 OR previous_organization_name = $3""",
+                          [night_a, tonight, organization])
+    return [dict(zip(CHANGE_FIELDS, row, strict=True)) for row in cursor.fetchall()]

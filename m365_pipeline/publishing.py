@@ -273,6 +273,8 @@ class PublishedVersion:
         # organizations of any kept night (exact name -> file key of their history files).
         self.nights: list[dict[str, str]] = manifest.get("nights", [])
         self.history_organizations: dict[str, str] = manifest.get("history_organizations", {})
+        # What m365-serve answers /changes from (history_api.CHANGED_USERS_FILE); None in versions older than it.
+        self.changed_users: Path | None = path / manifest["changed_users"] if "changed_users" in manifest else None
 
     def _file(self, entry: dict[str, Any]) -> PublishedFile:
         gz = entry.get("gzip_path")
@@ -293,9 +295,6 @@ class PublishedVersion:
 
     def history(self, fmt: str, file_key: str | None = None) -> PublishedFile:
         return self.files[f"history:{fmt}" + (f":{file_key}" if file_key else "")]
-
-    def changes(self, since_night: str, fmt: str) -> PublishedFile:
-        return self.files[f"changes:{fmt}:{since_night}"]
 
     @property
     def has_coverage(self) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from m365_pipeline.history_api import BadDate, night_a, parse_date
+from m365_pipeline.server.app import Dashboard
 
 from .contract_fixtures import RawBuilder, build_and_publish
 from .helpers import dicts, query
@@ -79,12 +80,16 @@ def test_rule12_every_change_kind_once_in_rule_order_and_a_rename_alone_is_none(
     assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == EXPECTED
 
 
-def test_rule12_changes_file_of_the_published_version_is_the_same(two_nights):
-    current = two_nights.parent / "export" / "current"
-    body = json.loads((current / "changes" / "2026-01-20.json").read_bytes())
-    assert body == {"status": "success", "from": "2026-01-20T23:00:00Z", "to": "2026-01-21T23:00:00Z",
-                    "changes": EXPECTED, "total_changes": len(EXPECTED)}
-    assert json.loads((current / "changes" / "2026-01-21.json").read_bytes())["changes"] == []
+def test_rule12_changes_of_the_published_version_are_the_same_for_the_server(two_nights):
+    def changes(since: str) -> dict:
+        answer = Dashboard(two_nights.parent).respond("GET", "/api/m365/changes", f"since={since}", {})
+        assert answer.status == 200, answer.body
+        return json.loads(answer.body)
+
+    assert changes("2026-01-20") == {"status": "success", "from": "2026-01-20T23:00:00Z",
+                                     "to": "2026-01-21T23:00:00Z", "changes": EXPECTED,
+                                     "total_changes": len(EXPECTED)}
+    assert changes("2026-01-21")["changes"] == []
 
 
 def test_rule11_published_users_on_a_date_are_that_nights(two_nights):

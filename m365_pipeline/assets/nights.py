@@ -5,8 +5,8 @@ DuckDB transaction, rolled back when anything before the version is sealed fails
 just before the version swap. A night recorded but not served (the swap failed, or the run was
 killed in between) is forgotten, at once or by the next run, which compares the kept nights with
 the served version's. A blocked run never reaches the publish step and leaves no night.
-The history and changes files of the version are built from the tables inside that transaction,
-so they include tonight.
+The history files and the changed users' history of the version are built from the tables inside
+that transaction, so they include tonight; m365-serve answers /changes from the latter.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from m365_pipeline.duckdb_helpers import (
     table_metadata,
     table_schema,
 )
-from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
+from m365_pipeline.history_api import CHANGED_USERS_FILE, CHANGES_SQL, HISTORY_FIELDS, file_key, history_body
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
 GROUP = "marts"
@@ -33,7 +33,7 @@ NIGHTS_KEY = AssetKey(["marts", "nights"])
 USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
 SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
 # Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
-NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", "marts_nights.sql")
+NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql")
 
 NIGHTS_SCHEMA = table_schema(
     ("collection_date", "DATE", "UTC date of last_collected; at most one night per date."),
@@ -151,13 +151,20 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     return nights, organizations
 
 
-def write_changes_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, nights: list[dict]) -> None:
-    """For every kept night A, the changes from A to tonight (the latest night) in JSON and CSV."""
-    tonight = nights[-1]
-    for night in nights:
-        rows = _dicts(conn.execute(f"SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1, $2)",
-                                   [night["date"], tonight["date"]]))
-        for fmt in ("json", "csv"):
-            body = changes_body(night["last_collected"], tonight["last_collected"], rows, fmt)
-            writer.write_bytes(f"changes:{fmt}:{night['date']}", f"changes/{night['date']}.{fmt}", body,
-                               CONTENT_TYPES[fmt])
+def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> str:
+    """The version's CHANGED_USERS_FILE: every history row of the users with a row opened after the
+    first kept night or closed. Returns its path in the version (for the manifest).
+
+    marts.changes_between(a, b) only reads the rows of UPNs with a row opened or closed in (a, b]; for
+    kept nights a <= b every such UPN is in this file with all its rows, so the macro gives the same
+    answer on it as on the whole table, and the file grows with the changes, not with the users.
+    """
+    path = writer.path / CHANGED_USERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = "'" + str(path).replace("'", "''") + "'"  # COPY takes no parameter; the path is the version's
+    conn.execute(f"""
+        COPY (SELECT * FROM marts.published_users_history WHERE user_principal_name IN (
+                  SELECT user_principal_name FROM marts.published_users_history
+                  WHERE valid_to IS NOT NULL OR valid_from > (SELECT min(collection_date) FROM marts.nights)))
+        TO {target} (FORMAT parquet)""")
+    return CHANGED_USERS_FILE
