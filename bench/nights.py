@@ -111,18 +111,21 @@ def stage(config: SimulatorConfig, directory: Path) -> dict[str, tuple[str, int]
 
 
 def land(staged: dict[str, tuple[str, int]], database: Path, collected: datetime) -> dict[str, int]:
-    """Replace the raw tables with the staged files, with the statement StagingFile.load runs."""
+    """Replace the raw tables with the staged files, with the statement StagingFile.load runs, each on a
+    connection of its own as each raw asset's step does: DuckDB checkpoints when it closes, so the blocks
+    of the table replaced are free for the next one (one connection for all five kept every old raw
+    table's blocks until the end: the file grew by the whole raw layer, not by its largest table)."""
     import duckdb
 
     from m365_pipeline.duckdb_helpers import ensure_schema
     from m365_pipeline.raw_tables import RAW_TABLES
 
     tables = {table.name: table for table in RAW_TABLES}
-    with duckdb.connect(str(database), config={"memory_limit": "1GB"}) as conn:
-        ensure_schema(conn, "raw")
-        for name, (path, _) in staged.items():
+    for name, (path, _) in staged.items():
+        with duckdb.connect(str(database), config={"memory_limit": "1GB"}) as conn:
+            ensure_schema(conn, "raw")
             conn.execute(tables[name].load_sql(), [collected, path])
-            Path(path).unlink()
+        Path(path).unlink()
     return {name: rows for name, (_, rows) in staged.items()}
 
 

@@ -9,19 +9,20 @@ CREATE TABLE IF NOT EXISTS marts.published_users_history (
     valid_from DATE NOT NULL, valid_to DATE);
 
 -- A night re-run on its date was forgotten first (marts_nights_forget.sql).
--- Close the open rows that no longer hold tonight, then open rows for what is new.
-UPDATE marts.published_users_history AS h SET valid_to = (SELECT collection_date FROM tonight)
-WHERE h.valid_to IS NULL AND NOT EXISTS (
-    SELECT 1 FROM core.users AS u
-    WHERE u.published AND u.user_principal_name = h.user_principal_name
-      AND u.organization_name = h.organization_name AND u.display_name = h.display_name
-      AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license);
+-- One join of the open rows with tonight's published users finds both the open rows that no longer
+-- hold tonight (closed) and what is new (opened); every column is compared (all are NOT NULL).
+CREATE OR REPLACE TEMP TABLE night_rows AS
+SELECT h.rowid AS open_row, u.organization_name, u.user_principal_name, u.display_name, u.licenses,
+       u.has_email_license
+FROM (SELECT rowid, * FROM marts.published_users_history WHERE valid_to IS NULL) AS h
+FULL OUTER JOIN (SELECT * FROM core.users WHERE published) AS u
+    ON u.user_principal_name = h.user_principal_name AND u.organization_name = h.organization_name
+   AND u.display_name = h.display_name AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license
+WHERE h.rowid IS NULL OR u.user_principal_name IS NULL;
+UPDATE marts.published_users_history SET valid_to = (SELECT collection_date FROM tonight)
+WHERE rowid IN (SELECT open_row FROM night_rows WHERE user_principal_name IS NULL);
 INSERT INTO marts.published_users_history
-SELECT u.organization_name, u.user_principal_name, u.display_name, u.licenses, u.has_email_license,
+SELECT organization_name, user_principal_name, display_name, licenses, has_email_license,
        (SELECT collection_date FROM tonight), NULL
-FROM core.users AS u
-WHERE u.published AND NOT EXISTS (
-    SELECT 1 FROM marts.published_users_history AS h
-    WHERE h.valid_to IS NULL AND u.user_principal_name = h.user_principal_name
-      AND u.organization_name = h.organization_name AND u.display_name = h.display_name
-      AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license);
+FROM night_rows WHERE open_row IS NULL;
+DROP TABLE night_rows;
