@@ -294,10 +294,10 @@ def write_nights(writer: VersionWriter, nights: dict[str, dict[str, tuple[int, i
     for fmt in ("json", "csv"):
         writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(
             None, [counts(day, list(nights[day])) for day in dates], fmt), CONTENT_TYPES[fmt])
-        for org in {name for day in dates for name in nights[day]}:
-            key = history_organizations[org] = file_key(org)
-            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(
-                org, [counts(day, [org]) for day in dates if org in nights[day]], fmt), CONTENT_TYPES[fmt])
+    for org in {name for day in dates for name in nights[day]}:  # JSON only: m365-serve makes the CSV
+        key = history_organizations[org] = file_key(org)
+        writer.write_bytes(f"history:json:{key}", f"history/{key}.json", history_body(
+            org, [counts(day, [org]) for day in dates if org in nights[day]], "json"), CONTENT_TYPES["json"])
     with duckdb.connect(":memory:") as conn:
         conn.execute("CREATE SCHEMA marts")
         conn.execute("CREATE TABLE marts.nights AS SELECT unnest($1::DATE[]) AS collection_date", [dates])

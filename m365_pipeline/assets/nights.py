@@ -121,7 +121,8 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> tuple[list[dict], dict]:
-    """history.json/csv (totals per night) and one pair per organization ever kept, keyed by a hash.
+    """history.json/csv (totals per night) and one JSON file per organization ever kept, keyed by a hash
+    (m365-serve makes its CSV from it).
 
     Returns (nights [{date, last_collected}], {organization name: file key}) for the manifest.
     """
@@ -145,9 +146,8 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     for name, rows in rows_by_first_column(cursor):
         key = organizations[name] = file_key(name)
         body_rows = [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows]
-        for fmt in ("json", "csv"):
-            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(name, body_rows, fmt),
-                               CONTENT_TYPES[fmt])
+        writer.write_bytes(f"history:json:{key}", f"history/{key}.json", history_body(name, body_rows, "json"),
+                           CONTENT_TYPES["json"])
     return nights, organizations
 
 
