@@ -6,6 +6,7 @@ Layout under ``<data dir>/export``::
     versions/<id>/manifest.json                       (written last: a version without it is unfinished)
     versions/<id>/summary.json, users/<hash>.json, export/<sort>.<json|csv>, and .gz twins
     versions/<id>/coverage/organizations.<json|csv>, coverage/<hash>.<json|csv>   (when source B is configured)
+    versions/<id>/history/all.<json|csv>, history/<hash>.json, history/changed_users.parquet   (rules 11 and 12)
 
 File names never come from organization names: a users file is named by a hash of the name,
 and the manifest maps exact names to files. A reader resolves ``current`` once per request and
