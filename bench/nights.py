@@ -389,6 +389,7 @@ def serve_timings(children: Children, data_dir: Path, dates: list[str], org: str
         warm = {"summary (the server's first request)": time_get(base + "summary", 1)}
         queries = {
             "history": "history", "history?org": "history?" + urlencode({"org": org}),
+            "history?org csv (made from its JSON file)": "history?" + urlencode({"org": org, "format": "csv"}),
             "history csv": "history?format=csv",
             "changes?since=first night": "changes?" + urlencode({"since": dates[0]}),
             "changes?since&org (first request queries the version's changed users)":

@@ -12,12 +12,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import duckdb
 
 from m365_pipeline.publishing import json_bytes
-
-if TYPE_CHECKING:
-    import duckdb
 
 HISTORY_FIELDS = ("date", "es_user_count", "m365_licensed_user_count")
 CHANGE_FIELDS = (
@@ -96,8 +95,6 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
 def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
     with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
-    import duckdb
-
     conn = duckdb.connect(":memory:")
     conn.execute("CREATE SCHEMA marts")
     conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import duckdb
+
 from m365_pipeline import settings
 from m365_pipeline.history_api import (
     BadDate,
@@ -218,9 +220,15 @@ class _Changes:
                 self._pending.pop(key, None)
         return item
 
-    def _make(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
-        import duckdb
+    def prepare(self) -> None:
+        """Load the changes database ahead of the first request (run in a thread when the version is new);
+        a failure is left for that request to report."""
+        try:
+            self._cursor().close()
+        except duckdb.Error:
+            pass
 
+    def _make(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
         stamps = {n["date"]: n["last_collected"] for n in self.version.nights}
         tonight = self.version.nights[-1]["date"]
         try:
@@ -269,7 +277,10 @@ class Dashboard:
                 if target != self._target:
                     path = current_version_dir(self.export_root)
                     version = PublishedVersion(path) if path else None
-                    self._serving = (version, _Changes(version) if version else None)
+                    changes = _Changes(version) if version else None
+                    if version is not None and version.changed_users is not None and len(version.nights) > 1:
+                        threading.Thread(target=changes.prepare, name="changes-database", daemon=True).start()
+                    self._serving = (version, changes)
                     self._target = target
                     self._cache = _ByteCache(MEMORY_CACHE_BYTES)
         return self._serving
