@@ -29,6 +29,9 @@ CHANGES_SQL = "marts_changes.sql"
 # In each published version: the marts.published_users_history rows of every user whose rows changed
 # on a kept night (see nights.write_changed_users), all m365-serve needs to answer /changes.
 CHANGED_USERS_FILE = "history/changed_users.parquet"
+# In each published version: every organization's row of each kept night (date, its two counts), from
+# which m365-serve answers /history?org (one file rather than one per organization a night).
+ORGANIZATION_HISTORY_FILE = "history/organizations.parquet"
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -92,16 +95,28 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
                        "total_changes": len(rows)})
 
 
-def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
+def version_database(changed_users: Path | None, organization_history: Path | None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
-    with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
+    with the stored macros of ``CHANGES_SQL``, and its ``ORGANIZATION_HISTORY_FILE`` as
+    organization_history (each when given); it reads no other file afterwards."""
     conn = duckdb.connect(":memory:")
     conn.execute("CREATE SCHEMA marts")
-    conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])
-    conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
+    if changed_users is not None:
+        conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)",
+                     [str(changed_users)])
+        conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
+    if organization_history is not None:
+        conn.execute("CREATE TABLE organization_history AS SELECT * FROM read_parquet($1)", [str(organization_history)])
     conn.execute("SET enable_external_access = false")
     conn.execute("SET lock_configuration = true")
     return conn
+
+
+def organization_history_rows(conn: duckdb.DuckDBPyConnection, organization: str) -> list[dict[str, Any]]:
+    """One organization's rows of /history (rule 11), oldest night first."""
+    cursor = conn.execute(f"SELECT {', '.join(HISTORY_FIELDS)} FROM organization_history "
+                          "WHERE organization_name = $1 ORDER BY date", [organization])
+    return [dict(zip(HISTORY_FIELDS, row, strict=True)) for row in cursor.fetchall()]
 
 
 def changes_rows(conn: duckdb.DuckDBPyConnection, night_a: str, tonight: str, organization: str | None

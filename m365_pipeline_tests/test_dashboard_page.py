@@ -25,8 +25,7 @@ import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from m365_pipeline.assets.coverage import csv_bytes
-from m365_pipeline.assets.nights import write_changed_users
-from m365_pipeline.history_api import file_key, history_body
+from m365_pipeline.assets.nights import write_changed_users, write_history_files
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     COVERAGE_ORG_FIELDS,
@@ -279,34 +278,24 @@ def write_coverage(writer: VersionWriter, organizations: list[dict], coverage: d
 
 def write_nights(writer: VersionWriter, nights: dict[str, dict[str, tuple[int, int]]],
                  users_history: list[tuple]) -> dict[str, Any]:
-    """The history files as the export step lays them out, from each night's counts (date ->
-    organization -> (ES, M365 licensed)), and what m365-serve answers /changes from, written by the
-    export's own function from ``users_history``: marts.published_users_history rows (organization,
-    UPN, display name, licenses, has email license, valid_from, valid_to). Returns the manifest's entries."""
+    """The history files and what m365-serve answers /history?org and /changes from, written by the
+    export's own functions from each night's counts (date -> organization -> (ES, M365 licensed)) and
+    ``users_history``: marts.published_users_history rows (organization, UPN, display name, licenses, has
+    email license, valid_from, valid_to). Returns the manifest's entries."""
     dates = sorted(nights)
-    kept = [{"date": day, "last_collected": f"{day}T23:00:00Z"} for day in dates]
-
-    def counts(day: str, names: list[str]) -> dict[str, Any]:
-        return {"date": day, "es_user_count": sum(nights[day][n][0] for n in names),
-                "m365_licensed_user_count": sum(nights[day][n][1] for n in names)}
-
-    history_organizations = {}
-    for fmt in ("json", "csv"):
-        writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(
-            None, [counts(day, list(nights[day])) for day in dates], fmt), CONTENT_TYPES[fmt])
-    for org in {name for day in dates for name in nights[day]}:  # JSON only: m365-serve makes the CSV
-        key = history_organizations[org] = file_key(org)
-        writer.write_bytes(f"history:json:{key}", f"history/{key}.json", history_body(
-            org, [counts(day, [org]) for day in dates if org in nights[day]], "json"), CONTENT_TYPES["json"])
     with duckdb.connect(":memory:") as conn:
         conn.execute("CREATE SCHEMA marts")
-        conn.execute("CREATE TABLE marts.nights AS SELECT unnest($1::DATE[]) AS collection_date", [dates])
+        conn.execute("CREATE TABLE marts.nights AS SELECT d::DATE AS collection_date, "
+                     "(d || ' 23:00:00+00')::TIMESTAMPTZ AS last_collected FROM unnest($1::VARCHAR[]) AS t(d)", [dates])
+        conn.execute("CREATE TABLE marts.org_summary_history (collection_date DATE, organization_name VARCHAR, "
+                     "es_user_count BIGINT, m365_licensed_user_count BIGINT)")
+        conn.executemany("INSERT INTO marts.org_summary_history VALUES (?, ?, ?, ?)",
+                         [(day, org, es, m365) for day in dates for org, (es, m365) in nights[day].items()])
         conn.execute("""CREATE TABLE marts.published_users_history (organization_name VARCHAR,
             user_principal_name VARCHAR, display_name VARCHAR, licenses VARCHAR, has_email_license BOOLEAN,
             valid_from DATE, valid_to DATE)""")
         conn.executemany("INSERT INTO marts.published_users_history VALUES (?, ?, ?, ?, ?, ?, ?)", users_history)
-        changed_users = write_changed_users(conn, writer)
-    return {"nights": kept, "history_organizations": history_organizations, "changed_users": changed_users}
+        return {**write_history_files(conn, writer), "changed_users": write_changed_users(conn, writer)}
 
 
 def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:

@@ -12,6 +12,7 @@ that transaction, so they include tonight; m365-serve answers /changes from the 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -20,12 +21,17 @@ from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
-    rows_by_first_column,
     run_sql,
     table_metadata,
     table_schema,
 )
-from m365_pipeline.history_api import CHANGED_USERS_FILE, CHANGES_SQL, HISTORY_FIELDS, file_key, history_body
+from m365_pipeline.history_api import (
+    CHANGED_USERS_FILE,
+    CHANGES_SQL,
+    ORGANIZATION_HISTORY_FILE,
+    file_key,
+    history_body,
+)
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
 GROUP = "marts"
@@ -120,11 +126,12 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> tuple[list[dict], dict]:
-    """history.json/csv (totals per night) and one JSON file per organization ever kept, keyed by a hash
-    (m365-serve makes its CSV from it).
+def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> dict[str, Any]:
+    """history.json/csv (totals per night) and ORGANIZATION_HISTORY_FILE (every organization's row of each
+    kept night), from which m365-serve answers /history?org.
 
-    Returns (nights [{date, last_collected}], {organization name: file key}) for the manifest.
+    Returns the manifest's entries: nights [{date, last_collected}], history_organizations {name: key}
+    (every organization of a kept night) and organization_history (the file's path in the version).
     """
     nights = [{"date": d.isoformat(), "last_collected": iso_z(c)} for d, c in conn.execute(
         "SELECT collection_date, last_collected FROM marts.nights ORDER BY collection_date").fetchall()]
@@ -137,18 +144,15 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     for fmt in ("json", "csv"):
         writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(None, totals, fmt),
                            CONTENT_TYPES[fmt])
-    organizations: dict[str, str] = {}
-    cursor = conn.execute("""
+    _copy(conn, """
         SELECT h.organization_name, strftime(h.collection_date, '%Y-%m-%d') AS date, h.es_user_count,
                h.m365_licensed_user_count
-        FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
-        ORDER BY h.organization_name, h.collection_date""")
-    for name, rows in rows_by_first_column(cursor):
-        key = organizations[name] = file_key(name)
-        body_rows = [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows]
-        writer.write_bytes(f"history:json:{key}", f"history/{key}.json", history_body(name, body_rows, "json"),
-                           CONTENT_TYPES["json"])
-    return nights, organizations
+        FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)""",
+          writer.path / ORGANIZATION_HISTORY_FILE)
+    names = conn.execute("SELECT DISTINCT organization_name FROM marts.org_summary_history SEMI JOIN marts.nights "
+                         "USING (collection_date) ORDER BY 1").fetchall()
+    return {"nights": nights, "history_organizations": {name: file_key(name) for (name,) in names},
+            "organization_history": ORGANIZATION_HISTORY_FILE}
 
 
 def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> str:
@@ -159,12 +163,15 @@ def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     kept nights a <= b every such UPN is in this file with all its rows, so the macro gives the same
     answer on it as on the whole table, and the file grows with the changes, not with the users.
     """
-    path = writer.path / CHANGED_USERS_FILE
+    _copy(conn, """
+        SELECT * FROM marts.published_users_history WHERE user_principal_name IN (
+            SELECT user_principal_name FROM marts.published_users_history
+            WHERE valid_to IS NOT NULL OR valid_from > (SELECT min(collection_date) FROM marts.nights))""",
+          writer.path / CHANGED_USERS_FILE)
+    return CHANGED_USERS_FILE
+
+
+def _copy(conn: duckdb.DuckDBPyConnection, select: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     target = "'" + str(path).replace("'", "''") + "'"  # COPY takes no parameter; the path is the version's
-    conn.execute(f"""
-        COPY (SELECT * FROM marts.published_users_history WHERE user_principal_name IN (
-                  SELECT user_principal_name FROM marts.published_users_history
-                  WHERE valid_to IS NOT NULL OR valid_from > (SELECT min(collection_date) FROM marts.nights)))
-        TO {target} (FORMAT parquet)""")
-    return CHANGED_USERS_FILE
+    conn.execute(f"COPY ({select}) TO {target} (FORMAT parquet)")
