@@ -6,7 +6,6 @@ files and the changed users' history, ``CHANGED_USERS_FILE``) and ``m365-serve``
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,9 +28,9 @@ CHANGES_SQL = "marts_changes.sql"
 # In each published version: the marts.published_users_history rows of every user whose rows changed
 # on a kept night (see nights.write_changed_users), all m365-serve needs to answer /changes.
 CHANGED_USERS_FILE = "history/changed_users.parquet"
-# In each published version: every organization's row of each kept night (date, its two counts), from
-# which m365-serve answers /history?org (one file rather than one per organization a night).
-ORGANIZATION_HISTORY_FILE = "history/organizations.parquet"
+# In each published version: every organization's /history body (JSON), one after the other; the
+# manifest's history_organizations maps each exact name to its [offset, length] in this file.
+ORGANIZATION_HISTORY_FILE = "history/organizations.json"
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -62,11 +61,6 @@ def night_a(dates: Sequence[str], since: str | None) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def file_key(name: str) -> str:
-    """A fixed-length, filesystem-safe key of an exact organization name (never the name itself)."""
-    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
 def _cell(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -95,28 +89,16 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
                        "total_changes": len(rows)})
 
 
-def version_database(changed_users: Path | None, organization_history: Path | None) -> duckdb.DuckDBPyConnection:
+def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
-    with the stored macros of ``CHANGES_SQL``, and its ``ORGANIZATION_HISTORY_FILE`` as
-    organization_history (each when given); it reads no other file afterwards."""
+    with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
     conn = duckdb.connect(":memory:")
     conn.execute("CREATE SCHEMA marts")
-    if changed_users is not None:
-        conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)",
-                     [str(changed_users)])
-        conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
-    if organization_history is not None:
-        conn.execute("CREATE TABLE organization_history AS SELECT * FROM read_parquet($1)", [str(organization_history)])
+    conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])
+    conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
     conn.execute("SET enable_external_access = false")
     conn.execute("SET lock_configuration = true")
     return conn
-
-
-def organization_history_rows(conn: duckdb.DuckDBPyConnection, organization: str) -> list[dict[str, Any]]:
-    """One organization's rows of /history (rule 11), oldest night first."""
-    cursor = conn.execute(f"SELECT {', '.join(HISTORY_FIELDS)} FROM organization_history "
-                          "WHERE organization_name = $1 ORDER BY date", [organization])
-    return [dict(zip(HISTORY_FIELDS, row, strict=True)) for row in cursor.fetchall()]
 
 
 def changes_rows(conn: duckdb.DuckDBPyConnection, night_a: str, tonight: str, organization: str | None

@@ -195,3 +195,16 @@ def test_an_unreadable_changed_users_file_is_a_json_500_naming_no_path_and_the_r
     assert answer.status == 500 and error["status"] == "error" and "cannot be read" in error["error"]
     assert str(version) not in error["error"] and "parquet" not in error["error"]
     assert dashboard.respond("GET", "/api/m365/history", "", {}).status == 200
+
+
+def test_a_version_published_with_one_history_file_per_organization_is_still_served_from_them(tmp_path):
+    """Versions published before history/organizations.json: each organization's files by a key."""
+    writer = VersionWriter(export_dir(tmp_path))
+    body = {"json": b'{"status":"success","organization":"Acme","history":[]}', "csv": b"date\r\n"}
+    for fmt in ("json", "csv"):
+        writer.write_bytes(f"history:{fmt}:k1", f"history/k1.{fmt}", body[fmt], "x")
+    writer.commit({"nights": [{"date": "2026-01-20", "last_collected": "2026-01-20T23:00:00Z"}],
+                   "history_organizations": {"Acme": "k1"}})
+    for fmt in ("json", "csv"):
+        answer = Dashboard(tmp_path).respond("GET", "/api/m365/history", f"org=Acme&format={fmt}", {})
+        assert (answer.status, answer.body) == (200, body[fmt])

@@ -21,6 +21,7 @@ from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
+    rows_by_first_column,
     run_sql,
     table_metadata,
     table_schema,
@@ -28,8 +29,8 @@ from m365_pipeline.duckdb_helpers import (
 from m365_pipeline.history_api import (
     CHANGED_USERS_FILE,
     CHANGES_SQL,
+    HISTORY_FIELDS,
     ORGANIZATION_HISTORY_FILE,
-    file_key,
     history_body,
 )
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
@@ -127,11 +128,12 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> dict[str, Any]:
-    """history.json/csv (totals per night) and ORGANIZATION_HISTORY_FILE (every organization's row of each
-    kept night), from which m365-serve answers /history?org.
+    """history.json/csv (totals per night) and ORGANIZATION_HISTORY_FILE: every organization's /history
+    body, one after the other (one file a night rather than one per organization), from which m365-serve
+    answers /history?org (its CSV made from that body).
 
-    Returns the manifest's entries: nights [{date, last_collected}], history_organizations {name: key}
-    (every organization of a kept night) and organization_history (the file's path in the version).
+    Returns the manifest's entries: nights [{date, last_collected}], history_organizations {name:
+    [offset, length] in that file} (every organization of a kept night), organization_history (its path).
     """
     nights = [{"date": d.isoformat(), "last_collected": iso_z(c)} for d, c in conn.execute(
         "SELECT collection_date, last_collected FROM marts.nights ORDER BY collection_date").fetchall()]
@@ -144,15 +146,20 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     for fmt in ("json", "csv"):
         writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(None, totals, fmt),
                            CONTENT_TYPES[fmt])
-    _copy(conn, """
+    cursor = conn.execute("""
         SELECT h.organization_name, strftime(h.collection_date, '%Y-%m-%d') AS date, h.es_user_count,
                h.m365_licensed_user_count
-        FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)""",
-          writer.path / ORGANIZATION_HISTORY_FILE)
-    names = conn.execute("SELECT DISTINCT organization_name FROM marts.org_summary_history SEMI JOIN marts.nights "
-                         "USING (collection_date) ORDER BY 1").fetchall()
-    return {"nights": nights, "history_organizations": {name: file_key(name) for (name,) in names},
-            "organization_history": ORGANIZATION_HISTORY_FILE}
+        FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
+        ORDER BY h.organization_name, h.collection_date""")
+    ranges: dict[str, list[int]] = {}
+    path = writer.path / ORGANIZATION_HISTORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        for name, rows in rows_by_first_column(cursor):
+            body = history_body(name, [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows], "json")
+            ranges[name] = [out.tell(), len(body)]
+            out.write(body)
+    return {"nights": nights, "history_organizations": ranges, "organization_history": ORGANIZATION_HISTORY_FILE}
 
 
 def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> str:

@@ -2,10 +2,9 @@
 
 All request logic lives in ``Dashboard.respond`` (plain Python, no I/O beyond reading the
 published version); ``Dashboard.__rsgi__`` only moves bytes. Answers come from precomputed
-files, except ``/changes`` and ``/history?org``: rule 12 between any two kept nights is too many pairs
-to precompute, and one file per organization a night too many files, so they are queried from the
-version's changed users' and organizations' history at request time (in a worker thread, never on
-the event loop) and cached.
+files, except ``/changes``: rule 12 between any two kept nights is too many pairs to precompute, so
+it is queried from the version's changed users' history at request time (in a worker thread, never
+on the event loop) and cached.
 """
 
 from __future__ import annotations
@@ -35,12 +34,11 @@ from m365_pipeline import settings
 from m365_pipeline.history_api import (
     BadDate,
     changes_body,
+    changes_database,
     changes_rows,
     history_body,
     night_a,
-    organization_history_rows,
     parse_date,
-    version_database,
 )
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -62,7 +60,7 @@ MAX_QUERY_LENGTH = 8192
 MAX_QUERY_FIELDS = 16
 MEMORY_CACHE_BYTES = 64 << 20  # small files are served from memory, large ones by sendfile
 MEMORY_FILE_LIMIT = 4 << 20
-CHANGES_CACHE_ENTRIES = 256  # per version: /changes and /history?org bodies by (night A, org, format)
+CHANGES_CACHE_ENTRIES = 256  # per version: /changes bodies by (night A, org, format)
 CHANGES_CACHE_BYTES = 64 << 20
 # The request headers respond() reads, copied before a request is answered in a worker thread.
 REQUEST_HEADERS = ("accept-encoding", "if-none-match", "if-modified-since", "access-control-request-headers")
@@ -185,13 +183,12 @@ class _ByteCache:
 
 
 class _Changes:
-    """One version's ``/changes`` and ``/history?org`` answers, made at request time and kept (least
-    recently used out first).
+    """One version's ``/changes`` answers, made at request time and kept (least recently used out first).
 
-    The version's changed users' and organizations' history are loaded into an in-memory DuckDB as soon
-    as the version is seen (``prepare``, in a thread) or by the first request; marts.changes_between (the
-    pipeline's stored SQL) answers rule 12 from any kept night A, for all organizations or one. Each
-    (night A or None for history, org, format) is made once; concurrent first requests wait for one query.
+    The version's changed users' history is loaded into an in-memory DuckDB as soon as the version is
+    seen (``prepare``, in a thread) or by the first request; marts.changes_between (the pipeline's stored
+    SQL) answers rule 12 from any kept night A, for all organizations or one. Each (night A, org, format)
+    is made once; concurrent first requests wait for one query.
     """
 
     def __init__(self, version: PublishedVersion, entries: int = CHANGES_CACHE_ENTRIES,
@@ -203,8 +200,7 @@ class _Changes:
         self._lock = threading.Lock()
         self._db_lock = threading.Lock()
 
-    def get(self, night: str | None, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
-        """Rule 12 from ``night`` (for ``org``, or every organization), or with ``night`` None ``org``'s history."""
+    def get(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
         key = (night, org, fmt)
         with self._lock:
             if key in self._items:
@@ -233,18 +229,16 @@ class _Changes:
         except duckdb.Error:
             pass
 
-    def _make(self, night: str | None, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
+    def _make(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
         stamps = {n["date"]: n["last_collected"] for n in self.version.nights}
         tonight = self.version.nights[-1]["date"]
         try:
             with self._cursor() as cursor:
-                rows = organization_history_rows(cursor, org) if night is None else \
-                    changes_rows(cursor, night, tonight, org)
+                rows = changes_rows(cursor, night, tonight, org)
         except duckdb.Error as exc:
-            raise HttpError(500, f"the history of this published version cannot be read ({type(exc).__name__}); "
-                                 "the next pipeline run publishes it again") from None
-        body = history_body(org, rows, fmt) if night is None else changes_body(stamps[night], stamps[tonight], rows,
-                                                                               fmt)
+            raise HttpError(500, f"the changes of this published version cannot be read ({type(exc).__name__}); "
+                                 "the next pipeline run publishes them again") from None
+        body = changes_body(stamps[night], stamps[tonight], rows, fmt)
         gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
         return body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"'
 
@@ -252,7 +246,7 @@ class _Changes:
         """A cursor (its own DuckDB connection, for this thread) on the version's changes database."""
         with self._db_lock:
             if self._db is None:
-                self._db = version_database(self.version.changed_users, self.version.organization_history)
+                self._db = changes_database(self.version.changed_users)
             return self._db.cursor()
 
 
@@ -285,8 +279,7 @@ class Dashboard:
                     path = current_version_dir(self.export_root)
                     version = PublishedVersion(path) if path else None
                     changes = _Changes(version) if version else None
-                    queried = version and (version.changed_users or version.organization_history)
-                    if version is not None and version.nights and queried:
+                    if version is not None and version.changed_users is not None and len(version.nights) > 1:
                         threading.Thread(target=changes.prepare, name="changes-database", daemon=True).start()
                     self._serving = (version, changes)
                     self._target = target
@@ -390,8 +383,15 @@ class Dashboard:
         if endpoint == "history":
             disposition = f'attachment; filename="m365-history-{tonight}.csv"' if fmt == "csv" else None
             if org is not None and version.organization_history is not None:
-                body, gz, etag = changes.get(None, org, fmt)
-                return self._generated(headers, version, body, gz, etag, CONTENT_TYPES[fmt], disposition)
+                offset, length = version.history_organizations[org]
+                with version.organization_history.open("rb") as history:
+                    history.seek(offset)
+                    body = history.read(length)  # the organization's JSON body; its CSV is made from it
+                if fmt == "csv":
+                    body = history_body(org, json.loads(body)["history"], fmt)
+                gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+                return self._generated(headers, version, body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"',
+                                       CONTENT_TYPES[fmt], disposition)
             key = version.history_organizations[org] if org is not None else None  # older versions: a file each
             return self._published(headers, version.history(fmt, key), version, disposition)
         since = params.get("since")
