@@ -12,7 +12,8 @@ the real Definitions' assets, checks and resources, everything but raw.*. Only t
 
 Measured:
 - file growth (issue 13): the working DuckDB file after night 1 and after the last night;
-- the night-recording work (record_night, the history and changes files; wrapped with a stopwatch in this
+- the night-recording work (record_night, the history files, the changed users' history m365-serve answers
+  /changes from; wrapped with a stopwatch in this
   process, nothing else changed) against the transform (core.* and marts.* steps and their checks, from
   Dagster's step events: wall and CPU of this process, which runs DuckDB);
 - coverage (issue 14): on the SAME landed raw data, the transform steps with and without the coverage
@@ -53,7 +54,7 @@ SEED = 42
 CHURN_DIVISOR = 6
 BASE_DAY = datetime(2026, 1, 1, 23, 0, tzinfo=UTC)  # night 0's collection time; night N is N days later
 COVERAGE_KEYS = (("core", "backup_coverage"), ("marts", "org_backup_coverage"))
-NIGHT_WORK = ("record_night", "write_history_files", "write_changes_files")  # in assets/export.py
+NIGHT_WORK = ("record_night", "write_history_files", "write_changed_users")  # in assets/export.py
 # The product's environment: URLs that are never contacted (raw.* does not run) but make both sources
 # "configured", so the export writes coverage and records the sources as a pulled night would.
 SOURCES_ENV = {"SAAS_API_BASE_URL": "http://127.0.0.1:9/api/saas/consolidated-view/v1", "SAAS_API_TOKEN": "bench",
@@ -110,18 +111,21 @@ def stage(config: SimulatorConfig, directory: Path) -> dict[str, tuple[str, int]
 
 
 def land(staged: dict[str, tuple[str, int]], database: Path, collected: datetime) -> dict[str, int]:
-    """Replace the raw tables with the staged files, with the statement StagingFile.load runs."""
+    """Replace the raw tables with the staged files, with the statement StagingFile.load runs, each on a
+    connection of its own as each raw asset's step does: DuckDB checkpoints when it closes, so the blocks
+    of the table replaced are free for the next one (one connection for all five kept every old raw
+    table's blocks until the end: the file grew by the whole raw layer, not by its largest table)."""
     import duckdb
 
     from m365_pipeline.duckdb_helpers import ensure_schema
     from m365_pipeline.raw_tables import RAW_TABLES
 
     tables = {table.name: table for table in RAW_TABLES}
-    with duckdb.connect(str(database), config={"memory_limit": "1GB"}) as conn:
-        ensure_schema(conn, "raw")
-        for name, (path, _) in staged.items():
+    for name, (path, _) in staged.items():
+        with duckdb.connect(str(database), config={"memory_limit": "1GB"}) as conn:
+            ensure_schema(conn, "raw")
             conn.execute(tables[name].load_sql(), [collected, path])
-            Path(path).unlink()
+        Path(path).unlink()
     return {name: rows for name, (_, rows) in staged.items()}
 
 
@@ -145,13 +149,13 @@ class Stopwatch:
 
     def wrap_finish(self, fn: Callable) -> Callable:
         """VersionWriter._finish_file (SHA-256 ETag and gzip twin, on the writer's threads): its thread CPU
-        for the history and changes files, counted as night recording."""
+        for the history files, counted as night recording (the changed users' parquet file gets none)."""
         def timed(writer: Any, entry: dict[str, Any]) -> Any:
             cpu = time.thread_time()
             try:
                 return fn(writer, entry)
             finally:
-                if entry["path"].startswith(("history/", "changes/")):
+                if entry["path"].startswith("history/"):
                     with self.lock:
                         self.cpu["finish_files"] = self.cpu.get("finish_files", 0.0) + time.thread_time() - cpu
         return timed
@@ -385,9 +389,10 @@ def serve_timings(children: Children, data_dir: Path, dates: list[str], org: str
         warm = {"summary (the server's first request)": time_get(base + "summary", 1)}
         queries = {
             "history": "history", "history?org": "history?" + urlencode({"org": org}),
+            "history?org csv (made from its JSON file)": "history?" + urlencode({"org": org, "format": "csv"}),
             "history csv": "history?format=csv",
             "changes?since=first night": "changes?" + urlencode({"since": dates[0]}),
-            "changes?since&org (first request filters the night's file)":
+            "changes?since&org (first request queries the version's changed users)":
                 "changes?" + urlencode({"since": dates[0], "org": org}),
             "changes?since csv": "changes?" + urlencode({"since": dates[0], "format": "csv"}),
         }
@@ -534,12 +539,12 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
             f"{pct(min(changed))}–{pct(max(changed))}, all rule-12 kinds, from `marts.changes_between`). "
             "Each night landed in-process through the product's staging files with its own collection date, then "
             "every asset but raw.* run by Dagster on the same data directory. *transform*: core.* and marts.* "
-            "steps and their checks; *night recording*: record_night, the history files, the changes files "
-            "(timed where the export step calls them) and the SHA-256 ETags and gzip twins of those files "
-            "(the publish's writer threads).",
+            "steps and their checks; *night recording*: record_night, the history files, the changed users' "
+            "history file m365-serve answers `/changes` from (timed where the export step calls them) and the "
+            "SHA-256 ETags and gzip twins of the history files (the publish's writer threads).",
             "",
             "| night | DuckDB file | × night 1 | analytics copy | history rows | changed | transform CPU "
-            "| night recording CPU (record / history files / changes files / their ETags and gzip twins) | share |",
+            "| night recording CPU (record / history files / changed users file / ETags and gzip twins) | share |",
             "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         shown = sorted({0, 1, 2, 4, 9, 14, 19, 24, len(per_night) - 1} & set(range(len(per_night))))
@@ -552,7 +557,7 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
                 f"| {n['churn'].get('history_rows', '–') if i else '–'} "
                 f"| {sum(n['churn']['kinds'].values()) if i else '–'} | {n['transform_cpu_s']:.2f} s "
                 f"| {n['night_work_cpu_s']:.2f} s ({work.get('record_night', 0):.2f} / "
-                f"{work.get('write_history_files', 0):.2f} / {work.get('write_changes_files', 0):.2f} / "
+                f"{work.get('write_history_files', 0):.2f} / {work.get('write_changed_users', 0):.2f} / "
                 f"{work.get('finish_files', 0):.2f}) "
                 f"| {pct(night_share(n))} |")
         lines += [
@@ -565,7 +570,7 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
             f"{pct(min(shares))}–{pct(max(shares))}; night {len(per_night)}: {pct(shares[-1])}) — "
             f"{yes(max(shares) <= 0.10)}. Of it, the recording in DuckDB alone (`record_night`: rule 11's "
             f"tables): {pct(statistics.median(recorded))} "
-            "(median); the rest is the API files, which grow with the nights kept.",
+            "(median); the rest is the files the API answers from.",
         ]
     big = results.get("1m")
     if big and "serve" in big:

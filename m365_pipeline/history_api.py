@@ -1,15 +1,19 @@
-"""Bodies of ``/api/m365/history`` and ``/api/m365/changes`` (docs/RULES.md, rules 11 and 12), and
-the choice of night A. Plain Python shared by the export step (which writes them as files) and
-``m365-serve`` (which selects one organization's changes at request time)."""
+"""Bodies of ``/api/m365/history`` and ``/api/m365/changes`` (docs/RULES.md, rules 11 and 12), the
+choice of night A, and the changes database. Shared by the export step (which writes the history
+files and the changed users' history, ``CHANGED_USERS_FILE``) and ``m365-serve`` (which answers
+``/changes`` at request time from that file with the stored rule-12 SQL, ``CHANGES_SQL``)."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
 from typing import Any
+
+import duckdb
 
 from m365_pipeline.publishing import json_bytes
 
@@ -19,6 +23,14 @@ CHANGE_FIELDS = (
     "licenses_before", "licenses_after", "has_email_license_before", "has_email_license_after",
 )
 CHANGE_KINDS = ("added", "removed", "moved", "email_gained", "email_lost", "licenses_changed")
+# The stored macros of rules 11 and 12 (marts.published_users_on, marts.changes_between).
+CHANGES_SQL = "marts_changes.sql"
+# In each published version: the marts.published_users_history rows of every user whose rows changed
+# on a kept night (see nights.write_changed_users), all m365-serve needs to answer /changes.
+CHANGED_USERS_FILE = "history/changed_users.parquet"
+# In each published version: every organization's /history body (JSON), one after the other; the
+# manifest's history_organizations maps each exact name to its [offset, length] in this file.
+ORGANIZATION_HISTORY_FILE = "history/organizations.json"
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -49,11 +61,6 @@ def night_a(dates: Sequence[str], since: str | None) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def file_key(name: str) -> str:
-    """A fixed-length, filesystem-safe key of an exact organization name (never the name itself)."""
-    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
 def _cell(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -82,7 +89,24 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
                        "total_changes": len(rows)})
 
 
-def select_organization(rows: Iterable[dict[str, Any]], organization: str) -> list[dict[str, Any]]:
-    """The changes whose organization_name or previous_organization_name is exactly ``organization``."""
-    return [row for row in rows
-            if row["organization_name"] == organization or row["previous_organization_name"] == organization]
+def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
+    with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
+    conn = duckdb.connect(":memory:")
+    conn.execute("CREATE SCHEMA marts")
+    conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])
+    conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
+    conn.execute("SET enable_external_access = false")
+    conn.execute("SET lock_configuration = true")
+    return conn
+
+
+def changes_rows(conn: duckdb.DuckDBPyConnection, night_a: str, tonight: str, organization: str | None
+                 ) -> list[dict[str, Any]]:
+    """Rule 12's rows from night A to tonight; with ``organization``, those whose organization_name or
+    previous_organization_name is exactly it."""
+    cursor = conn.execute(f"""
+        SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1::DATE, $2::DATE)
+        WHERE $3::VARCHAR IS NULL OR organization_name = $3 OR previous_organization_name = $3""",
+                          [night_a, tonight, organization])
+    return [dict(zip(CHANGE_FIELDS, row, strict=True)) for row in cursor.fetchall()]

@@ -6,6 +6,7 @@ Layout under ``<data dir>/export``::
     versions/<id>/manifest.json                       (written last: a version without it is unfinished)
     versions/<id>/summary.json, users/<hash>.json, export/<sort>.<json|csv>, and .gz twins
     versions/<id>/coverage/organizations.<json|csv>, coverage/<hash>.<json|csv>   (when source B is configured)
+    versions/<id>/history/all.<json|csv>, history/organizations.json, history/changed_users.parquet   (rules 11, 12)
 
 File names never come from organization names: a users file is named by a hash of the name,
 and the manifest maps exact names to files. A reader resolves ``current`` once per request and
@@ -276,6 +277,12 @@ class PublishedVersion:
         # organizations of any kept night (exact name -> file key of their history files).
         self.nights: list[dict[str, str]] = manifest.get("nights", [])
         self.history_organizations: dict[str, str] = manifest.get("history_organizations", {})
+        # What m365-serve answers /changes and /history?org from (history_api.CHANGED_USERS_FILE and
+        # ORGANIZATION_HISTORY_FILE, history_organizations then giving each body's [offset, length]);
+        # None in versions older than them.
+        self.changed_users: Path | None = path / manifest["changed_users"] if "changed_users" in manifest else None
+        self.organization_history: Path | None = \
+            path / manifest["organization_history"] if "organization_history" in manifest else None
 
     def _file(self, entry: dict[str, Any]) -> PublishedFile:
         gz = entry.get("gzip_path")
@@ -296,9 +303,6 @@ class PublishedVersion:
 
     def history(self, fmt: str, file_key: str | None = None) -> PublishedFile:
         return self.files[f"history:{fmt}" + (f":{file_key}" if file_key else "")]
-
-    def changes(self, since_night: str, fmt: str) -> PublishedFile:
-        return self.files[f"changes:{fmt}:{since_night}"]
 
     @property
     def has_coverage(self) -> bool:

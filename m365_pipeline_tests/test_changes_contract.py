@@ -5,12 +5,16 @@ stored macros analysts use. Expected rows are written out by hand from docs/RULE
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import requests
 
-from m365_pipeline.history_api import BadDate, night_a, parse_date
+from m365_pipeline.history_api import CHANGED_USERS_FILE, BadDate, night_a, parse_date
+from m365_pipeline.publishing import VersionWriter, export_dir
+from m365_pipeline.server.app import Dashboard
 
 from .contract_fixtures import RawBuilder, build_and_publish
 from .helpers import dicts, query
@@ -79,12 +83,16 @@ def test_rule12_every_change_kind_once_in_rule_order_and_a_rename_alone_is_none(
     assert dicts(two_nights, CHANGES_SQL, ["2026-01-20", "2026-01-21"]) == EXPECTED
 
 
-def test_rule12_changes_file_of_the_published_version_is_the_same(two_nights):
-    current = two_nights.parent / "export" / "current"
-    body = json.loads((current / "changes" / "2026-01-20.json").read_bytes())
-    assert body == {"status": "success", "from": "2026-01-20T23:00:00Z", "to": "2026-01-21T23:00:00Z",
-                    "changes": EXPECTED, "total_changes": len(EXPECTED)}
-    assert json.loads((current / "changes" / "2026-01-21.json").read_bytes())["changes"] == []
+def test_rule12_changes_of_the_published_version_are_the_same_for_the_server(two_nights):
+    def changes(since: str) -> dict:
+        answer = Dashboard(two_nights.parent).respond("GET", "/api/m365/changes", f"since={since}", {})
+        assert answer.status == 200, answer.body
+        return json.loads(answer.body)
+
+    assert changes("2026-01-20") == {"status": "success", "from": "2026-01-20T23:00:00Z",
+                                     "to": "2026-01-21T23:00:00Z", "changes": EXPECTED,
+                                     "total_changes": len(EXPECTED)}
+    assert changes("2026-01-21")["changes"] == []
 
 
 def test_rule11_published_users_on_a_date_are_that_nights(two_nights):
@@ -138,3 +146,65 @@ def test_api_without_since_one_kept_night_has_no_night_a():
 def test_api_since_must_be_a_yyyy_mm_dd_calendar_date(text):
     with pytest.raises(BadDate):
         parse_date(text)
+
+
+# -- /changes answered by m365-serve from the version's changed users' history ----------------------
+
+def test_concurrent_first_changes_requests_on_a_real_server_all_get_the_rule12_answer(two_nights, start_server):
+    server = start_server(two_nights.parent)
+    wanted = {"": EXPECTED, "Beta": [r for r in EXPECTED if "Beta" in (r["organization_name"],
+                                                                        r["previous_organization_name"])]}
+
+    def get(org: str) -> tuple[str, requests.Response]:
+        params = {"since": "2026-01-20", **({"org": org} if org else {})}
+        return org, requests.get(server.base_url + "/api/m365/changes", params=params, timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(get, ["", "Beta"] * 8))
+    for org, answer in answers:
+        assert answer.status_code == 200 and answer.json()["changes"] == wanted[org], org
+    for org in wanted:  # one body (and validator) per selection, whichever request made it
+        assert len({(a.content, a.headers["etag"]) for o, a in answers if o == org}) == 1
+
+
+def test_a_new_version_is_answered_with_its_own_changes_not_the_cached_ones(two_nights, start_server):
+    server = start_server(two_nights.parent)
+    url = server.base_url + "/api/m365/changes?since=2026-01-20"
+    assert requests.get(url, timeout=30).json()["changes"] == EXPECTED
+    build_and_publish(night(two_nights, at(21, 23, 40), second=False))  # the 21st again, now like the 20th
+    assert requests.get(url, timeout=30).json()["changes"] == []
+
+
+def test_a_version_published_without_the_changed_users_file_says_changes_are_not_available(tmp_path):
+    writer = VersionWriter(export_dir(tmp_path))
+    writer.write_bytes("summary", "summary.json", b"{}", "application/json")
+    writer.commit({"nights": [{"date": "2026-01-20", "last_collected": "2026-01-20T23:00:00Z"},
+                              {"date": "2026-01-21", "last_collected": "2026-01-21T23:00:00Z"}],
+                   "history_organizations": {"Acme": "key"}})
+    answer = Dashboard(tmp_path).respond("GET", "/api/m365/changes", "", {})
+    assert answer.status == 404
+    assert "published before the pipeline kept them" in json.loads(answer.body)["error"]
+
+
+def test_an_unreadable_changed_users_file_is_a_json_500_naming_no_path_and_the_rest_is_served(two_nights):
+    version = (two_nights.parent / "export" / "current").resolve()
+    (version / CHANGED_USERS_FILE).write_bytes(b"not parquet")
+    dashboard = Dashboard(two_nights.parent)
+    answer = dashboard.respond("GET", "/api/m365/changes", "", {})
+    error = json.loads(answer.body)
+    assert answer.status == 500 and error["status"] == "error" and "cannot be read" in error["error"]
+    assert str(version) not in error["error"] and "parquet" not in error["error"]
+    assert dashboard.respond("GET", "/api/m365/history", "", {}).status == 200
+
+
+def test_a_version_published_with_one_history_file_per_organization_is_still_served_from_them(tmp_path):
+    """Versions published before history/organizations.json: each organization's files by a key."""
+    writer = VersionWriter(export_dir(tmp_path))
+    body = {"json": b'{"status":"success","organization":"Acme","history":[]}', "csv": b"date\r\n"}
+    for fmt in ("json", "csv"):
+        writer.write_bytes(f"history:{fmt}:k1", f"history/k1.{fmt}", body[fmt], "x")
+    writer.commit({"nights": [{"date": "2026-01-20", "last_collected": "2026-01-20T23:00:00Z"}],
+                   "history_organizations": {"Acme": "k1"}})
+    for fmt in ("json", "csv"):
+        answer = Dashboard(tmp_path).respond("GET", "/api/m365/history", f"org=Acme&format={fmt}", {})
+        assert (answer.status, answer.body) == (200, body[fmt])

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import duckdb
 import pytest
 import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from m365_pipeline.assets.coverage import csv_bytes
-from m365_pipeline.history_api import changes_body, file_key, history_body
+from m365_pipeline.assets.nights import write_changed_users, write_history_files
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
     COVERAGE_ORG_FIELDS,
@@ -206,10 +207,10 @@ def as_of_text(page: Page) -> str:
 def write_published(data_dir: Path, organizations: list[dict], users: dict[str, list[dict]],
                     last_collected: str, coverage: dict[str, list[dict]] | None = None,
                     nights: dict[str, dict[str, tuple[int, int]]] | None = None,
-                    changes: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+                    users_history: list[tuple] | None = None) -> dict[str, Any]:
     """One published version as the export asset writes it: summary, users per org, six exports,
     backup coverage (rule 13) from ``coverage``'s rows per organization when given, and kept nights
-    with their changes (rules 11 and 12, see ``write_nights``) when ``nights`` is given."""
+    with their users' history (rules 11 and 12, see ``write_nights``) when ``nights`` is given."""
     writer = VersionWriter(export_dir(data_dir))
     totals = {
         "total_organizations": len(organizations),
@@ -242,7 +243,7 @@ def write_published(data_dir: Path, organizations: list[dict], users: dict[str, 
              "last_collected": last_collected}), CONTENT_TYPES["json"])
     if coverage is not None:
         write_coverage(writer, organizations, coverage, last_collected)
-    kept = write_nights(writer, nights, changes or {}) if nights is not None else {}
+    kept = write_nights(writer, nights, users_history or []) if nights is not None else {}
     writer.commit({"last_collected": last_collected, "totals": totals, **kept})
     return summary
 
@@ -276,30 +277,25 @@ def write_coverage(writer: VersionWriter, organizations: list[dict], coverage: d
 
 
 def write_nights(writer: VersionWriter, nights: dict[str, dict[str, tuple[int, int]]],
-                 changes: dict[str, list[dict]]) -> dict[str, Any]:
-    """The history and changes files as the export step lays them out, from each night's counts
-    (date -> organization -> (ES, M365 licensed)) and the rule-12 rows from each night A to the last
-    (date -> rows; none when left out). Returns the manifest's entries for the nights."""
+                 users_history: list[tuple]) -> dict[str, Any]:
+    """The history files and what m365-serve answers /history?org and /changes from, written by the
+    export's own functions from each night's counts (date -> organization -> (ES, M365 licensed)) and
+    ``users_history``: marts.published_users_history rows (organization, UPN, display name, licenses, has
+    email license, valid_from, valid_to). Returns the manifest's entries."""
     dates = sorted(nights)
-    kept = [{"date": day, "last_collected": f"{day}T23:00:00Z"} for day in dates]
-
-    def counts(day: str, names: list[str]) -> dict[str, Any]:
-        return {"date": day, "es_user_count": sum(nights[day][n][0] for n in names),
-                "m365_licensed_user_count": sum(nights[day][n][1] for n in names)}
-
-    history_organizations = {}
-    for fmt in ("json", "csv"):
-        writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(
-            None, [counts(day, list(nights[day])) for day in dates], fmt), CONTENT_TYPES[fmt])
-        for org in {name for day in dates for name in nights[day]}:
-            key = history_organizations[org] = file_key(org)
-            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(
-                org, [counts(day, [org]) for day in dates if org in nights[day]], fmt), CONTENT_TYPES[fmt])
-        for night in kept:
-            writer.write_bytes(f"changes:{fmt}:{night['date']}", f"changes/{night['date']}.{fmt}", changes_body(
-                night["last_collected"], kept[-1]["last_collected"], changes.get(night["date"], []), fmt),
-                CONTENT_TYPES[fmt])
-    return {"nights": kept, "history_organizations": history_organizations}
+    with duckdb.connect(":memory:") as conn:
+        conn.execute("CREATE SCHEMA marts")
+        conn.execute("CREATE TABLE marts.nights AS SELECT d::DATE AS collection_date, "
+                     "(d || ' 23:00:00+00')::TIMESTAMPTZ AS last_collected FROM unnest($1::VARCHAR[]) AS t(d)", [dates])
+        conn.execute("CREATE TABLE marts.org_summary_history (collection_date DATE, organization_name VARCHAR, "
+                     "es_user_count BIGINT, m365_licensed_user_count BIGINT)")
+        conn.executemany("INSERT INTO marts.org_summary_history VALUES (?, ?, ?, ?)",
+                         [(day, org, es, m365) for day in dates for org, (es, m365) in nights[day].items()])
+        conn.execute("""CREATE TABLE marts.published_users_history (organization_name VARCHAR,
+            user_principal_name VARCHAR, display_name VARCHAR, licenses VARCHAR, has_email_license BOOLEAN,
+            valid_from DATE, valid_to DATE)""")
+        conn.executemany("INSERT INTO marts.published_users_history VALUES (?, ?, ?, ?, ?, ?, ?)", users_history)
+        return {**write_history_files(conn, writer), "changed_users": write_changed_users(conn, writer)}
 
 
 def hostile_dataset() -> tuple[list[dict], dict[str, list[dict]]]:
@@ -735,7 +731,8 @@ def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view
     data_dir = tmp_path / "data"
     organizations, users = hostile_dataset()
     tonight = {o["organization_name"]: (o["es_user_count"], o["m365_licensed_user_count"]) for o in organizations}
-    nights = {"2026-03-01": {HOSTILE_SCRIPT: (0, 1), HOSTILE_QUOTES: (1235, 12346)}, "2026-03-02": tonight}
+    first, second = "2026-03-01", "2026-03-02"
+    nights = {first: {HOSTILE_SCRIPT: (0, 1), HOSTILE_QUOTES: (1235, 12346)}, second: tonight}
     rows = sorted([
         change(HOSTILE_SCRIPT, "x@evil.example", "<img src=x onerror=alert(2)>", "moved",
                ("<b>Bold</b>", False), ("Microsoft 365 Business Premium, <b>Bold</b>", True), previous=HOSTILE_QUOTES),
@@ -743,8 +740,18 @@ def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view
                None),
         change(HOSTILE_CJK, "sato@test.example.jp", "佐藤 花子", "added", None, ("Microsoft 365 E5", True)),
     ], key=lambda r: (rule9(r["organization_name"]), rule9(r["user_principal_name"])))
+    # The history rows those changes come from: each user's state before (first night) and after (second).
+    history = [
+        ("<b>Bold</b>", False, HOSTILE_QUOTES, first, second), ("Microsoft 365 Business Premium, <b>Bold</b>", True,
+                                                                 HOSTILE_SCRIPT, second, None)]
+    users_history = [(org, "x@evil.example", "<img src=x onerror=alert(2)>", lic, es, start, end)
+                     for lic, es, org, start, end in history]
+    users_history += [(HOSTILE_SCRIPT, "gone@evil.example", "<script>alert(5)</script>", "Office 365 E3", True, first,
+                       second),
+                      (HOSTILE_CJK, "sato@test.example.jp", "佐藤 花子", "Microsoft 365 E5", True, second, None),
+                      (HOSTILE_SCRIPT, "kept@evil.example", "<i>Kept</i>", "Office 365 E3", True, first, None)]
     write_published(data_dir, organizations, users, iso_z(datetime.now(UTC)), hostile_coverage(users), nights=nights,
-                    changes={"2026-03-01": rows})
+                    users_history=users_history)
     server = start_server(data_dir)
     page, seen = open_dashboard(context, server.base_url)
 

@@ -159,6 +159,10 @@ def test_history_endpoint_has_one_row_per_kept_night_for_totals_and_each_organiz
         answer = nights.get("/api/m365/history", params={"org": org})
         expected = [{"date": d, **rows} for d, s in KEPT.items() if (rows := history_rows(s, org)) is not None]
         assert answer.json() == {"status": "success", "organization": org, "history": expected}, org
+        as_csv = nights.get("/api/m365/history", params={"org": org, "format": "csv"})
+        assert as_csv.headers["content-type"].startswith("text/csv") and as_csv.headers["etag"]
+        assert as_csv.content == ("date,es_user_count,m365_licensed_user_count\r\n" + "".join(
+            f"{r['date']},{r['es_user_count']},{r['m365_licensed_user_count']}\r\n" for r in expected)).encode(), org
     csv_answer = nights.get("/api/m365/history", params={"format": "csv"})
     assert csv_answer.headers["content-type"].startswith("text/csv")
     assert list(csv.reader(io.StringIO(csv_answer.text))) == [

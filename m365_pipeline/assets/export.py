@@ -28,7 +28,7 @@ from m365_pipeline.assets.nights import (
     NIGHT_SPECS,
     forget_nights,
     record_night,
-    write_changes_files,
+    write_changed_users,
     write_history_files,
 )
 from m365_pipeline.crashpoints import crash_point
@@ -108,11 +108,10 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
                 _write_exports(conn, writer, sort, published_users, last_collected)
             coverage = _write_coverage(conn, writer, backup, last_collected)
             night, _ = record_night(conn, published_manifest(root))
-            nights, history_organizations = write_history_files(conn, writer)
-            write_changes_files(conn, writer, nights)
+            history = write_history_files(conn, writer)
+            changed_users = write_changed_users(conn, writer)
             # The sources tonight's numbers came from: the next night must not silently lose one.
-            writer.seal({"last_collected": last_collected, "totals": totals, "nights": nights,
-                         "history_organizations": history_organizations,
+            writer.seal({"last_collected": last_collected, "totals": totals, **history, "changed_users": changed_users,
                          "sources": configured_sources(saas, backup)})
             conn.commit()
             recorded = True  # the night counts once the swap makes it current; a kill in between is undone next run
@@ -138,7 +137,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
         "bytes": size,
         "last_collected": last_collected or "never",
         "query_time_ms": query_time_ms,
-        "nights_kept": len(nights),
+        "nights_kept": len(history["nights"]),
         **totals,
         **coverage,
         "preview": MetadataValue.md(_preview(organizations)),

@@ -5,13 +5,14 @@ DuckDB transaction, rolled back when anything before the version is sealed fails
 just before the version swap. A night recorded but not served (the swap failed, or the run was
 killed in between) is forgotten, at once or by the next run, which compares the kept nights with
 the served version's. A blocked run never reaches the publish step and leaves no night.
-The history and changes files of the version are built from the tables inside that transaction,
-so they include tonight.
+The history files and the changed users' history of the version are built from the tables inside
+that transaction, so they include tonight; m365-serve answers /changes from the latter.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -25,7 +26,13 @@ from m365_pipeline.duckdb_helpers import (
     table_metadata,
     table_schema,
 )
-from m365_pipeline.history_api import CHANGE_FIELDS, HISTORY_FIELDS, changes_body, file_key, history_body
+from m365_pipeline.history_api import (
+    CHANGED_USERS_FILE,
+    CHANGES_SQL,
+    HISTORY_FIELDS,
+    ORGANIZATION_HISTORY_FILE,
+    history_body,
+)
 from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
 
 GROUP = "marts"
@@ -33,7 +40,7 @@ NIGHTS_KEY = AssetKey(["marts", "nights"])
 USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
 SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
 # Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
-NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", "marts_nights.sql")
+NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql")
 
 NIGHTS_SCHEMA = table_schema(
     ("collection_date", "DATE", "UTC date of last_collected; at most one night per date."),
@@ -120,10 +127,13 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> tuple[list[dict], dict]:
-    """history.json/csv (totals per night) and one pair per organization ever kept, keyed by a hash.
+def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> dict[str, Any]:
+    """history.json/csv (totals per night) and ORGANIZATION_HISTORY_FILE: every organization's /history
+    body, one after the other (one file a night rather than one per organization), from which m365-serve
+    answers /history?org (its CSV made from that body).
 
-    Returns (nights [{date, last_collected}], {organization name: file key}) for the manifest.
+    Returns the manifest's entries: nights [{date, last_collected}], history_organizations {name:
+    [offset, length] in that file} (every organization of a kept night), organization_history (its path).
     """
     nights = [{"date": d.isoformat(), "last_collected": iso_z(c)} for d, c in conn.execute(
         "SELECT collection_date, last_collected FROM marts.nights ORDER BY collection_date").fetchall()]
@@ -136,28 +146,39 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     for fmt in ("json", "csv"):
         writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(None, totals, fmt),
                            CONTENT_TYPES[fmt])
-    organizations: dict[str, str] = {}
     cursor = conn.execute("""
         SELECT h.organization_name, strftime(h.collection_date, '%Y-%m-%d') AS date, h.es_user_count,
                h.m365_licensed_user_count
         FROM marts.org_summary_history AS h SEMI JOIN marts.nights USING (collection_date)
         ORDER BY h.organization_name, h.collection_date""")
-    for name, rows in rows_by_first_column(cursor):
-        key = organizations[name] = file_key(name)
-        body_rows = [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows]
-        for fmt in ("json", "csv"):
-            writer.write_bytes(f"history:{fmt}:{key}", f"history/{key}.{fmt}", history_body(name, body_rows, fmt),
-                               CONTENT_TYPES[fmt])
-    return nights, organizations
+    ranges: dict[str, list[int]] = {}
+    path = writer.path / ORGANIZATION_HISTORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        for name, rows in rows_by_first_column(cursor):
+            body = history_body(name, [dict(zip(HISTORY_FIELDS, values, strict=True)) for values in rows], "json")
+            ranges[name] = [out.tell(), len(body)]
+            out.write(body)
+    return {"nights": nights, "history_organizations": ranges, "organization_history": ORGANIZATION_HISTORY_FILE}
 
 
-def write_changes_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, nights: list[dict]) -> None:
-    """For every kept night A, the changes from A to tonight (the latest night) in JSON and CSV."""
-    tonight = nights[-1]
-    for night in nights:
-        rows = _dicts(conn.execute(f"SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1, $2)",
-                                   [night["date"], tonight["date"]]))
-        for fmt in ("json", "csv"):
-            body = changes_body(night["last_collected"], tonight["last_collected"], rows, fmt)
-            writer.write_bytes(f"changes:{fmt}:{night['date']}", f"changes/{night['date']}.{fmt}", body,
-                               CONTENT_TYPES[fmt])
+def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> str:
+    """The version's CHANGED_USERS_FILE: every history row of the users with a row opened after the
+    first kept night or closed. Returns its path in the version (for the manifest).
+
+    marts.changes_between(a, b) only reads the rows of UPNs with a row opened or closed in (a, b]; for
+    kept nights a <= b every such UPN is in this file with all its rows, so the macro gives the same
+    answer on it as on the whole table, and the file grows with the changes, not with the users.
+    """
+    _copy(conn, """
+        SELECT * FROM marts.published_users_history WHERE user_principal_name IN (
+            SELECT user_principal_name FROM marts.published_users_history
+            WHERE valid_to IS NOT NULL OR valid_from > (SELECT min(collection_date) FROM marts.nights))""",
+          writer.path / CHANGED_USERS_FILE)
+    return CHANGED_USERS_FILE
+
+
+def _copy(conn: duckdb.DuckDBPyConnection, select: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = "'" + str(path).replace("'", "''") + "'"  # COPY takes no parameter; the path is the version's
+    conn.execute(f"COPY ({select}) TO {target} (FORMAT parquet)")

@@ -2,11 +2,14 @@
 
 All request logic lives in ``Dashboard.respond`` (plain Python, no I/O beyond reading the
 published version); ``Dashboard.__rsgi__`` only moves bytes. Answers come from precomputed
-files: nothing is queried or compressed per request.
+files, except ``/changes``: rule 12 between any two kept nights is too many pairs to precompute, so
+it is queried from the version's changed users' history at request time (in a worker thread, never
+on the event loop) and cached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -25,14 +28,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import duckdb
+
 from m365_pipeline import settings
 from m365_pipeline.history_api import (
     BadDate,
     changes_body,
+    changes_database,
+    changes_rows,
     history_body,
     night_a,
     parse_date,
-    select_organization,
 )
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -54,7 +60,10 @@ MAX_QUERY_LENGTH = 8192
 MAX_QUERY_FIELDS = 16
 MEMORY_CACHE_BYTES = 64 << 20  # small files are served from memory, large ones by sendfile
 MEMORY_FILE_LIMIT = 4 << 20
-SELECTION_CACHE_ENTRIES = 256
+CHANGES_CACHE_ENTRIES = 256  # per version: /changes bodies by (night A, org, format)
+CHANGES_CACHE_BYTES = 64 << 20
+# The request headers respond() reads, copied before a request is answered in a worker thread.
+REQUEST_HEADERS = ("accept-encoding", "if-none-match", "if-modified-since", "access-control-request-headers")
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -173,35 +182,72 @@ class _ByteCache:
         return body
 
 
-class _Selections:
-    """One organization's changes since a night, made from that night's published changes file.
+class _Changes:
+    """One version's ``/changes`` answers, made at request time and kept (least recently used out first).
 
-    Rule 12 selects by organization_name or previous_organization_name; precomputing every
-    (night, organization) pair would multiply the files, so the selection is made on the first
-    request and kept (bounded, least recently used out first) until the version changes.
+    The version's changed users' history is loaded into an in-memory DuckDB as soon as the version is
+    seen (``prepare``, in a thread) or by the first request; marts.changes_between (the pipeline's stored
+    SQL) answers rule 12 from any kept night A, for all organizations or one. Each (night A, org, format)
+    is made once; concurrent first requests wait for one query.
     """
 
-    def __init__(self, entries: int):
-        self.entries = entries
-        self._items: OrderedDict[tuple[str, str, str, str], tuple[bytes, bytes | None, str]] = OrderedDict()
+    def __init__(self, version: PublishedVersion, entries: int = CHANGES_CACHE_ENTRIES,
+                 budget: int = CHANGES_CACHE_BYTES):
+        self.version, self.entries, self.budget, self.used = version, entries, budget, 0
+        self._db: Any = None
+        self._items: OrderedDict[tuple[str, str | None, str], tuple[bytes, bytes | None, str]] = OrderedDict()
+        self._pending: dict[tuple[str, str | None, str], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
 
-    def get(self, version: PublishedVersion, night: str, org: str, fmt: str) -> tuple[bytes, bytes | None, str]:
-        key = (version.version, night, org, fmt)
+    def get(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
+        key = (night, org, fmt)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        published = json.loads(version.changes(night, "json").path.read_bytes())
-        rows = select_organization(published["changes"], org)
-        body = changes_body(published["from"], published["to"], rows, fmt)
-        gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
-        item = (body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
-        with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
+            pending = self._pending.setdefault(key, threading.Lock())
+        with pending:  # one query per key; the others wait for it and find it cached
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            item = self._make(night, org, fmt)
+            with self._lock:
+                self._items[key] = item
+                self.used += len(item[0]) + len(item[1] or b"")
+                while len(self._items) > 1 and (len(self._items) > self.entries or self.used > self.budget):
+                    _, (body, gz, _) = self._items.popitem(last=False)
+                    self.used -= len(body) + len(gz or b"")
+                self._pending.pop(key, None)
         return item
+
+    def prepare(self) -> None:
+        """Load the changes database ahead of the first request (run in a thread when the version is new);
+        a failure is left for that request to report."""
+        try:
+            self._cursor().close()
+        except duckdb.Error:
+            pass
+
+    def _make(self, night: str, org: str | None, fmt: str) -> tuple[bytes, bytes | None, str]:
+        stamps = {n["date"]: n["last_collected"] for n in self.version.nights}
+        tonight = self.version.nights[-1]["date"]
+        try:
+            with self._cursor() as cursor:
+                rows = changes_rows(cursor, night, tonight, org)
+        except duckdb.Error as exc:
+            raise HttpError(500, f"the changes of this published version cannot be read ({type(exc).__name__}); "
+                                 "the next pipeline run publishes them again") from None
+        body = changes_body(stamps[night], stamps[tonight], rows, fmt)
+        gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+        return body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+    def _cursor(self) -> Any:
+        """A cursor (its own DuckDB connection, for this thread) on the version's changes database."""
+        with self._db_lock:
+            if self._db is None:
+                self._db = changes_database(self.version.changed_users)
+            return self._db.cursor()
 
 
 class Dashboard:
@@ -212,27 +258,33 @@ class Dashboard:
         self.access_log = access_log
         self._lock = threading.Lock()
         self._target: str | None = None
-        self._version: PublishedVersion | None = None
+        # The current version and its /changes answers, replaced together (one assignment).
+        self._serving: tuple[PublishedVersion | None, _Changes | None] = (None, None)
         self._cache = _ByteCache(MEMORY_CACHE_BYTES)
-        self._selections = _Selections(SELECTION_CACHE_ENTRIES)
         self._static = self._load_static()
 
     # -- published data -------------------------------------------------------------------
     def current(self) -> PublishedVersion | None:
         """The version ``current`` points at now; re-read only when the link changes."""
+        return self._current()[0]
+
+    def _current(self) -> tuple[PublishedVersion | None, _Changes | None]:
         try:
             target = os.readlink(self.export_root / CURRENT)
         except OSError:
-            return None
+            return None, None
         if target != self._target:
             with self._lock:
                 if target != self._target:
                     path = current_version_dir(self.export_root)
-                    self._version = PublishedVersion(path) if path else None
+                    version = PublishedVersion(path) if path else None
+                    changes = _Changes(version) if version else None
+                    if version is not None and version.changed_users is not None and len(version.nights) > 1:
+                        threading.Thread(target=changes.prepare, name="changes-database", daemon=True).start()
+                    self._serving = (version, changes)
                     self._target = target
                     self._cache = _ByteCache(MEMORY_CACHE_BYTES)
-                    self._selections = _Selections(SELECTION_CACHE_ENTRIES)
-        return self._version
+        return self._serving
 
     # -- request handling -----------------------------------------------------------------
     def respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
@@ -250,12 +302,12 @@ class Dashboard:
             if endpoint not in ("summary", "users", "export", "history", "changes", "coverage"):
                 raise HttpError(404, "not found")
             params = parse_query(query_string)
-            version = self.current()
+            version, changes = self._current()
             if version is None:
                 raise HttpError(404, "no data available: nothing has been published yet "
                                      "(run the pipeline, e.g. `make demo`)")
             if endpoint in ("history", "changes"):
-                return self._nights_route(endpoint, params, version, headers)
+                return self._nights_route(endpoint, params, version, changes, headers)
             published, disposition = self._route(endpoint, params, version)
             return self._published(headers, published, version, disposition)
         except HttpError as exc:
@@ -311,8 +363,8 @@ class Dashboard:
         return published, disposition
 
     # -- history and changes (docs/RULES.md, rules 11 and 12) --------------------------------
-    def _nights_route(self, endpoint: str, params: dict[str, str], version: PublishedVersion, headers: Any
-                      ) -> Response:
+    def _nights_route(self, endpoint: str, params: dict[str, str], version: PublishedVersion, changes: _Changes,
+                      headers: Any) -> Response:
         fmt = params.get("format", "json")
         if fmt not in FORMATS:
             raise HttpError(400, f"unknown format {fmt[:40]!r}; use one of: {', '.join(FORMATS)}")
@@ -329,8 +381,18 @@ class Dashboard:
             raise HttpError(404, "no night is kept yet")
         tonight = version.nights[-1]["date"]
         if endpoint == "history":
-            key = version.history_organizations[org] if org is not None else None
             disposition = f'attachment; filename="m365-history-{tonight}.csv"' if fmt == "csv" else None
+            if org is not None and version.organization_history is not None:
+                offset, length = version.history_organizations[org]
+                with version.organization_history.open("rb") as history:
+                    history.seek(offset)
+                    body = history.read(length)  # the organization's JSON body; its CSV is made from it
+                if fmt == "csv":
+                    body = history_body(org, json.loads(body)["history"], fmt)
+                gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+                return self._generated(headers, version, body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"',
+                                       CONTENT_TYPES[fmt], disposition)
+            key = version.history_organizations[org] if org is not None else None  # older versions: a file each
             return self._published(headers, version.history(fmt, key), version, disposition)
         since = params.get("since")
         if since is not None:
@@ -343,15 +405,16 @@ class Dashboard:
         if night is None:
             raise HttpError(404, f"no kept night on or before {since}" if since is not None
                             else "only one night is kept: there is no earlier night to compare with")
+        if version.changed_users is None:
+            raise HttpError(404, "changes are not available in this version: it was published before the "
+                                 "pipeline kept them; the next pipeline run publishes them")
         disposition = f'attachment; filename="m365-changes-{night}-to-{tonight}.csv"' if fmt == "csv" else None
-        if org is None:
-            return self._published(headers, version.changes(night, fmt), version, disposition)
-        body, gz, etag = self._selections.get(version, night, org, fmt)
+        body, gz, etag = changes.get(night, org, fmt)
         return self._generated(headers, version, body, gz, etag, CONTENT_TYPES[fmt], disposition)
 
     def _generated(self, headers: Any, version: PublishedVersion, body: bytes, gz: bytes | None, etag: str,
                    content_type: str, disposition: str | None) -> Response:
-        """Like ``_published`` for a body made from published files at request time (and cached)."""
+        """Like ``_published`` for a body made from the published version at request time (and cached)."""
         encoding = []
         if gz is not None and accepts_gzip(headers.get("accept-encoding")):
             body, etag, encoding = gz, etag[:-1] + '-gzip"', [("content-encoding", "gzip")]
@@ -429,7 +492,11 @@ class Dashboard:
         if scope.proto != "http":
             return
         started = time.perf_counter()
-        response = self.respond(scope.method, scope.path, scope.query_string, scope.headers)
+        if scope.path == API_PREFIX + "changes" and scope.method in ("GET", "HEAD"):  # may query DuckDB
+            headers = {name: scope.headers.get(name) for name in REQUEST_HEADERS}
+            response = await asyncio.to_thread(self.respond, scope.method, scope.path, scope.query_string, headers)
+        else:
+            response = self.respond(scope.method, scope.path, scope.query_string, scope.headers)
         self._send(scope, protocol, response)
         if self.access_log:
             target = scope.path + ("?" + scope.query_string if scope.query_string else "")

@@ -9,61 +9,20 @@ CREATE TABLE IF NOT EXISTS marts.published_users_history (
     valid_from DATE NOT NULL, valid_to DATE);
 
 -- A night re-run on its date was forgotten first (marts_nights_forget.sql).
--- Close the open rows that no longer hold tonight, then open rows for what is new.
-UPDATE marts.published_users_history AS h SET valid_to = (SELECT collection_date FROM tonight)
-WHERE h.valid_to IS NULL AND NOT EXISTS (
-    SELECT 1 FROM core.users AS u
-    WHERE u.published AND u.user_principal_name = h.user_principal_name
-      AND u.organization_name = h.organization_name AND u.display_name = h.display_name
-      AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license);
+-- One join of the open rows with tonight's published users finds both the open rows that no longer
+-- hold tonight (closed) and what is new (opened); every column is compared (all are NOT NULL).
+CREATE OR REPLACE TEMP TABLE night_rows AS
+SELECT h.rowid AS open_row, u.organization_name, u.user_principal_name, u.display_name, u.licenses,
+       u.has_email_license
+FROM (SELECT rowid, * FROM marts.published_users_history WHERE valid_to IS NULL) AS h
+FULL OUTER JOIN (SELECT * FROM core.users WHERE published) AS u
+    ON u.user_principal_name = h.user_principal_name AND u.organization_name = h.organization_name
+   AND u.display_name = h.display_name AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license
+WHERE h.rowid IS NULL OR u.user_principal_name IS NULL;
+UPDATE marts.published_users_history SET valid_to = (SELECT collection_date FROM tonight)
+WHERE rowid IN (SELECT open_row FROM night_rows WHERE user_principal_name IS NULL);
 INSERT INTO marts.published_users_history
-SELECT u.organization_name, u.user_principal_name, u.display_name, u.licenses, u.has_email_license,
+SELECT organization_name, user_principal_name, display_name, licenses, has_email_license,
        (SELECT collection_date FROM tonight), NULL
-FROM core.users AS u
-WHERE u.published AND NOT EXISTS (
-    SELECT 1 FROM marts.published_users_history AS h
-    WHERE h.valid_to IS NULL AND u.user_principal_name = h.user_principal_name
-      AND u.organization_name = h.organization_name AND u.display_name = h.display_name
-      AND u.licenses = h.licenses AND u.has_email_license = h.has_email_license);
-
--- For analysts too (stored, so analytics.duckdb carries them). published_users_on(d): the users
--- published on the latest kept night dated on or before d.
-CREATE OR REPLACE MACRO marts.published_users_on(d) AS TABLE
-SELECT organization_name, user_principal_name, display_name, licenses, has_email_license
-FROM marts.published_users_history
-WHERE valid_from <= d::DATE AND (valid_to IS NULL OR valid_to > d::DATE);
-
--- Rule 12: changes_between(a, b), from the night on or before a to the night on or before b (a <= b),
--- one row per changed UPN, in rule 12's order. Only UPNs with a row opened or closed in (a, b] can
--- have changed, so the work grows with the changes, not with the users.
-CREATE OR REPLACE MACRO marts.changes_between(a, b) AS TABLE
-WITH touched AS (
-    SELECT DISTINCT user_principal_name FROM marts.published_users_history
-    WHERE (valid_from > a::DATE AND valid_from <= b::DATE) OR (valid_to > a::DATE AND valid_to <= b::DATE)
-),
-before AS (
-    SELECT * FROM marts.published_users_on(a) SEMI JOIN touched USING (user_principal_name)
-),
-after AS (
-    SELECT * FROM marts.published_users_on(b) SEMI JOIN touched USING (user_principal_name)
-),
-classified AS (
-    SELECT coalesce(n.organization_name, o.organization_name) AS organization_name,
-           CASE WHEN o.user_principal_name IS NOT NULL AND n.user_principal_name IS NOT NULL
-                     AND o.organization_name <> n.organization_name THEN o.organization_name END
-               AS previous_organization_name,
-           coalesce(n.user_principal_name, o.user_principal_name) AS user_principal_name,
-           coalesce(n.display_name, o.display_name) AS display_name,
-           CASE WHEN o.user_principal_name IS NULL THEN 'added'
-                WHEN n.user_principal_name IS NULL THEN 'removed'
-                WHEN o.organization_name <> n.organization_name THEN 'moved'
-                WHEN NOT o.has_email_license AND n.has_email_license THEN 'email_gained'
-                WHEN o.has_email_license AND NOT n.has_email_license THEN 'email_lost'
-                WHEN o.licenses <> n.licenses THEN 'licenses_changed'
-           END AS change,
-           o.licenses AS licenses_before, n.licenses AS licenses_after,
-           o.has_email_license AS has_email_license_before, n.has_email_license AS has_email_license_after
-    FROM before AS o FULL OUTER JOIN after AS n ON n.user_principal_name = o.user_principal_name
-)
-SELECT * FROM classified WHERE change IS NOT NULL
-ORDER BY lower(organization_name), organization_name, lower(user_principal_name), user_principal_name;
+FROM night_rows WHERE open_row IS NULL;
+DROP TABLE night_rows;
