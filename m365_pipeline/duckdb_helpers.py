@@ -40,6 +40,12 @@ def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: list[Any] | None
     conn.execute(read_sql(name), params or [])
 
 
+def path_literal(path: object) -> str:
+    """A file path as a SQL string literal: COPY and ATTACH take no parameter for it. Only for paths the
+    pipeline makes (its data directory and version ids), never for vendor values."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def ensure_schema(conn: duckdb.DuckDBPyConnection, schema: str) -> None:
     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from m365_pipeline.duckdb_helpers import rows_by_first_column
+from m365_pipeline.duckdb_helpers import path_literal, rows_by_first_column
 
 ROWS = [("a", 1, "x"), ("a", 2, "y"), ("b", 3, "z"), ("c", 4, "w"), ("c", 5, "v"), ("c", 6, "u")]
 
@@ -26,3 +26,13 @@ def test_rows_grouped_by_organization_keep_every_row_whatever_the_fetch_batch(ba
 
 def test_an_empty_result_yields_no_group():
     assert list(rows_by_first_column(duckdb.connect().execute("SELECT 1 WHERE false"))) == []
+
+
+@pytest.mark.parametrize("name", ["plain.csv", "it's.csv", "''.csv", "a'); DROP TABLE t; --.csv"])
+def test_a_path_with_quotes_is_one_literal_duckdb_writes_to(tmp_path, name):
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+    target = tmp_path / name
+    conn.execute(f"COPY t TO {path_literal(target)} (FORMAT csv)")
+    assert target.read_text().splitlines() == ["x", "1"]
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1

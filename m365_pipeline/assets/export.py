@@ -32,7 +32,7 @@ from m365_pipeline.assets.nights import (
     write_history_files,
 )
 from m365_pipeline.crashpoints import crash_point
-from m365_pipeline.duckdb_helpers import markdown_table, rows_by_first_column, table_result
+from m365_pipeline.duckdb_helpers import markdown_table, path_literal, rows_by_first_column, table_result
 from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import (
     CONTENT_TYPES,
@@ -66,11 +66,6 @@ SUMMARY_SQL = """
     SELECT organization_name, es_user_count, m365_licensed_user_count, last_collected
     FROM marts.org_summary ORDER BY lower(organization_name), organization_name
 """
-
-
-def _sql_path(path: Path) -> str:
-    # COPY takes no parameter for its target; the path is ours (data dir + generated version id).
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 @multi_asset(specs=[
@@ -223,12 +218,12 @@ def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_co
     """CSV and JSON straight from DuckDB's writers (RFC 4180 quoting and CRLF, JSON escaping)."""
     select = f"SELECT {EXPORT_COLUMNS} FROM core.users WHERE published ORDER BY {EXPORT_ORDER[sort]}"
     csv_path = writer.adopt(f"export:csv:{sort}", export_file_name(sort, "csv"), CONTENT_TYPES["csv"])
-    conn.execute(f"COPY ({select}) TO {_sql_path(csv_path)} "
+    conn.execute(f"COPY ({select}) TO {path_literal(csv_path)} "
                  "(FORMAT csv, HEADER true, QUOTE '\"', ESCAPE '\"', NEW_LINE '\r\n')")  # RFC 4180 records
 
     json_path = writer.adopt(f"export:json:{sort}", export_file_name(sort, "json"), CONTENT_TYPES["json"])
     array_path = json_path.with_suffix(".array")
-    conn.execute(f"COPY ({select}) TO {_sql_path(array_path)} (FORMAT json, ARRAY true)")
+    conn.execute(f"COPY ({select}) TO {path_literal(array_path)} (FORMAT json, ARRAY true)")
     with json_path.open("wb") as out, array_path.open("rb") as array:
         out.write(b'{"status":"success","data":')
         while chunk := array.read(1 << 20):
@@ -268,7 +263,7 @@ def analytics_db(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mate
         source_name = conn.execute("SELECT current_database()").fetchone()[0]
         # An older storage format, so analysts' tools (the duckdb CLI, DBeaver's driver) that lag
         # behind our DuckDB can still open the file.
-        conn.execute(f"ATTACH {_sql_path(temporary)} AS analytics_copy (STORAGE_VERSION '{ANALYTICS_STORAGE}')")
+        conn.execute(f"ATTACH {path_literal(temporary)} AS analytics_copy (STORAGE_VERSION '{ANALYTICS_STORAGE}')")
         try:
             conn.execute(f'COPY FROM DATABASE "{source_name}" TO analytics_copy')
         finally:

@@ -21,6 +21,7 @@ from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
+    path_literal,
     rows_by_first_column,
     run_sql,
     table_metadata,
@@ -180,5 +181,4 @@ def write_changed_users(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
 
 def _copy(conn: duckdb.DuckDBPyConnection, select: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    target = "'" + str(path).replace("'", "''") + "'"  # COPY takes no parameter; the path is the version's
-    conn.execute(f"COPY ({select}) TO {target} (FORMAT parquet)")
+    conn.execute(f"COPY ({select}) TO {path_literal(path)} (FORMAT parquet)")
