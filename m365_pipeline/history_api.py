@@ -92,7 +92,8 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
 def changes_database(changed_users: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding a version's ``CHANGED_USERS_FILE`` as marts.published_users_history,
     with the stored macros of ``CHANGES_SQL``; it reads no other file afterwards."""
-    conn = duckdb.connect(":memory:")
+    # Small: one per version in each m365-serve worker, answering one selection at a time per request.
+    conn = duckdb.connect(":memory:", config={"threads": 2, "memory_limit": "1GB"})
     conn.execute("CREATE SCHEMA marts")
     conn.execute("CREATE TABLE marts.published_users_history AS SELECT * FROM read_parquet($1)", [str(changed_users)])
     conn.execute(resources.files("m365_pipeline").joinpath("sql", CHANGES_SQL).read_text(encoding="utf-8"))
@@ -107,6 +108,7 @@ def changes_rows(conn: duckdb.DuckDBPyConnection, night_a: str, tonight: str, or
     previous_organization_name is exactly it."""
     cursor = conn.execute(f"""
         SELECT {', '.join(CHANGE_FIELDS)} FROM marts.changes_between($1::DATE, $2::DATE)
-        WHERE $3::VARCHAR IS NULL OR organization_name = $3 OR previous_organization_name = $3""",
+        WHERE $3::VARCHAR IS NULL OR organization_name = $3 OR previous_organization_name = $3
+        ORDER BY lower(organization_name), organization_name, lower(user_principal_name), user_principal_name""",
                           [night_a, tonight, organization])
     return [dict(zip(CHANGE_FIELDS, row, strict=True)) for row in cursor.fetchall()]

@@ -95,6 +95,8 @@ def young_garbage_collected_less() -> Iterator[None]:
     Every vendor call allocates hundreds of objects (aiohttp's request and response, futures, decoded JSON)
     that die young, so the collector ran every few calls, and each full pass walked the whole process
     (Dagster, DuckDB's bindings): 11-20 % of a pull's CPU. ``gc.freeze`` sets what was alive aside until the end.
+    The collector's settings are the process's: one pull at a time per process (as each step process runs
+    one), never nested or overlapping in threads.
     """
     thresholds = gc.get_threshold()
     gc.freeze()

@@ -6,7 +6,8 @@ Layout under ``<data dir>/export``::
     versions/<id>/manifest.json                       (written last: a version without it is unfinished)
     versions/<id>/summary.json, users/<hash>.json, export/<sort>.<json|csv>, and .gz twins
     versions/<id>/coverage/organizations.<json|csv>, coverage/<hash>.<json|csv>   (when source B is configured)
-    versions/<id>/history/all.<json|csv>, history/organizations.json, history/changed_users.parquet   (rules 11, 12)
+    versions/<id>/history/all.<json|csv>, history/organizations.json, history/changed_users.parquet   (rules 11, 12;
+        organizations.json is every organization's /history body one after the other, not one document)
 
 File names never come from organization names: a users file is named by a hash of the name,
 and the manifest maps exact names to files. A reader resolves ``current`` once per request and
@@ -274,9 +275,10 @@ class PublishedVersion:
         self.files = {key: self._file(entry) for key, entry in manifest["files"].items()}
         self.organizations: dict[str, str] = manifest["organizations"]
         # Rules 11 and 12: the kept nights, oldest first ([{date, last_collected}]), and the
-        # organizations of any kept night (exact name -> file key of their history files).
+        # organizations of any kept night (exact name -> [offset, length] of its body in
+        # ORGANIZATION_HISTORY_FILE; in versions older than that file, the file key of its history files).
         self.nights: list[dict[str, str]] = manifest.get("nights", [])
-        self.history_organizations: dict[str, str] = manifest.get("history_organizations", {})
+        self.history_organizations: dict[str, str | list[int]] = manifest.get("history_organizations", {})
         # What m365-serve answers /changes and /history?org from (history_api.CHANGED_USERS_FILE and
         # ORGANIZATION_HISTORY_FILE, history_organizations then giving each body's [offset, length]);
         # None in versions older than them.

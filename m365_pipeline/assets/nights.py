@@ -129,7 +129,7 @@ def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> dict[str, Any]:
-    """history.json/csv (totals per night) and ORGANIZATION_HISTORY_FILE: every organization's /history
+    """history/all.json|csv (totals per night) and ORGANIZATION_HISTORY_FILE: every organization's /history
     body, one after the other (one file a night rather than one per organization), from which m365-serve
     answers /history?org (its CSV made from that body).
 

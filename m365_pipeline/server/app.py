@@ -2,9 +2,10 @@
 
 All request logic lives in ``Dashboard.respond`` (plain Python, no I/O beyond reading the
 published version); ``Dashboard.__rsgi__`` only moves bytes. Answers come from precomputed
-files, except ``/changes``: rule 12 between any two kept nights is too many pairs to precompute, so
-it is queried from the version's changed users' history at request time (in a worker thread, never
-on the event loop) and cached.
+files, with two exceptions: ``/history?org`` reads the organization's body from one file by its
+[offset, length] (and makes its CSV), and ``/changes`` is queried from the version's changed users'
+history at request time (rule 12 between any two kept nights is too many pairs to precompute), in a
+worker thread, never on the event loop, and cached.
 """
 
 from __future__ import annotations
@@ -208,17 +209,23 @@ class _Changes:
                 return self._items[key]
             pending = self._pending.setdefault(key, threading.Lock())
         with pending:  # one query per key; the others wait for it and find it cached
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            item = self._make(night, org, fmt)
-            with self._lock:
-                self._items[key] = item
-                self.used += len(item[0]) + len(item[1] or b"")
-                while len(self._items) > 1 and (len(self._items) > self.entries or self.used > self.budget):
-                    _, (body, gz, _) = self._items.popitem(last=False)
-                    self.used -= len(body) + len(gz or b"")
-                self._pending.pop(key, None)
+            try:
+                with self._lock:
+                    if key in self._items:
+                        return self._items[key]
+                item = self._make(night, org, fmt)
+                with self._lock:
+                    if (replaced := self._items.pop(key, None)) is not None:  # made again after an eviction
+                        self.used -= len(replaced[0]) + len(replaced[1] or b"")
+                    self._items[key] = item
+                    self.used += len(item[0]) + len(item[1] or b"")
+                    while len(self._items) > 1 and (len(self._items) > self.entries or self.used > self.budget):
+                        _, (body, gz, _) = self._items.popitem(last=False)
+                        self.used -= len(body) + len(gz or b"")
+            finally:  # a failed query leaves no lock behind; a later request for the key makes its own
+                with self._lock:
+                    if self._pending.get(key) is pending:
+                        del self._pending[key]
         return item
 
     def prepare(self) -> None:

@@ -1,7 +1,8 @@
 """``m365-serve``: the Dashboard API and page on port 5400, over HTTP or HTTPS.
 
 granian (a Rust HTTP server) carries the connections, so idle, slow and TLS clients never
-hold up others; the Python app only picks precomputed bytes.
+hold up others; the Python app answers from precomputed bytes (``/changes`` and ``/history?org``
+are made from the published version's files, see ``server/app.py``).
 """
 
 from __future__ import annotations
