@@ -230,19 +230,23 @@ ORGANIZATION_ROWS_SQL = f"""
 CSV_HEADER = ",".join(COVERAGE_USER_FIELDS) + "\r\n"
 
 
+def _organization_json(name: str, user_objects: list[str]) -> bytes:
+    """One organization's coverage JSON around its users' JSON objects (the envelope, defined once)."""
+    return b"".join((b'{"status":"success","organization":', json_bytes(name), b',"users":[',
+                     ",".join(user_objects).encode("utf-8"), b'],"total_users":', str(len(user_objects)).encode(),
+                     b"}"))
+
+
 def _write_organization_text(writer: VersionWriter, name: str, rows: list[tuple[str, str, bool]]) -> None:
-    """The same bytes as _write_organization, from rows DuckDB formatted."""
-    users = ",".join(json_row for json_row, _, _ in rows)
-    writer.write_coverage(name, "json", b"".join((
-        b'{"status":"success","organization":', json_bytes(name), b',"users":[', users.encode("utf-8"),
-        b'],"total_users":', str(len(rows)).encode(), b"}")))
+    """An organization's files from rows DuckDB formatted (its JSON objects, its CSV records)."""
+    writer.write_coverage(name, "json", _organization_json(name, [json_row for json_row, _, _ in rows]))
     writer.write_coverage(name, "csv", (CSV_HEADER + "".join(record for _, record, _ in rows)).encode("utf-8"))
 
 
 def _write_organization(writer: VersionWriter, name: str, rows: list[tuple]) -> None:
-    body = {"status": "success", "organization": name,
-            "users": [dict(zip(COVERAGE_USER_FIELDS, row, strict=True)) for row in rows], "total_users": len(rows)}
-    writer.write_coverage(name, "json", json_bytes(body))
+    """An organization's files from its rows, by Python's encoders (names with control characters)."""
+    users = [json_bytes(dict(zip(COVERAGE_USER_FIELDS, row, strict=True))).decode("utf-8") for row in rows]
+    writer.write_coverage(name, "json", _organization_json(name, users))
     writer.write_coverage(name, "csv", csv_bytes(COVERAGE_USER_FIELDS, rows))
 
 
