@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from m365_pipeline.history_api import CHANGED_USERS_FILE, BadDate, night_a, parse_date
+from m365_pipeline.history_api import CHANGE_FIELDS, CHANGED_USERS_FILE, BadDate, changes_body, night_a, parse_date
 from m365_pipeline.publishing import VersionWriter, export_dir
 from m365_pipeline.server.app import Dashboard
 
@@ -208,3 +208,29 @@ def test_a_version_published_with_one_history_file_per_organization_is_still_ser
     for fmt in ("json", "csv"):
         answer = Dashboard(tmp_path).respond("GET", "/api/m365/history", f"org=Acme&format={fmt}", {})
         assert (answer.status, answer.body) == (200, body[fmt])
+
+
+def test_a_version_published_with_a_changes_file_per_night_is_still_answered_from_them(tmp_path):
+    """Versions published before the changed users' history: the night's file as it is, or selected by org
+    (rule 12: organization_name or previous_organization_name), until the next run publishes."""
+    rows = [{**dict.fromkeys(CHANGE_FIELDS), "organization_name": "Acme", "user_principal_name": "a@acme.com",
+             "change": "added"},
+            {**dict.fromkeys(CHANGE_FIELDS), "organization_name": "Beta", "previous_organization_name": "Acme",
+             "user_principal_name": "m@beta.com", "change": "moved"},
+            {**dict.fromkeys(CHANGE_FIELDS), "organization_name": "Beta", "user_principal_name": "b@beta.com",
+             "change": "removed"}]
+    stamps = ("2026-01-20T23:00:00Z", "2026-01-21T23:00:00Z")
+    writer = VersionWriter(export_dir(tmp_path))
+    for fmt in ("json", "csv"):
+        writer.write_bytes(f"changes:{fmt}:2026-01-20", f"changes/2026-01-20.{fmt}", changes_body(*stamps, rows, fmt),
+                           "x")
+    writer.commit({"nights": [{"date": "2026-01-20", "last_collected": stamps[0]},
+                              {"date": "2026-01-21", "last_collected": stamps[1]}],
+                   "history_organizations": {"Acme": "k1", "Beta": "k2"}})
+    dashboard = Dashboard(tmp_path)
+    for fmt in ("json", "csv"):
+        answer = dashboard.respond("GET", "/api/m365/changes", f"since=2026-01-20&format={fmt}", {})
+        assert (answer.status, answer.body) == (200, changes_body(*stamps, rows, fmt))
+    answer = dashboard.respond("GET", "/api/m365/changes", "org=Acme", {})
+    assert answer.status == 200
+    assert [r["user_principal_name"] for r in json.loads(answer.body)["changes"]] == ["a@acme.com", "m@beta.com"]

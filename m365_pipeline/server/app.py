@@ -412,12 +412,28 @@ class Dashboard:
         if night is None:
             raise HttpError(404, f"no kept night on or before {since}" if since is not None
                             else "only one night is kept: there is no earlier night to compare with")
-        if version.changed_users is None:
-            raise HttpError(404, "changes are not available in this version: it was published before the "
-                                 "pipeline kept them; the next pipeline run publishes them")
         disposition = f'attachment; filename="m365-changes-{night}-to-{tonight}.csv"' if fmt == "csv" else None
+        if version.changed_users is None:
+            return self._changes_of_an_older_version(headers, version, night, org, fmt, disposition)
         body, gz, etag = changes.get(night, org, fmt)
         return self._generated(headers, version, body, gz, etag, CONTENT_TYPES[fmt], disposition)
+
+    def _changes_of_an_older_version(self, headers: Any, version: PublishedVersion, night: str, org: str | None,
+                                     fmt: str, disposition: str | None) -> Response:
+        """Versions published before the changed users' history held a changes file per kept night (from
+        it to their tonight): served as they are, or selected for ``org``, until the next run publishes."""
+        if f"changes:json:{night}" not in version.files:
+            raise HttpError(404, "changes are not available in this version: it was published before the "
+                                 "pipeline kept them; the next pipeline run publishes them")
+        if org is None:
+            return self._published(headers, version.files[f"changes:{fmt}:{night}"], version, disposition)
+        published = json.loads(version.files[f"changes:json:{night}"].path.read_bytes())
+        rows = [row for row in published["changes"]
+                if org in (row["organization_name"], row["previous_organization_name"])]
+        body = changes_body(published["from"], published["to"], rows, fmt)
+        gz = gzip.compress(body, compresslevel=6, mtime=0) if len(body) >= GZIP_MIN_BYTES else None
+        return self._generated(headers, version, body, gz, f'"{hashlib.sha256(body).hexdigest()[:32]}"',
+                               CONTENT_TYPES[fmt], disposition)
 
     def _generated(self, headers: Any, version: PublishedVersion, body: bytes, gz: bytes | None, etag: str,
                    content_type: str, disposition: str | None) -> Response:
