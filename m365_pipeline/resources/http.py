@@ -20,6 +20,7 @@ import asyncio
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -359,6 +360,10 @@ def _root_cause(exc: BaseException) -> str:
     while (nested := getattr(inner, "os_error", None) or inner.__cause__) is not None:
         inner = nested
     # The system's own words, never a URL: asyncio words a refusal "Connect call failed (address)".
+    if isinstance(inner, ssl.SSLCertVerificationError):  # its errno is OpenSSL's, not the system's
+        return f"TLS certificate verify failed: {inner.verify_message}"
+    if isinstance(inner, ssl.SSLError):
+        return f"TLS: {inner.reason or type(inner).__name__}"
     if isinstance(inner, socket.gaierror) and inner.strerror:
         return inner.strerror
     if isinstance(inner, OSError) and inner.errno:
