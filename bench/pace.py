@@ -6,7 +6,8 @@ Per scenario one simulator subprocess (``m365-simulate --latency-ms --jitter-ms 
 bench/client_probe.py over the same users once per client, each in its own process with its resource
 defaults: the client before issue 15 (``BASELINE_REF``; a fixed 16 calls in flight, urllib3 retrying each
 429 alone), the threaded client with the adaptive limit (``THREADS_REF``), each extracted with ``git archive``
-and put first on PYTHONPATH, and this tree's client (aiohttp on one event loop, the same adaptive limit).
+and put first on PYTHONPATH, and this tree's client (its own keep-alive transport, answers parsed by
+httptools, on one event loop, the same adaptive limit).
 Figures are the client's own: per-user calls/s (every call, 429s included, over the wall time), the share
 answered 429, its CPU seconds per call (getrusage, so other load on the machine inflates it less than wall
 time), and whether every subscription landed (the count equals the one from an unthrottled pass over the

@@ -162,10 +162,10 @@ PACE_INTRO = (
     "Each row: a fresh `m365-simulate --orgs 600` with the flags in the first column; bench/client_probe.py over "
     "that many users, each user's subscriptions, in its own process with the resource's defaults. *before*: the "
     "client of commit `" + BASELINE_REF + "` (16 calls in flight, each 429 retried alone); *threads*: commit `"
-    + THREADS_REF + "` (urllib3 on a thread pool under the adaptive limit); *after*: this tree's (aiohttp on one "
-    "event loop, the same adaptive limit under its 256 ceiling). calls/s counts every call, 429s included, "
-    "over the wall time; CPU is the client's own (getrusage). *every row*: the subscriptions counted equal an "
-    "unthrottled pass.")
+    + THREADS_REF + "` (urllib3 on a thread pool under the adaptive limit); *after*: this tree's (its own keep-alive "
+    "transport, answers parsed by httptools, on one event loop, the same adaptive limit under its 256 "
+    "ceiling). calls/s counts every call, 429s included, over the wall time; CPU is the client's own "
+    "(getrusage). *every row*: the subscriptions counted equal an unthrottled pass.")
 
 
 def write_report(path: Path, args: argparse.Namespace, results: dict[str, ScaleResult], server: dict[str, Any],
