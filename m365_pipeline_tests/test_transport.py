@@ -191,6 +191,22 @@ def test_an_answer_that_stalls_times_out_and_is_tried_again(vendor):
     assert len(served.requests) == 3
 
 
+def test_a_kept_alive_connection_that_stalls_on_a_later_answer_times_out_too(vendor):
+    def script(connection: socket.socket, vendor: Vendor) -> None:
+        vendor.read_request(connection)
+        connection.sendall(answer())
+        vendor.read_request(connection)
+        time.sleep(2)  # the second answer never comes
+    served = vendor(script)
+    with client(served.url, timeout_s=0.3, max_retries=0) as c:
+        assert c.get_json("/users") == BODY
+        time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailableError, match="timed out"):
+            c.get_json("/users")
+    assert time.monotonic() - started < 1.5  # by the read timeout, not by the vendor giving up at 2 s
+
+
 @pytest.mark.parametrize("garbage", [b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\x00\xff" * 40])
 def test_an_answer_that_is_not_http_is_tried_again_then_fails_saying_so(vendor, garbage):
     served = vendor(keep_answering(garbage))

@@ -120,22 +120,30 @@ class _Connection(asyncio.Protocol):
         self._answer = answer = self._loop.create_future()
         self._body, self._headers, self._headers_done = [], [], False
         self._timeout_s, self._last_data = timeout_s, self._loop.time()
-        self._timer = self._loop.call_at(self._last_data + timeout_s, self._check_timeout)
+        if self._timer is None:  # else the running one checks this request too, re-arming for its deadline
+            self._timer = self._loop.call_at(self._last_data + timeout_s, self._check_timeout)
         self._transport.write(request)
         return answer
 
     def close(self) -> None:
         self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._transport is not None:
             self._transport.abort()
 
     def _check_timeout(self) -> None:
-        # Re-armed while bytes keep arriving, so a slow but steady answer is not cut off.
+        # One timer per connection, not one per request: it outlives the answers it was armed for and
+        # re-arms for the current request's deadline, which bytes arriving push back (a slow but steady
+        # answer is not cut off). An idle connection lets it lapse.
+        self._timer = None
+        if self._answer is None:
+            return
         deadline = self._last_data + self._timeout_s
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._check_timeout)
         else:
-            self._timer = None
             self._fail(TimeoutError())
 
     def _framed(self) -> bool:
@@ -149,9 +157,6 @@ class _Connection(asyncio.Protocol):
 
     def _complete(self) -> None:
         answer, self._answer = self._answer, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if answer is None or answer.done():
             return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
@@ -171,9 +176,6 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         answer, self._answer = self._answer, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self.close()
         if answer is not None and not answer.done():
             answer.set_exception(exc)
