@@ -201,10 +201,9 @@ def test_a_kept_alive_connection_that_stalls_on_a_later_answer_times_out_too(ven
     with client(served.url, timeout_s=0.3, max_retries=0) as c:
         assert c.get_json("/users") == BODY
         time.sleep(0.1)
-        started = time.monotonic()
+        # "timed out", not "Server disconnected": the read timeout fired before the vendor gave up at 2 s.
         with pytest.raises(VendorUnavailableError, match="timed out"):
             c.get_json("/users")
-    assert time.monotonic() - started < 1.5  # by the read timeout, not by the vendor giving up at 2 s
 
 
 @pytest.mark.parametrize("garbage", [b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\x00\xff" * 40])
