@@ -9,6 +9,7 @@ import re
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,21 +89,33 @@ def read_simulator_banner(lines: Iterable[str]) -> SimulatorBanner | None:
     return None
 
 
+_collector_lock = threading.Lock()
+_collector_users = 0  # pulls (or a simulator) inside young_garbage_collected_less right now
+_collector_saved: tuple[int, ...] = ()
+
+
 @contextmanager
 def young_garbage_collected_less() -> Iterator[None]:
     """Fewer garbage-collector passes, none of them over what was alive before: for a pull, or the simulator.
 
-    Every vendor call allocates hundreds of objects (aiohttp's request and response, futures, decoded JSON)
-    that die young, so the collector ran every few calls, and each full pass walked the whole process
-    (Dagster, DuckDB's bindings): 11-20 % of a pull's CPU. ``gc.freeze`` sets what was alive aside until the end.
-    The collector's settings are the process's: one pull at a time per process (as each step process runs
-    one), never nested or overlapping in threads.
+    Every vendor call allocates hundreds of objects (requests, futures, decoded JSON) that die young, so the
+    collector ran every few calls, and each full pass walked the whole process (Dagster, DuckDB's bindings):
+    11-20 % of a pull's CPU. ``gc.freeze`` sets what was alive aside until the end. The collector's settings
+    are the process's, so uses that nest or overlap (in threads) share them: the first one in sets them,
+    the last one out restores them.
     """
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(thresholds[0], GC_YOUNG_THRESHOLD), *thresholds[1:])
+    global _collector_users, _collector_saved
+    with _collector_lock:
+        if _collector_users == 0:
+            _collector_saved = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(max(_collector_saved[0], GC_YOUNG_THRESHOLD), *_collector_saved[1:])
+        _collector_users += 1
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        with _collector_lock:
+            _collector_users -= 1
+            if _collector_users == 0:
+                gc.set_threshold(*_collector_saved)
+                gc.unfreeze()

@@ -19,7 +19,7 @@ import requests
 from dagster import DagsterInstance, materialize
 
 from m365_pipeline.assets.raw import raw_assets
-from m365_pipeline.processes import GC_YOUNG_THRESHOLD
+from m365_pipeline.processes import GC_YOUNG_THRESHOLD, young_garbage_collected_less
 from m365_pipeline.resources import SaasApiResource
 from m365_pipeline.resources.http import (
     AHEAD,
@@ -152,6 +152,30 @@ def test_the_garbage_collector_skips_what_was_alive_before_a_pull_and_is_restore
     except ValueError:
         assert fails
     assert seen and all(threshold == GC_YOUNG_THRESHOLD and frozen > 1000 for threshold, frozen in seen)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_overlapping_pulls_keep_the_collector_settings_until_the_last_one_ends():
+    before = gc.get_threshold()
+    inner_started, outer_may_end = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def other_pull() -> None:  # a second pull in another thread of the same process
+        with young_garbage_collected_less():
+            inner_started.set()
+            outer_may_end.wait(10)
+            seen.append(gc.get_threshold()[0])  # after the first pull ended: still its settings
+
+    with young_garbage_collected_less():
+        with young_garbage_collected_less():  # nested: leaving it restores nothing yet
+            pass
+        seen.append(gc.get_threshold()[0])
+        thread = threading.Thread(target=other_pull)
+        thread.start()
+        assert inner_started.wait(10)
+    outer_may_end.set()
+    thread.join(10)
+    assert seen == [GC_YOUNG_THRESHOLD, GC_YOUNG_THRESHOLD]
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
