@@ -107,6 +107,8 @@ class _App:
         self._delete_lock = threading.Lock()
         self.deleted_users: list[str] = []
         self.deleted_accounts: list[str] = []
+        self._endpoints: dict[str, Callable[..., Response]] = {
+            kind: getattr(self, f"_{kind}") for kind in [*(kind for _, kind, _ in _ROUTES), "unknown"]}
 
     def handle(self, request: _Request) -> Answer | Coroutine[Any, Any, Answer | None] | None:
         """Every request: faults first (see ``faults.py``), then the endpoint's answer. A delayed answer is a
@@ -136,7 +138,7 @@ class _App:
         if plan.status is not None:
             return self._send_fault(source, plan)
         try:
-            status, body = getattr(self, f"_{kind}")(request, _parse_query(query), *args)
+            status, body = self._endpoints[kind](request, _parse_query(query), *args)
             body = _encode(body)
             if plan.missing_field or plan.malformed:
                 body = self._damage(kind, request.target, plan, body)
