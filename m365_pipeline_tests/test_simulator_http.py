@@ -151,6 +151,23 @@ def test_a_malformed_request_gets_400_and_the_connection_closed(sim: Simulator, 
     assert _get_status(sim, f"{PREFIX}/users") == 200  # and the server serves on
 
 
+def test_a_client_that_half_closes_still_gets_its_delayed_answer() -> None:
+    with Simulator(replace(SMALL, faults=FaultConfig(latency_ms=300))) as sim, _connect(sim) as sock:
+        sock.sendall(_get(f"{PREFIX}/users"))
+        sock.shutdown(socket.SHUT_WR)  # nothing more to send; the answer is still awaited
+        response, body = _Responses(sock).next()
+        assert response.status == 200 and json.loads(body)["items"]
+        assert _closed_by_server(sock)
+
+
+def test_an_upgrade_request_is_answered_and_the_connection_closed(sim: Simulator) -> None:
+    with _connect(sim) as sock:
+        sock.sendall(_get(f"{PREFIX}/users", "Connection: Upgrade\r\nUpgrade: websocket\r\n") + b"\x81\x00garbage")
+        response, _ = _Responses(sock).next()
+        assert response.status == 200 and response.getheader("Connection") == "close"
+        assert _closed_by_server(sock)
+
+
 @pytest.mark.parametrize("what", ["url", "header"])
 def test_very_long_urls_and_headers_are_answered_not_fatal(sim: Simulator, what: str) -> None:
     huge = "x" * 200_000

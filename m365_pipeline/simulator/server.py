@@ -427,6 +427,7 @@ class _Connection(asyncio.Protocol):
         self._waiting: asyncio.Task[Any] | None = None  # the delayed answer under way, if any
         self._failed = False  # the parser gave up on this stream: nothing more is read
         self._paused = False
+        self._eof = False  # the client half-closed its side
         self._last = 0.0  # when the connection last did something, for the idle timeout
         self._idle: asyncio.TimerHandle | None = None
 
@@ -461,9 +462,16 @@ class _Connection(asyncio.Protocol):
             self._failed = True
             self._pending.append(_BAD_REQUEST)
         self._answer_pending()
-        if len(self._pending) > 32 and not self._paused:  # a client pipelining far ahead of a delayed answer
-            self._paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        transport = self.transport
+        if len(self._pending) > 32 and not self._paused and not transport.is_closing():  # type: ignore[union-attr]
+            self._paused = True  # a client pipelining far ahead of a delayed answer
+            transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        """The client will send no more: answer what it asked (a delayed answer may still be under way), then
+        close."""
+        self._eof = True
+        return bool(self._pending or self._waiting is not None)  # True keeps the transport open to answer
 
     # -- httptools callbacks --------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -492,8 +500,8 @@ class _Connection(asyncio.Protocol):
         while self._pending and self._waiting is None and not transport.is_closing():
             request = self._pending.popleft()
             if request is _BAD_REQUEST:
-                answer = self._app.send(400, _encode({"error": "Bad request"}))
-                transport.write(_response(answer, False, False, False))
+                # Not a request the app saw (nor counts), as with any server's parser error.
+                transport.write(_response((400, _encode({"error": "Bad request"}), _JSON, []), False, False, False))
                 transport.close()
                 return
             try:
@@ -506,7 +514,11 @@ class _Connection(asyncio.Protocol):
             else:  # a delayed answer: later requests on this connection wait for it
                 self._waiting = self._loop.create_task(answer)
                 self._waiting.add_done_callback(lambda task, request=request: self._delayed_done(request, task))
-        if self._paused and len(self._pending) < 8 and not transport.is_closing():
+        if transport.is_closing():
+            return
+        if self._eof and not self._pending and self._waiting is None:
+            transport.close()
+        elif self._paused and len(self._pending) < 8:
             self._paused = False
             transport.resume_reading()
 
