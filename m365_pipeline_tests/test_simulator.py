@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
+from m365_pipeline.simulator import Dataset, FaultConfig, Simulator, SimulatorConfig, ground_truth
 
 SMALL = SimulatorConfig(orgs=5, users_per_org=10, seed=1)
 SAAS = {"Authorization": f"Bearer {SMALL.saas_token}"}
@@ -126,6 +126,20 @@ def test_saas_subscriptions_page_and_unknown_users_are_404(sim: Simulator) -> No
     for bad in (tampered, last_group, "not-a-uuid", "2f86b198-04f3-4770-ad08-b32518206da0"):
         response = saas_get(sim, f"/users/{bad}/subscriptions")
         assert response.status_code == 404 and response.json()["code"] == 404
+
+
+@pytest.mark.parametrize("night", [0, 9, 27])
+def test_each_users_subscriptions_add_up_to_their_user_record(night: int) -> None:
+    """A subscriptions call makes only the slot's draws, not the whole user (the pull's hot path): what it
+    serves must still be what the user record counts and costs, special slots and later nights included."""
+    dataset = Dataset(SimulatorConfig(orgs=30, seed=5, night=night))
+    users = list(dataset.saas_users())
+    assert len(users) > 400
+    for user in users:
+        subs = dataset.subscriptions_of(user["id"])
+        assert subs is not None and len(subs) == user["licenseCount"]
+        assert sum(sub["totalCostPerMonth"] for sub in subs) == user["userCostPerMonth"]
+        assert sum(sub["potentialSavings"] for sub in subs) == user["potentialSavings"]
 
 
 # --- source B paging -------------------------------------------------------------------------------

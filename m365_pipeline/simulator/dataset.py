@@ -497,8 +497,13 @@ class Dataset:
         o, j = int(match[1], 16), int(match[2], 16)
         if o >= len(self.owners) or j >= self.owners[o].saas_count or self._saas_offsets[o] + j in self._deleted:
             return None
-        p = self._person(o, j)
-        return self._subscriptions(p, o, j) if _saas_id(o, j, p.draws) == user_id else None
+        tag, d, tier = self._slot(o, j)
+        if tag is None:  # the common slot: its subscriptions need only its draws, not the whole person
+            subs, draws = None, d[21:]
+        else:
+            p = self._person(o, j)
+            tier, subs, draws = p.tier, p.subs, p.draws
+        return self._subscriptions(tier, subs, draws, o, j) if _saas_id(o, j, draws) == user_id else None
 
     def owner(self, owner_id: str) -> Owner | None:
         owner = self._by_id.get(owner_id)
@@ -689,17 +694,22 @@ class Dataset:
         return ()
 
     # -- users ------------------------------------------------------------------------------------------
-    def _person(self, o: int, j: int) -> _Person:
-        owner = self.owners[o]
-        seg, tag = owner.slot_kind(j)
+    def _slot(self, o: int, j: int) -> tuple[str | None, bytes, str]:
+        """(special tag or None, 64 random bytes, tier) of slot (o, j): where its person and its subscriptions start."""
+        seg, tag = self.owners[o].slot_kind(j)
         d = stable_digest(self.seed, "slot", o, j, *self._successor(o, j, tag), size=64)
-        first, first_ascii = FIRST_NAMES[d[0] % len(FIRST_NAMES)]
-        last, last_ascii = LAST_NAMES[d[1] % len(LAST_NAMES)]
         roll = (d[2] << 8 | d[3]) * 1000 >> 16
         if seg == 2:
             tier = "shared" if roll < 100 else "unlicensed" if roll < 400 else "licensed"
         else:
             tier = "shared" if roll < 40 and seg == 1 else "unlicensed" if roll < 240 else "licensed"
+        return tag, d, tier
+
+    def _person(self, o: int, j: int) -> _Person:
+        owner = self.owners[o]
+        tag, d, tier = self._slot(o, j)
+        first, first_ascii = FIRST_NAMES[d[0] % len(FIRST_NAMES)]
+        last, last_ascii = LAST_NAMES[d[1] % len(LAST_NAMES)]
         local, display = f"{first_ascii}.{last_ascii}{j}", f"{first} {last}"
         if tier == "shared":
             dept = DEPARTMENTS[d[4] % len(DEPARTMENTS)]
@@ -729,7 +739,7 @@ class Dataset:
     def _make_saas_record(self, o: int, j: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
         p = self._person(o, j)
         d = p.draws[11:]  # draws[:11] belong to the id
-        subs = self._subscriptions(p, o, j)
+        subs = self._subscriptions(p.tier, p.subs, p.draws, o, j)
         if p.username is None or p.username == "":
             username, email = p.username, _spell(p.local, p.domain, p.s_spell)
         else:
@@ -751,8 +761,9 @@ class Dataset:
         }
         return user, subs
 
-    def _subscriptions(self, p: _Person, o: int, j: int) -> tuple[dict[str, Any], ...]:
-        specs = p.subs if p.subs is not None else _random_subs(p.tier, self._license_draws(o, j, p.draws[11:27]))
+    def _subscriptions(self, tier: str, subs: tuple[Any, ...] | None, draws: bytes, o: int, j: int
+                       ) -> tuple[dict[str, Any], ...]:
+        specs = subs if subs is not None else _random_subs(tier, self._license_draws(o, j, draws[11:27]))
         return tuple(self._subscription(o, j, k, spec) for k, spec in enumerate(specs))
 
     def _subscription(self, o: int, j: int, k: int, spec: Any) -> dict[str, Any]:

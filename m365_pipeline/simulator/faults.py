@@ -149,8 +149,14 @@ class FaultInjector:
         self._random_total = config.rate_429 + config.rate_5xx + config.reset_rate
         self._jitter = random.Random(seed)
         self._buckets = TokenBuckets(config.rate_limit, config.rate_burst or max(1, math.ceil(config.rate_limit)))
+        # No fault that acts per request before the answer (the rate limit is ``throttle``'s): ``plan`` has nothing
+        # to decide or remember, the common case of a pull's million calls.
+        self._inert = (config.down_after is None and not config.latency_ms and not self._random_total and not any(
+            (self._slow, self._fail_once, self._malformed, self._missing)))
 
     def plan(self, source: str | None, target: str) -> Plan:
+        if self._inert:
+            return Plan()
         cfg = self.config
         if source is not None and cfg.down_after is not None and cfg.down_scope in ("both", source):
             with self._lock:

@@ -1,7 +1,11 @@
 """The HTTP side of the simulator: both vendor APIs on one loopback port.
 
-One aiohttp low-level ``web.Server`` on a uvloop event loop in a background thread (HTTP/1.1 keep-alive,
-backlog 256; a delayed answer waits on the loop, not in a thread of its own) serves
+A lean ``asyncio.Protocol`` on a uvloop event loop in a background thread serves them (HTTP/1.1 keep-alive,
+backlog 256, idle connections closed after 120 s; a delayed answer waits on the loop, not in a thread of its
+own). Requests are parsed by httptools (llhttp, the C parser Node.js and uvicorn use); this module only
+writes the answers: a status line, ``Content-Type``, ``Content-Length``, ``Retry-After``/``Allow`` where due
+and ``Connection``. A connection's requests are answered one at a time, in order (pipelining is safe), and
+a request the parser rejects gets a 400 and the connection closed. It serves
 
 * source S under ``/api/saas/consolidated-view/v1`` (``Authorization: Bearer``), paged by
   ``page_size``/``page_number`` as docs/RULES.md, Source S, describes;
@@ -15,20 +19,24 @@ Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
 import re
 import secrets
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import httptools
 import msgspec
 import uvloop
-from aiohttp import web
 
 from m365_pipeline.simulator.dataset import Dataset, Owner, SimulatorConfig
 from m365_pipeline.simulator.faults import Counters, FaultInjector, Plan, stable_hash
@@ -37,6 +45,8 @@ SAAS_PREFIX = "/api/saas/consolidated-view/v1"
 BACKUP_PREFIX = "/api"
 SAAS_MAX_PAGE_SIZE = 1000
 BACKUP_MAX_PER_PAGE = 100
+KEEPALIVE_S = 120.0  # an idle keep-alive connection is closed after this long
+BACKLOG = 256
 
 _B_UNAUTHORIZED = {"errors": {"user": ["You are not authorized to perform this action"]}}
 _B_BAD_CREDENTIALS = {"errors": {"user": ["Sorry, your credentials is not valid"]}}
@@ -45,10 +55,11 @@ _B_BAD_PER_PAGE = {"errors": {"type": ["Invalid per_page number. Please try agai
 _B_SERVER_ERROR = {"status": 500, "error": "Internal Server Error"}  # the documented answer to a bad page
 _TENANT_TYPES = ("m365", "gws")
 
-# (source, endpoint kind, path pattern); the kind names the counters in Simulator.stats().
+# (source, endpoint kind, path pattern); the kind names the counters in Simulator.stats(). The patterns
+# exclude each other; subscriptions, nearly every call of a pull, is tried first.
 _ROUTES: list[tuple[str, str, re.Pattern[str]]] = [
-    ("saas", "saas_users", re.compile(re.escape(SAAS_PREFIX) + r"/users")),
     ("saas", "saas_subscriptions", re.compile(re.escape(SAAS_PREFIX) + r"/users/([^/]+)/subscriptions")),
+    ("saas", "saas_users", re.compile(re.escape(SAAS_PREFIX) + r"/users")),
     ("backup", "backup_owners", re.compile(r"/api/users")),
     ("backup", "backup_owner", re.compile(r"/api/users/([^/]+)")),
     ("backup", "backup_tenants", re.compile(r"/api/users/([^/]+)/tenants")),
@@ -57,22 +68,25 @@ _ROUTES: list[tuple[str, str, re.Pattern[str]]] = [
 # Which record field ``missing_field_match`` removes, per endpoint kind.
 _KEY_FIELDS = {"saas_users": ("items", "id"), "saas_subscriptions": ("items", "id"),
                "backup_tenants": ("data", "domain"), "backup_accounts": ("data", "upn")}
+_JSON = "application/json; charset=utf-8"
 
 Response = tuple[int, Any]
 Query = dict[str, list[str]]
+# An answer as the connection writes it: status, body, Content-Type, extra headers.
+Answer = tuple[int, bytes, str, list[tuple[str, str]]]
+
+log = logging.getLogger(__name__)
 
 
-class _Server(web.Server):
-    """aiohttp's low-level server (no router: ``_App.handle`` routes), counting the connections it accepts."""
+class _Request:
+    """What an endpoint sees of one request: ``headers`` has lower-case names (the first of repeated ones)."""
 
-    def __init__(self, app: _App) -> None:
-        # Idle keep-alive connections are closed after 120 s; headers and body go out in one write.
-        super().__init__(app.handle, keepalive_timeout=120, access_log=None)
-        self.app = app
+    __slots__ = ("method", "target", "headers", "transport", "keep_alive", "http10")
 
-    def __call__(self) -> Any:  # the protocol factory: once per accepted connection
-        self.app.counters.add("connections", "accepted")
-        return super().__call__()
+    def __init__(self, method: str, target: str, headers: dict[str, str], transport: asyncio.Transport,
+                 keep_alive: bool, http10: bool) -> None:
+        self.method, self.target, self.headers, self.transport = method, target, headers, transport
+        self.keep_alive, self.http10 = keep_alive, http10
 
 
 class _Reject(Exception):
@@ -94,39 +108,51 @@ class _App:
         self._delete_lock = threading.Lock()
         self.deleted_users: list[str] = []
         self.deleted_accounts: list[str] = []
+        self._endpoints: dict[str, Callable[..., Response]] = {
+            kind: getattr(self, f"_{kind}") for kind in [*(kind for _, kind, _ in _ROUTES), "unknown"]}
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Every request: faults first (see ``faults.py``), then the endpoint's answer."""
+    def handle(self, request: _Request) -> Answer | Coroutine[Any, Any, Answer | None] | None:
+        """Every request: faults first (see ``faults.py``), then the endpoint's answer. A delayed answer is a
+        coroutine for the loop to run; None means the connection was reset and nothing is sent."""
         if request.method != "GET":
             return self.send(405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
-        target = request.raw_path  # as sent, query included: what the fault plan matches
-        parts = urlsplit(target)
-        source, kind, args = _route(parts.path)
+        target = request.target  # as sent, query included: what the fault plan matches
+        path, query = _split(target)
+        source, kind, args = _route(path)
         self.counters.add("requests", kind)
         plan = self.faults.plan(source, target)
         self.faults.throttle(plan, source, _api_token(request, source))
         if plan.delay_s:
-            await asyncio.sleep(plan.delay_s)
+            return self._delayed(request, plan, source, kind, query, args)
+        return self._answer(request, plan, source, kind, query, args)
+
+    async def _delayed(self, request: _Request, plan: Plan, source: str | None, kind: str, query: str,
+                       args: tuple[str, ...]) -> Answer | None:
+        await asyncio.sleep(plan.delay_s)
+        return self._answer(request, plan, source, kind, query, args)
+
+    def _answer(self, request: _Request, plan: Plan, source: str | None, kind: str, query: str,
+                args: tuple[str, ...]) -> Answer | None:
         if plan.reset:
             _reset(request)
-            raise ConnectionResetError  # nothing is sent; aiohttp drops the request quietly
+            return None
         if plan.status is not None:
             return self._send_fault(source, plan)
         try:
-            status, body = getattr(self, f"_{kind}")(request, parse_qs(parts.query, keep_blank_values=True), *args)
+            status, body = self._endpoints[kind](request, _parse_query(query), *args)
             body = _encode(body)
             if plan.missing_field or plan.malformed:
-                body = self._damage(kind, target, plan, body)
+                body = self._damage(kind, request.target, plan, body)
         except _Reject as reject:
             status, body = reject.status, _encode(reject.body)
         return self.send(status, body)
 
-    def send(self, status: int, body: bytes, content_type: str = "application/json; charset=utf-8",
-             headers: list[tuple[str, str]] | None = None) -> web.Response:
+    def send(self, status: int, body: bytes, content_type: str = _JSON,
+             headers: list[tuple[str, str]] | None = None) -> Answer:
         self.counters.add("responses", str(status))
-        return web.Response(status=status, body=body, headers=[("Content-Type", content_type), *(headers or [])])
+        return status, body, content_type, headers or []
 
-    def _send_fault(self, source: str | None, plan: Plan) -> web.Response:
+    def _send_fault(self, source: str | None, plan: Plan) -> Answer:
         assert plan.status is not None
         if plan.status == 502:  # what a proxy in front of the vendor says: HTML, not JSON
             return self.send(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
@@ -152,8 +178,8 @@ class _App:
         return body
 
     # -- source S -------------------------------------------------------------------------------------
-    def _saas_auth(self, handler: web.BaseRequest) -> None:
-        if not _same(handler.headers.get("Authorization"), f"Bearer {self.config.saas_token}"):
+    def _saas_auth(self, handler: _Request) -> None:
+        if not _same(handler.headers.get("authorization"), f"Bearer {self.config.saas_token}"):
             raise _Reject(401, {"code": 401, "message": "Unauthorized: missing or invalid bearer token"})
 
     @staticmethod
@@ -168,7 +194,7 @@ class _App:
                                     "total_pages": math.ceil(total / size), "total_items": total},
                      "items": fetch(start, start + size) if start < total else []}
 
-    def _saas_users(self, handler: web.BaseRequest, query: Query) -> Response:
+    def _saas_users(self, handler: _Request, query: Query) -> Response:
         self._saas_auth(handler)
         status, body = self._saas_page(query, self.dataset.saas_user_count, self.dataset.saas_user_page)
         self._maybe_delete_user(body["pagination"])
@@ -183,7 +209,7 @@ class _App:
                 self.deleted_users.append(self.dataset.delete_saas_user(0))
                 self.faults.record("delete_saas_user")
 
-    def _saas_subscriptions(self, handler: web.BaseRequest, query: Query, user_id: str) -> Response:
+    def _saas_subscriptions(self, handler: _Request, query: Query, user_id: str) -> Response:
         self._saas_auth(handler)
         subs = self.dataset.subscription_records(user_id)
         if subs is None:
@@ -191,13 +217,13 @@ class _App:
         return self._saas_page(query, len(subs), lambda start, stop: subs[start:stop])
 
     # -- source B -------------------------------------------------------------------------------------
-    def _backup_auth(self, handler: web.BaseRequest, access_token: str | None) -> None:
+    def _backup_auth(self, handler: _Request, access_token: str | None) -> None:
         headers = handler.headers
-        if not (_same(headers.get("X-Reseller-Token"), self.config.reseller_token)
-                and access_token is not None and _same(headers.get("X-Access-Token"), access_token)):
+        if not (_same(headers.get("x-reseller-token"), self.config.reseller_token)
+                and access_token is not None and _same(headers.get("x-access-token"), access_token)):
             raise _Reject(401, _B_UNAUTHORIZED)
 
-    def _owner(self, handler: web.BaseRequest, owner_id: str, moment: str) -> Owner:
+    def _owner(self, handler: _Request, owner_id: str, moment: str) -> Owner:
         """The owner whose own token authenticates this request (an unknown owner is a 401 too, a deleted one 404)."""
         self._maybe_delete_owner(owner_id, moment)
         if owner_id in self.dataset.deleted_owners:
@@ -207,7 +233,7 @@ class _App:
         assert owner is not None
         return owner
 
-    def _backup_owners(self, handler: web.BaseRequest, query: Query) -> Response:
+    def _backup_owners(self, handler: _Request, query: Query) -> Response:
         self._backup_auth(handler, self.config.admin_token)
         records = [self.dataset.owner_record(owner, full=False) for owner in self.dataset.listed_owners()]
         for name in ("email", "external_id"):  # the documented optional filters
@@ -216,7 +242,7 @@ class _App:
                 records = [r for r in records if str(r[name] or "").lower() == wanted]
         return 200, records
 
-    def _backup_owner(self, handler: web.BaseRequest, query: Query, owner_id: str) -> Response:
+    def _backup_owner(self, handler: _Request, query: Query, owner_id: str) -> Response:
         self._backup_auth(handler, self.config.admin_token)
         owner = self.dataset.owner(owner_id)
         if owner is None:
@@ -234,7 +260,7 @@ class _App:
                 self.dataset.delete_owner(owner_id)
                 self.faults.record("delete_backup_owner")
 
-    def _backup_tenants(self, handler: web.BaseRequest, query: Query, owner_id: str) -> Response:
+    def _backup_tenants(self, handler: _Request, query: Query, owner_id: str) -> Response:
         owner = self._owner(handler, owner_id, "at_tenants")
         type_ = _str_param(query, "type")
         if type_ is not None and type_ not in _TENANT_TYPES:
@@ -243,7 +269,7 @@ class _App:
         return _backup_page(query, f"/api/users/{owner.id}/tenants", type_, len(tenants),
                             lambda start, stop: tenants[start:stop])
 
-    def _backup_accounts(self, handler: web.BaseRequest, query: Query, owner_id: str, tenant_id: str) -> Response:
+    def _backup_accounts(self, handler: _Request, query: Query, owner_id: str, tenant_id: str) -> Response:
         owner = self._owner(handler, owner_id, "at_accounts")
         tenant = self.dataset.tenant(owner, tenant_id)
         type_ = _str_param(query, "type")
@@ -266,8 +292,8 @@ class _App:
                 self.deleted_accounts.append(self.dataset.delete_account(tenant, 0))
                 self.faults.record("delete_backup_account")
 
-    def _unknown(self, handler: web.BaseRequest, query: Query) -> Response:
-        raise _Reject(404, {"error": "Not found", "path": urlsplit(handler.raw_path).path})
+    def _unknown(self, handler: _Request, query: Query) -> Response:
+        raise _Reject(404, {"error": "Not found", "path": _split(handler.target)[0]})
 
 
 def _route(path: str) -> tuple[str | None, str, tuple[str, ...]]:
@@ -276,6 +302,27 @@ def _route(path: str) -> tuple[str | None, str, tuple[str, ...]]:
             return source, kind, match.groups()
     source = "saas" if path.startswith(SAAS_PREFIX) else "backup" if path.startswith(BACKUP_PREFIX + "/") else None
     return source, "unknown", ()
+
+
+def _split(target: str) -> tuple[str, str]:
+    """(path, query) of a request target; urlsplit only for the rare target it is needed for."""
+    if "#" in target or not target.startswith("/"):  # a fragment, or absolute-form
+        parts = urlsplit(target)
+        return parts.path, parts.query
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def _parse_query(query: str) -> Query:
+    """``parse_qs(query, keep_blank_values=True)``, without its cost for the plain queries clients send."""
+    if "%" in query or "+" in query:
+        return parse_qs(query, keep_blank_values=True)
+    parsed: Query = {}
+    for field in query.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            parsed.setdefault(name, []).append(value)
+    return parsed
 
 
 def _backup_page(query: Query, path: str, type_: str | None, total: int,
@@ -317,12 +364,15 @@ def _int_param(query: Query, name: str, default: int) -> int | None:
     value = _str_param(query, name)
     if value is None:
         return default
-    return int(value) if re.fullmatch(r"[0-9]{1,12}", value) else None
+    return int(value) if _DIGITS.fullmatch(value) else None
 
 
-def _api_token(handler: web.BaseRequest, source: str | None) -> str | None:
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+def _api_token(handler: _Request, source: str | None) -> str | None:
     """The credential a vendor's rate limit counts against: source S's bearer, source B's reseller token."""
-    return handler.headers.get("Authorization" if source == "saas" else "X-Reseller-Token")
+    return handler.headers.get("authorization" if source == "saas" else "x-reseller-token")
 
 
 def _same(given: str | None, expected: str) -> bool:
@@ -332,12 +382,199 @@ def _same(given: str | None, expected: str) -> bool:
 _encode = msgspec.json.Encoder().encode  # compact UTF-8 JSON, as json.dumps(ensure_ascii=False) but faster
 
 
-def _reset(request: web.BaseRequest) -> None:
+def _reset(request: _Request) -> None:
     """Abort the connection: SO_LINGER 0 makes close() send RST instead of FIN."""
     transport = request.transport
     if transport is not None:
         transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
+
+
+_BAD_REQUEST = object()  # queued in place of a request the parser rejected
+_JSON_HEADERS = f"Content-Type: {_JSON}\r\nContent-Length: ".encode()
+_STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus}
+
+
+def _response(answer: Answer, keep_alive: bool, http10: bool, head: bool) -> bytes:
+    """The bytes of one answer: status line, headers, body (none for HEAD)."""
+    status, body, content_type, extra = answer
+    status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode()
+    if keep_alive and not http10 and not extra and content_type is _JSON and not head:  # nearly every answer
+        return b"%s%s%d\r\n\r\n%s" % (status_line, _JSON_HEADERS, len(body), body)
+    lines = [f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in extra)
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    elif http10:  # HTTP/1.0 closes unless told otherwise
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    return b"".join((status_line,
+                     "".join(lines).encode("latin-1"), b"" if head else body))
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: httptools parses, ``_App.handle`` answers, one request at a time, in order."""
+
+    def __init__(self, server: _HttpServer) -> None:
+        self._server = server
+        self._app = server.app
+        self._loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._url: list[bytes] = []
+        self._headers: dict[str, str] = {}
+        self._pending: deque[Any] = deque()  # parsed requests not answered yet (_Request or _BAD_REQUEST)
+        self._waiting: asyncio.Task[Any] | None = None  # the delayed answer under way, if any
+        self._failed = False  # the parser gave up on this stream: nothing more is read
+        self._paused = False
+        self._eof = False  # the client half-closed its side
+        self._last = 0.0  # when the connection last did something, for the idle timeout
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
+        self._app.counters.add("connections", "accepted")
+        self._server.connections.add(self)
+        self._last = self._loop.time()
+        self._idle = self._loop.call_later(KEEPALIVE_S, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._pending.clear()
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._failed:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # what follows is not HTTP: answer what came before, then close
+            self._failed = True
+            if self._pending and self._pending[-1] is not _BAD_REQUEST:
+                self._pending[-1].keep_alive = False
+            else:
+                self._pending.append(_BAD_REQUEST)
+        except httptools.HttpParserError:
+            self._failed = True
+            self._pending.append(_BAD_REQUEST)
+        self._answer_pending()
+        transport = self.transport
+        if len(self._pending) > 32 and not self._paused and not transport.is_closing():  # type: ignore[union-attr]
+            self._paused = True  # a client pipelining far ahead of a delayed answer
+            transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        """The client will send no more: answer what it asked (a delayed answer may still be under way), then
+        close."""
+        self._eof = True
+        return bool(self._pending or self._waiting is not None)  # True keeps the transport open to answer
+
+    # -- httptools callbacks --------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._headers = {}
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        assert self.transport is not None
+        self._pending.append(_Request(parser.get_method().decode("latin-1"),
+                                      b"".join(self._url).decode("utf-8", "replace"), self._headers,
+                                      self.transport, parser.should_keep_alive(),
+                                      parser.get_http_version() == "1.0"))
+
+    # -- answering ------------------------------------------------------------------------------------
+    def _answer_pending(self) -> None:
+        """Answer queued requests in order until one has to wait (a delay) or the connection closes."""
+        transport = self.transport
+        assert transport is not None
+        while self._pending and self._waiting is None and not transport.is_closing():
+            request = self._pending.popleft()
+            if request is _BAD_REQUEST:
+                # Not a request the app saw (nor counts), as with any server's parser error.
+                transport.write(_response((400, _encode({"error": "Bad request"}), _JSON, []), False, False, False))
+                transport.close()
+                return
+            try:
+                answer = self._app.handle(request)
+            except Exception:  # a bug in an endpoint: answer 500 as any server would, keep serving
+                log.exception("simulator: error answering %s %s", request.method, request.target)
+                answer = self._app.send(500, _encode({"error": "Internal Server Error"}))
+            if answer is None or isinstance(answer, tuple):
+                self._write(request, answer)
+            else:  # a delayed answer: later requests on this connection wait for it
+                self._waiting = self._loop.create_task(answer)
+                self._waiting.add_done_callback(lambda task, request=request: self._delayed_done(request, task))
+        if transport.is_closing():
+            return
+        if self._eof and not self._pending and self._waiting is None:
+            transport.close()
+        elif self._paused and len(self._pending) < 8:
+            self._paused = False
+            transport.resume_reading()
+
+    def _delayed_done(self, request: _Request, task: asyncio.Task[Any]) -> None:
+        self._waiting = None
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            log.error("simulator: error answering %s %s", request.method, request.target, exc_info=exc)
+            self._write(request, self._app.send(500, _encode({"error": "Internal Server Error"})))
+        else:
+            self._write(request, task.result())
+        if self.transport is not None and not self.transport.is_closing():
+            self._answer_pending()
+
+    def _write(self, request: _Request, answer: Answer | None) -> None:
+        transport = request.transport
+        self._last = self._loop.time()
+        if answer is None or transport.is_closing():  # reset: nothing is sent
+            return
+        transport.write(_response(answer, request.keep_alive, request.http10, request.method == "HEAD"))
+        if not request.keep_alive:
+            transport.close()
+
+    def _check_idle(self) -> None:
+        """Close the connection once it has been idle for KEEPALIVE_S (it is not idle while answering)."""
+        assert self.transport is not None
+        idle_for = self._loop.time() - self._last
+        if self.transport.is_closing():
+            return
+        if self._waiting is not None or self._pending or idle_for < KEEPALIVE_S:
+            self._idle = self._loop.call_later(max(KEEPALIVE_S - idle_for, 1.0), self._check_idle)
+        else:
+            self.transport.close()
+
+
+class _HttpServer:
+    """The listening socket and the connections it accepted (``close`` ends them all)."""
+
+    def __init__(self, app: _App, loop: asyncio.AbstractEventLoop) -> None:
+        self.app, self.loop = app, loop
+        self.connections: set[_Connection] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await self.loop.create_server(lambda: _Connection(self), host, port, backlog=BACKLOG)
+
+    async def close(self) -> None:
+        """Stop listening and close every connection now, idle keep-alive ones included."""
+        assert self.server is not None
+        self.server.close()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        with contextlib.suppress(TimeoutError):  # stop() must not hang on a connection that will not go
+            await asyncio.wait_for(self.server.wait_closed(), timeout=2)
 
 
 class Simulator:
@@ -354,42 +591,32 @@ class Simulator:
         self.dataset = Dataset(self.config)
         self._counters = Counters()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.ServerRunner | None = None
+        self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> Simulator:
         """Bind and serve; raises OSError when the address is taken."""
-        if self._runner is None:
+        if self._server is None:
             loop = uvloop.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="m365-simulate", daemon=True)
             thread.start()
-            app = _App(self.config, self.dataset, self._counters)
+            server = _HttpServer(_App(self.config, self.dataset, self._counters), loop)
             try:
-                runner = asyncio.run_coroutine_threadsafe(self._bind(app), loop).result()
+                asyncio.run_coroutine_threadsafe(server.start(self.host, self._requested_port), loop).result()
             except BaseException:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout=5)
                 loop.close()
                 raise
-            self._loop, self._runner, self._thread = loop, runner, thread
+            self._loop, self._server, self._thread = loop, server, thread
         return self
-
-    async def _bind(self, app: _App) -> web.ServerRunner:
-        runner = web.ServerRunner(_Server(app), handle_signals=False, shutdown_timeout=0.1)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self._requested_port, backlog=256).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        return runner
 
     def stop(self) -> None:
         """Stop serving and close every connection, idle keep-alive ones included."""
-        runner, loop, self._runner = self._runner, self._loop, None
-        if runner is None or loop is None:
+        server, loop, self._server = self._server, self._loop, None
+        if server is None or loop is None:
             return
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -403,9 +630,9 @@ class Simulator:
 
     @property
     def port(self) -> int:
-        if self._runner is None:
+        if self._server is None or self._server.server is None:
             raise RuntimeError("the simulator is not running")
-        return int(self._runner.addresses[0][1])
+        return int(self._server.server.sockets[0].getsockname()[1])
 
     @property
     def base_url(self) -> str:
