@@ -49,6 +49,40 @@ def test_saas_paging_follows_total_pages_not_page_length(pages, total_pages, exp
     assert got == [item for page in pages[: len(expected_calls)] for item in page]
 
 
+@pytest.mark.parametrize(
+    ("totals", "expected_asked_ahead", "expected_one_by_one"),
+    [
+        ([3, 3, 3], [2, 3], []),
+        # a later page says the list grew: the pages past what the first said are read one by one
+        ([2, 4, 4, 4], [2], [3, 4]),
+        # ...or that it shrank: the pages asked for past the new end are not used
+        ([4, 2], [2, 3, 4], []),
+        ([1], [], []),
+    ],
+)
+def test_saas_pages_after_the_first_are_asked_for_together_as_many_as_the_first_says(
+        totals, expected_asked_ahead, expected_one_by_one):
+    def body(page_number: int) -> dict:
+        total = totals[min(page_number, len(totals)) - 1]
+        return {"pagination": {"total_pages": total}, "items": [page_number] if page_number <= total else []}
+
+    asked_ahead: list[int] = []
+    one_by_one: list[int] = []
+
+    def fetch_many(page_numbers):
+        asked_ahead.extend(page_numbers)
+        return (body(n) for n in page_numbers)
+
+    def fetch(page_number: int) -> dict:
+        if page_number > 1:
+            one_by_one.append(page_number)
+        return body(page_number)
+
+    got = [page for page, _ in saas_pages(fetch, _where, fetch_many=fetch_many)]
+    assert asked_ahead == expected_asked_ahead and one_by_one == expected_one_by_one
+    assert got == list(range(1, len(got) + 1)) and got[-1] == totals[min(len(got), len(totals)) - 1]
+
+
 @pytest.mark.parametrize("bad", [None, "2", -1, True, 1.5])
 def test_saas_paging_rejects_a_missing_or_odd_total_pages(bad):
     def fetch(page_number):

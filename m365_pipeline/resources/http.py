@@ -433,3 +433,35 @@ async def _run_concurrently(items: Iterable[T], fn: Callable[[T], R], workers: i
         await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
         raise
     return done
+
+
+def fetched_ahead(items: Iterable[T], fn: Callable[[T], R], *, ahead: int) -> Iterator[R]:
+    """``fn(item)`` for every item, yielded in order, with up to ``ahead`` items fetched concurrently ahead.
+
+    The iterator form of ``run_concurrently``, for plain code that consumes results one by one (a paged
+    list written to disk as it comes): while the caller handles one result, the next ones are on their
+    way. Closing the iterator early (or an error) cancels what was started. Must not be used from inside
+    ``run_concurrently``'s items (``can_fetch_ahead`` says whether it can).
+    """
+    loop = _event_loop()
+    iterator: Iterator[T] = iter(items)
+    pending: deque[asyncio.Task[R]] = deque()
+    try:
+        while True:
+            for item in iterator:
+                pending.append(loop.create_task(_in_greenlet(fn, item)))
+                if len(pending) > ahead:
+                    break
+            if not pending:
+                return
+            yield loop.run_until_complete(pending.popleft())
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+
+def can_fetch_ahead() -> bool:
+    """True outside ``run_concurrently``'s items (there the loop is already running)."""
+    return not isinstance(greenlet.getcurrent(), _CallGreenlet) and not _event_loop().is_running()

@@ -11,7 +11,7 @@ first re-reads the end of the one before (``next_window``). Either way the list 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError
@@ -74,27 +74,46 @@ def read_until_consistent(
 
 
 def saas_pages(
-    fetch: Callable[[int], Any], where: Callable[[int], Endpoint], listing: ListRead | None = None
+    fetch: Callable[[int], Any], where: Callable[[int], Endpoint], listing: ListRead | None = None,
+    fetch_many: Callable[[Iterable[int]], Iterator[Any]] | None = None,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Yield ``(page_number, items)`` for every page of a source S collection; ``listing`` sees each page."""
-    page_number = 1
-    while True:
-        body = fetch(page_number)
-        endpoint = where(page_number)
-        items = _list_field(body, "items", endpoint)
-        pagination = body.get("pagination")
-        total_pages = pagination.get("total_pages") if isinstance(pagination, dict) else None
-        if not isinstance(total_pages, int) or isinstance(total_pages, bool) or total_pages < 0:
-            raise MalformedResponseError(
-                f"{endpoint.describe()}: pagination.total_pages is missing or not a whole number"
-            )
-        if listing is not None:
-            listing.add(items, pagination.get("total_items"))
-        yield page_number, items
-        if page_number >= total_pages:
-            return
-        page_number += 1
-        _guard(page_number, endpoint)
+    """Yield ``(page_number, items)`` for every page of a source S collection; ``listing`` sees each page.
+
+    With ``fetch_many`` (bodies of the given page numbers, in order), the pages after the first, whose
+    count the first one gives, are asked for together rather than one round trip at a time. Should a
+    later page report more pages than the first did, those are read one by one.
+    """
+    page_number, body = 1, fetch(1)
+    ahead: Iterator[Any] = iter(())
+    try:
+        while True:
+            endpoint = where(page_number)
+            items = _list_field(body, "items", endpoint)
+            pagination = body.get("pagination")
+            total_pages = pagination.get("total_pages") if isinstance(pagination, dict) else None
+            if not isinstance(total_pages, int) or isinstance(total_pages, bool) or total_pages < 0:
+                raise MalformedResponseError(
+                    f"{endpoint.describe()}: pagination.total_pages is missing or not a whole number"
+                )
+            if listing is not None:
+                listing.add(items, pagination.get("total_items"))
+            yield page_number, items
+            if page_number >= total_pages:
+                return
+            page_number += 1
+            _guard(page_number, endpoint)
+            if page_number == 2 and fetch_many is not None:
+                ahead = fetch_many(range(2, min(total_pages, MAX_PAGES) + 1))
+            body = next(ahead, _NONE)
+            if body is _NONE:
+                body = fetch(page_number)
+    finally:
+        close = getattr(ahead, "close", None)
+        if close is not None:
+            close()  # pages asked for but no longer wanted are cancelled
+
+
+_NONE = object()
 
 
 class ListShiftedError(VendorUnavailableError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -14,6 +14,8 @@ from m365_pipeline.resources.http import (
     Page,
     VendorClient,
     VendorError,
+    can_fetch_ahead,
+    fetched_ahead,
     path_segment,
     validate_base_url,
 )
@@ -22,6 +24,10 @@ from m365_pipeline.resources.paging import ListRead, require_fields, saas_pages
 SOURCE = "source S (SaaS management API)"
 USER_REQUIRED = ("id",)
 SUBSCRIPTION_REQUIRED = ("id",)
+# Pages of /users asked for ahead of the one being stored: a 1M-user MSP has ~1,000 of them, one round trip
+# each when read in turn. Bounded because each holds up to page_size users in memory; the adaptive limit
+# still decides how many calls are in flight.
+PAGES_AHEAD = 8
 
 
 class SaasClient(VendorClient):
@@ -34,7 +40,9 @@ class SaasClient(VendorClient):
         super().__init__(base_url, {"Authorization": f"Bearer {token}"}, settings)
         self.page_size = page_size
 
-    def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None) -> Iterator[Page]:
+    def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None,
+                    ahead: int = 0) -> Iterator[Page]:
+        """Every page of ``path``; with ``ahead``, that many pages after the first are asked for at once."""
         def fetch(page_number: int) -> Any:
             return self.get_json(
                 path, params={"page_size": self.page_size, "page_number": page_number}, page=page_number
@@ -43,12 +51,17 @@ class SaasClient(VendorClient):
         def where(page_number: int) -> Endpoint:
             return Endpoint(self.source_name, path, page_number)
 
-        for page_number, items in saas_pages(fetch, where, listing):
+        def fetch_many(page_numbers: Iterable[int]) -> Iterator[Any]:
+            return fetched_ahead(page_numbers, fetch, ahead=ahead)
+
+        for page_number, items in saas_pages(fetch, where, listing,
+                                             fetch_many if ahead and can_fetch_ahead() else None):
             endpoint = where(page_number)
             yield endpoint, require_fields(items, required, endpoint)
 
     def user_pages(self, listing: ListRead | None = None) -> Iterator[Page]:
-        return self._collection("/users", USER_REQUIRED, listing)
+        """Every page of ``/users``, in order, the later ones fetched ``PAGES_AHEAD`` at a time."""
+        return self._collection("/users", USER_REQUIRED, listing, ahead=PAGES_AHEAD)
 
     def subscription_pages(self, user_id: str) -> list[Page]:
         """Every page of one user's subscriptions (usually one)."""
