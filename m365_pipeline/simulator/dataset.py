@@ -419,7 +419,7 @@ class Dataset:
         self._saas_offsets = [0]
         for owner in self.owners:
             self._saas_offsets.append(self._saas_offsets[-1] + owner.saas_count)
-        # Listing users and then each user's subscriptions touches the same slot twice.
+        # A page asked for again (a retry after a fault, a deletion by position) costs nothing twice.
         self._saas_record = lru_cache(maxsize=4096)(self._make_saas_record)
         # Source S users deleted at the vendor (global indices, sorted): gone from the list, 404 for
         # their subscriptions, and from the ground truth.
