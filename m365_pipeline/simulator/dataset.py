@@ -419,7 +419,7 @@ class Dataset:
         self._saas_offsets = [0]
         for owner in self.owners:
             self._saas_offsets.append(self._saas_offsets[-1] + owner.saas_count)
-        # Listing users and then each user's subscriptions touches the same slot twice.
+        # A page asked for again (a retry after a fault, a deletion by position) costs nothing twice.
         self._saas_record = lru_cache(maxsize=4096)(self._make_saas_record)
         # Source S users deleted at the vendor (global indices, sorted): gone from the list, 404 for
         # their subscriptions, and from the ground truth.
@@ -433,7 +433,7 @@ class Dataset:
         for owner in self.owners:
             for j in range(owner.saas_count):
                 if self._saas_offsets[owner.index] + j not in self._deleted:
-                    yield dict(self._saas_record(owner.index, j)[0])
+                    yield dict(self._saas_record(owner.index, j))
 
     def saas_subscriptions(self, user_id: str) -> Iterator[dict[str, Any]]:
         subs = self.subscriptions_of(user_id)
@@ -465,7 +465,7 @@ class Dataset:
         for position in range(start, min(stop, self.saas_user_count)):
             i = self._saas_index(position)
             o = bisect.bisect_right(self._saas_offsets, i) - 1
-            out.append(dict(self._saas_record(o, i - self._saas_offsets[o])[0]))
+            out.append(dict(self._saas_record(o, i - self._saas_offsets[o])))
         return out
 
     def _saas_index(self, position: int) -> int:
@@ -476,7 +476,7 @@ class Dataset:
         """Delete the user at ``position`` of source S's list, as a vendor admin would; returns its id."""
         index = self._saas_index(position)
         o = bisect.bisect_right(self._saas_offsets, index) - 1
-        user_id = self._saas_record(o, index - self._saas_offsets[o])[0]["id"]
+        user_id = self._saas_record(o, index - self._saas_offsets[o])["id"]
         bisect.insort(self._deleted, index)
         return user_id
 
@@ -736,10 +736,12 @@ class Dataset:
                                     "s_display": display, "b_name": display, **spec})
         return person
 
-    def _make_saas_record(self, o: int, j: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
+    def _make_saas_record(self, o: int, j: int) -> dict[str, Any]:
         p = self._person(o, j)
         d = p.draws[11:]  # draws[:11] belong to the id
-        subs = self._subscriptions(p.tier, p.subs, p.draws, o, j)
+        # Count and cost the subscriptions from their digests alone: building each one is the page's hot path.
+        costs = [_cost(self._subscription_digest(o, j, k))
+                 for k in range(len(self._subscription_specs(p.tier, p.subs, p.draws, o, j)))]
         if p.username is None or p.username == "":
             username, email = p.username, _spell(p.local, p.domain, p.s_spell)
         else:
@@ -755,25 +757,34 @@ class Dataset:
             "isEnabled": enabled < 95, "isInReview": review < 10, "isOnline": online < 70,
             "isQualified": qualified < 80,
             "lastActive": f"{_DAYS[created + (d[26] << 8 | d[27]) % 365]}T00:00:00Z",
-            "licenseCount": len(subs), "potentialSavings": sum(s["potentialSavings"] for s in subs),
+            "licenseCount": len(costs), "potentialSavings": sum(savings for _, savings in costs),
             "status": "Active" if active < 90 else "Inactive",
-            "userCostPerMonth": sum(s["totalCostPerMonth"] for s in subs), "username": username,
+            "userCostPerMonth": sum(cost for cost, _ in costs), "username": username,
         }
-        return user, subs
+        return user
+
+    def _subscription_specs(self, tier: str, subs: tuple[Any, ...] | None, draws: bytes, o: int, j: int
+                            ) -> tuple[Any, ...] | list[str]:
+        """The slot's subscriptions as catalog names or (name, applicationName mode, vendor) tuples."""
+        return subs if subs is not None else _random_subs(tier, self._license_draws(o, j, draws[11:27]))
 
     def _subscriptions(self, tier: str, subs: tuple[Any, ...] | None, draws: bytes, o: int, j: int
                        ) -> tuple[dict[str, Any], ...]:
-        specs = subs if subs is not None else _random_subs(tier, self._license_draws(o, j, draws[11:27]))
+        specs = self._subscription_specs(tier, subs, draws, o, j)
         return tuple(self._subscription(o, j, k, spec) for k, spec in enumerate(specs))
+
+    def _subscription_digest(self, o: int, j: int, k: int) -> bytes:
+        """The 32 random bytes of the slot's ``k``-th subscription (bytes 0-15 are its id; see ``_cost``)."""
+        return stable_digest(self.seed, "subscription", o, j, k, size=32)
 
     def _subscription(self, o: int, j: int, k: int, spec: Any) -> dict[str, Any]:
         name, mode, vendor = (spec, None, None) if isinstance(spec, str) else spec
         code, catalog_vendor = _CATALOG[name.lower()]
-        d = stable_digest(self.seed, "subscription", o, j, k, size=32)  # bytes 0-15 are the id
+        d = self._subscription_digest(o, j, k)
         if mode is None:  # 5 % of names only in `name`, applicationName empty or null
             mode = (_EMPTY if d[16] & 1 else _NULL) if d[16] * 100 >> 8 < 5 else 0
         vendor = vendor or catalog_vendor or MICROSOFT_VENDORS[d[17] % len(MICROSOFT_VENDORS)]
-        cost = (0, 4, 6, 8, 12, 20, 22, 36, 57)[d[18] % 9]
+        cost, savings = _cost(d)
         first = int.from_bytes(d[19:23], "big") % (365 * 86_400_000)
         return {
             "applicationId": _app_id(name), "applicationName": name if mode == 0 else ("" if mode == _EMPTY else None),
@@ -781,7 +792,7 @@ class Dataset:
             "discoveryType": d[24] % 3, "firstDiscovered": _stamp(first, 3),
             "id": _uuid(int.from_bytes(d[:16], "big")),
             "lastActivity": f"{_DAYS[first // 86_400_000 + (d[25] << 8 | d[26]) % 365]}T00:00:00Z",
-            "name": code if mode == 0 else name, "potentialSavings": cost // 2 * (d[27] & 1),
+            "name": code if mode == 0 else name, "potentialSavings": savings,
             "totalCostPerMonth": cost, "vendor": vendor, "vendorId": _vendor_id(vendor),
         }
 
@@ -802,6 +813,15 @@ class Dataset:
         stamp = stable_hash(self.seed, "extra", tenant.id, extra.upn) % 10**15
         return _account(extra.name, extra.upn.strip().lower(), extra.upn, extra.mailbox, extra.licensed, "active",
                         "m365", None, stamp)
+
+
+_COSTS = (0, 4, 6, 8, 12, 20, 22, 36, 57)  # a subscription's totalCostPerMonth, one per d[18] % 9
+
+
+def _cost(d: bytes) -> tuple[int, int]:
+    """(totalCostPerMonth, potentialSavings) of the subscription whose digest is ``d``: half the cost, or none."""
+    cost = _COSTS[d[18] % 9]
+    return cost, cost // 2 * (d[27] & 1)
 
 
 def _skip_deleted(position: int, deleted: list[int]) -> int:
