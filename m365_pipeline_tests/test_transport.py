@@ -165,6 +165,41 @@ def test_a_connection_the_vendor_closed_while_idle_is_not_reused(vendor):
     assert served.connections == 2
 
 
+def test_a_kept_alive_connection_closed_as_it_is_reused_is_sent_again_without_spending_a_retry(vendor):
+    def script(connection: socket.socket, vendor: Vendor) -> None:
+        vendor.read_request(connection)
+        connection.sendall(answer())
+        if vendor.connections == 1:
+            vendor.read_request(connection)  # the vendor closes instead of answering, as a keep-alive race does
+            connection.shutdown(socket.SHUT_RDWR)
+            return
+        while vendor.read_request(connection) is not None:
+            connection.sendall(answer())
+    served = vendor(script)
+    with client(served.url, max_retries=0) as c:
+        assert c.get_json("/users") == BODY
+        assert c.get_json("/users") == BODY  # no retries allowed: sent again on a new connection
+    assert served.connections == 2 and len(served.requests) == 3
+
+
+def test_an_interim_answer_is_skipped_for_the_final_one(vendor):
+    served = vendor(keep_answering(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n", answer()))
+    with client(served.url, max_retries=0) as c:
+        assert c.get_json("/users") == BODY
+        assert c.get_json("/users") == BODY  # the next request gets its own answer, not a late one
+    assert served.connections == 1
+
+
+def test_bytes_no_request_asked_for_end_the_connection(vendor):
+    # Two answers to one request, in one write (arriving later, they would be taken for the next request's,
+    # as with any HTTP/1.1 client: answers carry no request id).
+    served = vendor(keep_answering(answer() + answer(body=b'{"stray": true}')))
+    with client(served.url, max_retries=0) as c:
+        assert c.get_json("/users") == BODY
+        assert c.get_json("/users") == BODY  # not the stray answer: that connection was dropped
+    assert served.connections == 2
+
+
 def test_a_slow_but_steady_answer_is_not_cut_off_by_the_read_timeout(vendor):
     def script(connection: socket.socket, vendor: Vendor) -> None:
         vendor.read_request(connection)
@@ -253,6 +288,14 @@ def test_a_vendor_token_with_a_line_break_is_not_sent_and_the_call_says_where(ve
         c.tenant_pages("7", "owner-token\r\nX-Injected: yes")
     assert "owner-token" not in str(failure.value) and "X-Access-Token" in str(failure.value)
     assert not any(b"X-Injected" in request for request in served.requests)
+
+
+def test_a_backup_admin_token_that_would_split_the_request_is_refused_naming_its_variable(vendor):
+    served = vendor(keep_answering(answer()))
+    backup = BackupApiResource(base_url=served.url, reseller_token="r", admin_token="adm\r\nX-Evil: 1", **FAST_HTTP)
+    with pytest.raises(VendorError, match="BACKUP_ADMIN_TOKEN") as failure:
+        backup.client()
+    assert "adm" not in str(failure.value).replace("admin", "") and served.connections == 0
 
 
 def test_the_request_carries_the_token_in_its_header_and_nowhere_else(vendor):

@@ -7,6 +7,7 @@ every row lands either way.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from m365_pipeline.resources.http import (
     Page,
     VendorError,
     VendorNotFoundError,
+    _event_loop,
     _query,
     path_segment,
     run_concurrently,
@@ -83,6 +85,18 @@ def test_the_user_list_asks_for_its_later_pages_together_and_keeps_the_vendors_o
     assert sim.stats()["requests"]["saas_users"] == -(-len(listed) // 10) > 10  # each page once
     # One page at a time reuses one kept-alive connection; pages asked for together need one each.
     assert sim.stats()["connections"]["accepted"] > 1
+
+
+def test_a_user_list_left_after_its_first_page_cancels_the_pages_asked_for_ahead(start_simulator):
+    sim = start_simulator(orgs=10, users_per_org=20, latency_ms=200)  # ~20 pages of 10, each 200 ms away
+    saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, page_size=10, **FAST_HTTP)
+    with saas.client() as client:
+        pages = client.user_pages()
+        next(pages)
+        next(pages)  # page 2: pages 3.. were asked for ahead meanwhile
+        pages.close()
+        assert not asyncio.all_tasks(_event_loop())  # nothing left running on the client's loop
+    assert sim.stats()["requests"]["saas_users"] < 15  # not the whole list
 
 
 def test_the_ceiling_bounds_calls_in_flight(start_simulator):

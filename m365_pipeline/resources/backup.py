@@ -18,6 +18,7 @@ from m365_pipeline.resources.http import (
     validate_base_url,
 )
 from m365_pipeline.resources.paging import backup_pages, require_fields
+from m365_pipeline.resources.transport import BadHeaderError, header_block
 
 SOURCE = "source B (M365 backup reseller API)"
 OWNER_REQUIRED = ("id", "authentication_token")
@@ -37,6 +38,10 @@ class BackupClient(VendorClient):
     ):
         super().__init__(base_url, {"X-Reseller-Token": reseller_token}, settings)
         self._admin = {"X-Access-Token": admin_token}
+        try:  # sent per call, not with the client's fixed headers: checked here so the error names the variable
+            header_block(self._admin)
+        except BadHeaderError as exc:
+            raise VendorError(f"{self.source_name}: {exc}: check BACKUP_ADMIN_TOKEN") from None
         self.per_page = per_page
 
     def owners(self) -> Page:

@@ -454,7 +454,9 @@ def fetched_ahead(items: Iterable[T], fn: Callable[[T], R], *, ahead: int) -> It
                     break
             if not pending:
                 return
-            yield loop.run_until_complete(pending.popleft())
+            result = loop.run_until_complete(pending[0])  # still in ``pending`` if interrupted: cancelled below
+            pending.popleft()
+            yield result
     finally:
         for task in pending:
             task.cancel()

@@ -6,7 +6,8 @@ two thirds of the client's CPU per call; this module does only what a vendor cal
 the cost (bench/RESULTS.md, "Pull at the vendor's pace"):
 
 * connections kept alive and reused, one request at a time each, over TCP or TLS (the system's CA store,
-  certificate and host name checked);
+  certificate and host name checked), opened by Happy Eyeballs (aiohappyeyeballs) across a host's
+  addresses; a kept-alive connection the vendor closed just as it was reused is sent again on a new one;
 * a connect timeout and a read timeout (the longest wait for the next bytes of an answer);
 * answers parsed by httptools, the bindings to llhttp (the C parser of Node.js, and of aiohttp): status,
   headers, Content-Length, chunked and read-until-close bodies; gzip-encoded bodies decompressed.
@@ -18,15 +19,18 @@ in one would split the request. No error raised here carries a header value.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import zlib
 from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+HAPPY_EYEBALLS_DELAY_S = 0.25  # RFC 8305's recommended wait before trying the next address
 
 
 class Answer(NamedTuple):
@@ -78,6 +82,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timeout_s = 0.0
         self.reusable = False
+        self.answered = False  # some bytes of the current request's answer arrived
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,11 +90,18 @@ class _Connection(asyncio.Protocol):
         self.reusable = True
 
     def data_received(self, data: bytes) -> None:
+        if self._answer is None:  # bytes no request asked for: the connection can no longer be trusted
+            self.close()
+            return
         self._last_data = self._loop.time()
+        self.answered = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # 101 is no answer to a GET
             self._fail(MalformedHttpError(f"the answer is not valid HTTP ({type(exc).__name__})"))
+
+    def eof_received(self) -> None:
+        self.reusable = False  # the vendor is done with this connection; connection_lost settles the answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -110,6 +122,9 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:  # an interim answer (103 Early Hints): the real one follows
+            self._body, self._headers, self._headers_done = [], [], False
+            return
         if not self._parser.should_keep_alive():
             self.reusable = False
         self._complete()
@@ -118,7 +133,7 @@ class _Connection(asyncio.Protocol):
     def exchange(self, request: bytes, timeout_s: float) -> asyncio.Future[Answer]:
         assert self._transport is not None and self._answer is None
         self._answer = answer = self._loop.create_future()
-        self._body, self._headers, self._headers_done = [], [], False
+        self._body, self._headers, self._headers_done, self.answered = [], [], False, False
         self._timeout_s, self._last_data = timeout_s, self._loop.time()
         if self._timer is None:  # else the running one checks this request too, re-arming for its deadline
             self._timer = self._loop.call_at(self._last_data + timeout_s, self._check_timeout)
@@ -158,6 +173,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self) -> None:
         answer, self._answer = self._answer, None
         if answer is None or answer.done():
+            self.reusable = False  # an answer nobody waits for: the connection is out of step
             return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         encoding = self._header(b"content-encoding")
@@ -200,6 +216,7 @@ class ConnectionPool:
         self._size = size
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        self._closed = False
 
     async def get(self, target: str, headers: bytes = b"") -> Answer:
         """GET ``target`` (path and query, percent-encoded); ``headers`` from ``header_block``, sent as well.
@@ -208,7 +225,25 @@ class ConnectionPool:
         ``MalformedHttpError``; the connection is then dropped, never reused.
         """
         request = b"GET " + target.encode("ascii") + b" HTTP/1.1\r\n" + headers + self._head
-        connection = self._idle_connection() or await self._connect()
+        connection = self._idle_connection()
+        if connection is not None:
+            try:
+                return await self._exchange(connection, request)
+            except ServerDisconnectedError:
+                if connection.answered:
+                    raise
+                # A kept-alive connection the vendor closed just as it was reused: sent again on a new one
+                # (a GET is idempotent), as HTTP clients do; not a vendor failure, so no retry is spent on it.
+        return await self._exchange(await self._connect(), request)
+
+    def close(self) -> None:
+        """Close every connection (the loop finishes closing them the next time it runs); no new ones open."""
+        self._closed = True
+        for connection in list(self._open):
+            self._drop(connection)
+        self._idle.clear()
+
+    async def _exchange(self, connection: _Connection, request: bytes) -> Answer:
         try:
             answer = await connection.exchange(request, self._timeout_s)
         except BaseException:
@@ -220,12 +255,6 @@ class ConnectionPool:
             self._drop(connection)
         return answer
 
-    def close(self) -> None:
-        """Close every connection (the loop finishes closing them the next time it runs)."""
-        for connection in list(self._open):
-            self._drop(connection)
-        self._idle.clear()
-
     def _idle_connection(self) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
@@ -235,11 +264,22 @@ class ConnectionPool:
         return None
 
     async def _connect(self) -> _Connection:
+        if self._closed:
+            raise ConnectionAbortedError("the client is closed")
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout_s):
-            _, connection = await loop.create_connection(
-                lambda: _Connection(loop), self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._ssl else None)
+            addresses = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+            # Happy Eyeballs (RFC 8305): an address family whose route drops packets (IPv6, often) must not
+            # hold every connection for the whole timeout before the next address is tried.
+            sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S,
+                                                           loop=loop)
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop), sock=sock, ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None)
+            except BaseException:
+                sock.close()
+                raise
         self._open.add(connection)
         return connection
 

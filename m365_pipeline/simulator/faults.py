@@ -52,8 +52,9 @@ class FaultConfig:
     down_scope: str = "both"
     max_faults_per_url: int = 2
     # A list that changes under the pull: the first user of source S's list is deleted at the vendor
-    # right after page 1 ("after_first_page": later pages shift by one) or the last page
-    # ("after_last_page": the list read is whole, the user's subscriptions then answer 404) was served.
+    # right after page 1 ("after_first_page": later pages shift by one) or every page, in whatever order
+    # they were asked for ("after_last_page": the list read is whole, the user's subscriptions then answer
+    # 404), was served.
     delete_saas_user: str | None = None
     # The same on source B: the first account of the largest m365 tenant's list is deleted right after page 1
     # of that list was served ("after_first_page": later pages shift by one).

@@ -107,6 +107,7 @@ class _App:
         self.faults = FaultInjector(config.faults, config.seed, counters)
         self._delete_lock = threading.Lock()
         self.deleted_users: list[str] = []
+        self._user_pages_built: set[int] = set()  # source S /users page numbers, for delete_saas_user
         self.deleted_accounts: list[str] = []
         self._endpoints: dict[str, Callable[..., Response]] = {
             kind: getattr(self, f"_{kind}") for kind in [*(kind for _, kind, _ in _ROUTES), "unknown"]}
@@ -201,11 +202,17 @@ class _App:
         return status, body
 
     def _maybe_delete_user(self, pagination: dict[str, Any]) -> None:
-        """The ``delete_saas_user`` fault: once, after the chosen page was built, delete the list's first user."""
+        """The ``delete_saas_user`` fault: once, delete the list's first user after page 1 was built
+        (``after_first_page``), or after every page of the list was (``after_last_page``: clients may ask
+        for pages out of order, so the last page number alone does not mean the list was read)."""
         moment = self.config.faults.delete_saas_user
-        page = 1 if moment == "after_first_page" else pagination["total_pages"]
+        if not moment:
+            return
         with self._delete_lock:
-            if moment and not self.deleted_users and pagination["page_number"] == page:
+            self._user_pages_built.add(pagination["page_number"])
+            read = (1 in self._user_pages_built if moment == "after_first_page" else
+                    self._user_pages_built.issuperset(range(1, pagination["total_pages"] + 1)))
+            if read and not self.deleted_users:
                 self.deleted_users.append(self.dataset.delete_saas_user(0))
                 self.faults.record("delete_saas_user")
 
