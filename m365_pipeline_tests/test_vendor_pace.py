@@ -77,7 +77,7 @@ def test_calls_in_flight_fall_under_a_rate_limit_and_every_row_still_lands(start
 
 
 def test_the_user_list_asks_for_its_later_pages_together_and_keeps_the_vendors_order(start_simulator):
-    sim = start_simulator(orgs=10, users_per_org=20, latency_ms=30)  # ~200 users: ~20 pages of 10
+    sim = start_simulator(orgs=10, users_per_org=20, latency_ms=30, jitter_ms=25)  # ~20 pages of 10, out of order
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, page_size=10, **FAST_HTTP)
     with saas.client() as client:
         listed = [item["id"] for _, items in client.user_pages() for item in items]
