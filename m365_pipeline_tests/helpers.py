@@ -146,11 +146,11 @@ def spawn_serve(data_dir: Path, port: int, log: IO[str], *extra: str) -> subproc
                             stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1/localhost, made by the test, valid one day."""
+def make_certificate(directory: Path, names: str = "IP:127.0.0.1,DNS:localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for ``names`` (subjectAltName), made by the test, valid one day."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-days", "1",
+                    "-addext", f"subjectAltName={names}", "-days", "1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
     return cert, key
 

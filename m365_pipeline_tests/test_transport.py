@@ -333,3 +333,14 @@ def test_a_vendor_certificate_that_is_not_trusted_fails_saying_why(tls_vendor):
     with client(served.url, max_retries=0) as c, pytest.raises(VendorUnreachableError) as failure:
         c.get_json("/users")
     assert "certificate verify failed" in str(failure.value) and not served.requests
+
+
+def test_a_trusted_certificate_for_another_host_name_is_refused(vendor, tmp_path, monkeypatch):
+    cert, key = make_certificate(tmp_path, names="DNS:vendor.invalid")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    served = vendor(keep_answering(answer()), tls=context)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted, but issued to another name
+    with client(served.url, max_retries=0) as c, pytest.raises(VendorUnreachableError) as failure:
+        c.get_json("/users")
+    assert "certificate verify failed" in str(failure.value) and not served.requests
