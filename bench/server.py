@@ -28,16 +28,9 @@ from urllib.parse import urlencode
 
 from harness import BENCH, BIN, Children, system_tool, wrk
 
+from m365_pipeline.api_bodies import FORMATS, SORT_FIELDS, export_file_name
 from m365_pipeline.processes import free_port, wait_for_port
-from m365_pipeline.publishing import (
-    FORMATS,
-    SORT_FIELDS,
-    PublishedFile,
-    PublishedVersion,
-    current_version_dir,
-    export_dir,
-    export_file_name,
-)
+from m365_pipeline.publishing import PublishedFile, PublishedVersion, current_version_dir, export_dir
 from m365_pipeline.server.app import API_PREFIX
 
 REPEATS = 3  # wrk runs per server and endpoint; the median one is reported

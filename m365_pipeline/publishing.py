@@ -10,7 +10,8 @@ Layout under ``<data dir>/export``::
         organizations.json is every organization's /history body one after the other, not one document)
 
 File names never come from organization names: a users file is named by a hash of the name,
-and the manifest maps exact names to files. A reader resolves ``current`` once per request and
+and the manifest maps exact names to files (the keys and file names are api_bodies', as are the
+bodies). A reader resolves ``current`` once per request and
 reads everything from that version, so it sees the old version or the new one, never a mix.
 """
 
@@ -30,6 +31,17 @@ from typing import Any
 
 from isal import igzip
 
+from m365_pipeline.api_bodies import (
+    CONTENT_TYPES,
+    coverage_file_name,
+    coverage_key,
+    export_key,
+    history_key,
+    json_bytes,
+    summary_key,
+    users_file_name,
+    users_key,
+)
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.processes import process_alive
 
@@ -41,42 +53,10 @@ KEEP_VERSIONS = 3  # current + two older ones, so in-flight reads of a replaced 
 GZIP_MIN_BYTES = 1024
 # ISA-L's gzip at its default level: 5-10x zlib level 6's speed here, twins ~30 % larger (bench/RESULTS.md).
 GZIP_LEVEL = 2
-SORT_FIELDS = ("organization_name", "user_principal_name", "display_name")
-FORMATS = ("json", "csv")
-CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8"}
-# GET /api/m365/coverage rows (docs/RULES.md, rule 13), in the documented field order.
-COVERAGE_ORG_FIELDS = ("organization_name", "es_user_count", "es_users_backed_up", "es_users_not_backed_up",
-                       "backed_up_without_email_license")
-# The overview's totals: one per count above, in the same order.
-COVERAGE_TOTALS = ("total_es_users", "total_es_users_backed_up", "total_es_users_not_backed_up",
-                   "total_backed_up_without_email_license")
-COVERAGE_USER_FIELDS = ("user_principal_name", "display_name", "m365_licensed", "has_email_license", "backup_status")
 
 
 def export_dir(data_dir: Path) -> Path:
     return data_dir / "export"
-
-
-def name_digest(organization_name: str) -> str:
-    """A fixed-length, filesystem-safe name derived from the exact organization name."""
-    return hashlib.sha256(organization_name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-
-
-def users_file_name(organization_name: str) -> str:
-    return f"users/{name_digest(organization_name)}.json"
-
-
-def coverage_key(organization_name: str | None, fmt: str) -> str:
-    """Manifest key of a coverage file: the overview (no organization) or one organization's rows."""
-    return f"coverage:{fmt}" if organization_name is None else f"coverage:{fmt}:{name_digest(organization_name)}"
-
-
-def export_file_name(sort: str, fmt: str) -> str:
-    return f"export/{sort}.{fmt}"
-
-
-def json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def http_timestamp(moment: datetime) -> str:
@@ -115,13 +95,12 @@ class VersionWriter:
         return target
 
     def add_organization(self, name: str, body: bytes) -> None:
-        relative = users_file_name(name)
-        self.write_bytes(f"users:{relative}", relative, body, CONTENT_TYPES["json"])
-        self.organizations[name] = f"users:{relative}"
+        self.write_bytes(users_key(name), users_file_name(name), body, CONTENT_TYPES["json"])
+        self.organizations[name] = users_key(name)
 
     def write_coverage(self, organization_name: str | None, fmt: str, body: bytes) -> None:
-        stem = "organizations" if organization_name is None else name_digest(organization_name)
-        self.write_bytes(coverage_key(organization_name, fmt), f"coverage/{stem}.{fmt}", body, CONTENT_TYPES[fmt])
+        self.write_bytes(coverage_key(organization_name, fmt), coverage_file_name(organization_name, fmt), body,
+                         CONTENT_TYPES[fmt])
 
     def _finish_file(self, entry: dict[str, Any]) -> None:
         """Hash for the ETag, and a gzip twin for large files, made once here rather than per request."""
@@ -279,7 +258,7 @@ class PublishedVersion:
         # ORGANIZATION_HISTORY_FILE; in versions older than that file, the file key of its history files).
         self.nights: list[dict[str, str]] = manifest.get("nights", [])
         self.history_organizations: dict[str, str | list[int]] = manifest.get("history_organizations", {})
-        # What m365-serve answers /changes and /history?org from (history_api.CHANGED_USERS_FILE and
+        # What m365-serve answers /changes and /history?org from (api_bodies.CHANGED_USERS_FILE and
         # ORGANIZATION_HISTORY_FILE, history_organizations then giving each body's [offset, length]);
         # None in versions older than them.
         self.changed_users: Path | None = path / manifest["changed_users"] if "changed_users" in manifest else None
@@ -293,18 +272,19 @@ class PublishedVersion:
             size=entry["size"], gzip_path=self.path / gz if gz else None, gzip_size=entry.get("gzip_size"),
         )
 
-    def summary(self) -> PublishedFile:
-        return self.files["summary"]
+    def summary(self, fmt: str = "json") -> PublishedFile | None:
+        """The summary; its CSV is None in versions published before it was written."""
+        return self.files.get(summary_key(fmt))
 
     def users(self, organization_name: str) -> PublishedFile | None:
         key = self.organizations.get(organization_name)
         return self.files[key] if key else None
 
     def export(self, sort: str, fmt: str) -> PublishedFile:
-        return self.files[f"export:{fmt}:{sort}"]
+        return self.files[export_key(sort, fmt)]
 
     def history(self, fmt: str, file_key: str | None = None) -> PublishedFile:
-        return self.files[f"history:{fmt}" + (f":{file_key}" if file_key else "")]
+        return self.files[history_key(fmt, file_key)]
 
     @property
     def has_coverage(self) -> bool:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from m365_pipeline.publishing import SORT_FIELDS
+from m365_pipeline.api_bodies import SORT_FIELDS
 
 from .helpers import rule9
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from m365_pipeline.history_api import CHANGE_FIELDS, CHANGED_USERS_FILE, BadDate, changes_body, night_a, parse_date
+from m365_pipeline.api_bodies import CHANGE_FIELDS, CHANGED_USERS_FILE, changes_body
+from m365_pipeline.history_api import BadDate, night_a, parse_date
 from m365_pipeline.publishing import VersionWriter, export_dir
 from m365_pipeline.server.app import Dashboard
 

@@ -12,7 +12,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 import requests
 
-from m365_pipeline.publishing import COVERAGE_ORG_FIELDS, COVERAGE_USER_FIELDS, coverage_key
+from m365_pipeline.api_bodies import COVERAGE_ORG_FIELDS, COVERAGE_USER_FIELDS, coverage_key
 from m365_pipeline.resources import PublishPolicy
 
 from .helpers import run_pipeline

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m365_pipeline.assets.coverage import csv_bytes, write_coverage_files
-from m365_pipeline.publishing import COVERAGE_ORG_FIELDS, COVERAGE_USER_FIELDS, VersionWriter, coverage_key, json_bytes
+from m365_pipeline.api_bodies import COVERAGE_ORG_FIELDS, COVERAGE_USER_FIELDS, coverage_key, csv_bytes, json_bytes
+from m365_pipeline.assets.coverage import write_coverage_files
+from m365_pipeline.publishing import VersionWriter
 
 STATUSES = ("active", "excluded", "available", "none")
 # Any text a vendor could send: every plane, control characters, quotes, commas, CR/LF, markup.

@@ -24,19 +24,17 @@ import pytest
 import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from m365_pipeline.assets.coverage import csv_bytes
-from m365_pipeline.assets.nights import write_changed_users, write_history_files
-from m365_pipeline.publishing import (
+from m365_pipeline.api_bodies import (
     CONTENT_TYPES,
     COVERAGE_ORG_FIELDS,
     COVERAGE_USER_FIELDS,
     SORT_FIELDS,
-    VersionWriter,
-    export_dir,
+    csv_bytes,
     export_file_name,
-    iso_z,
     json_bytes,
 )
+from m365_pipeline.assets.nights import write_changed_users, write_history_files
+from m365_pipeline.publishing import VersionWriter, export_dir, iso_z
 
 from .helpers import rule9
 

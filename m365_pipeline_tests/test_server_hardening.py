@@ -30,20 +30,15 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, export_file_name, json_bytes, users_file_name
 from m365_pipeline.processes import free_port
 from m365_pipeline.publishing import (
-    CONTENT_TYPES,
     CURRENT,
-    FORMATS,
     MANIFEST,
-    SORT_FIELDS,
     VERSIONS,
     VersionWriter,
     current_version_dir,
     export_dir,
-    export_file_name,
-    json_bytes,
-    users_file_name,
 )
 
 from .helpers import BIN, make_certificate, run_pipeline

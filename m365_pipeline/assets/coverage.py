@@ -5,8 +5,6 @@ Two tables (one SQL statement each), WARN checks that name who (in one step), an
 ``GET /api/m365/coverage``, written into the same version as the rest of the API.
 """
 
-import csv
-import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +21,17 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.api_bodies import (
+    COVERAGE_ORG_FIELDS,
+    COVERAGE_TOTALS,
+    COVERAGE_USER_FIELDS,
+    FORMATS,
+    coverage_organization_body,
+    coverage_organization_json,
+    coverage_overview_body,
+    coverage_totals,
+    csv_header,
+)
 from m365_pipeline.assets.core import backup_accounts, users
 from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.duckdb_helpers import (
@@ -35,13 +44,7 @@ from m365_pipeline.duckdb_helpers import (
     table_result,
     table_schema,
 )
-from m365_pipeline.publishing import (
-    COVERAGE_ORG_FIELDS,
-    COVERAGE_TOTALS,
-    COVERAGE_USER_FIELDS,
-    VersionWriter,
-    json_bytes,
-)
+from m365_pipeline.publishing import VersionWriter
 
 PREVIEW_ROWS = 20
 BACKUP_STATUSES = ("active", "excluded", "available", "none")
@@ -174,27 +177,13 @@ def backup_coverage_checks(context: AssetCheckExecutionContext, duckdb: DuckDBRe
 
 # -- published files of GET /api/m365/coverage ---------------------------------------------------
 
-def csv_bytes(header: tuple[str, ...], rows: list[tuple]) -> bytes:
-    """RFC 4180 (CRLF, quotes doubled), booleans true/false, as the export's CSV."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(header)
-    writer.writerows([("true" if v is True else "false" if v is False else v) for v in row] for row in rows)
-    return out.getvalue().encode("utf-8")
-
-
 def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str | None) -> dict[str, int]:
     """The overview (JSON, CSV) and one JSON and one CSV file per organization; returns the totals."""
     organizations = conn.execute(f"""
         SELECT {', '.join(COVERAGE_ORG_FIELDS)} FROM marts.org_backup_coverage
         ORDER BY lower(organization_name), organization_name""").fetchall()
-    sums = [int(sum(row[i] for row in organizations)) for i in range(1, len(COVERAGE_ORG_FIELDS))]
-    totals = {"total_organizations": len(organizations), **dict(zip(COVERAGE_TOTALS, sums, strict=True))}
-    overview = {"status": "success",
-                "organizations": [dict(zip(COVERAGE_ORG_FIELDS, row, strict=True)) for row in organizations],
-                "totals": totals, "last_collected": last_collected}
-    writer.write_coverage(None, "json", json_bytes(overview))
-    writer.write_coverage(None, "csv", csv_bytes(COVERAGE_ORG_FIELDS, organizations))
+    for fmt in FORMATS:
+        writer.write_coverage(None, fmt, coverage_overview_body(organizations, last_collected, fmt))
     missing = {row[0] for row in organizations}
     with_control = []
     conn.execute(read_sql("macros.sql"))  # csv_field
@@ -210,11 +199,11 @@ def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str |
         _write_organization(writer, name, conn.execute(ORGANIZATION_ROWS_SQL, [name]).fetchall())
     for name in missing:
         _write_organization(writer, name, [])
-    return totals
+    return coverage_totals(organizations)
 
 
 # Each coverage row's JSON object and CSV record, written by DuckDB in rule 9's order, so Python only
-# joins them: JSON and CSV byte for byte as json_bytes and csv_bytes write them, except that DuckDB
+# joins them: JSON and CSV byte for byte as api_bodies' json_bytes and csv_bytes write them, except that DuckDB
 # escapes control characters as \u001F where Python writes \u001f. An organization with any (flagged
 # here) is written from its rows by the reference encoders instead.
 ROW_TEXT_SQL = f"""
@@ -227,27 +216,19 @@ ROW_TEXT_SQL = f"""
 ORGANIZATION_ROWS_SQL = f"""
     SELECT {', '.join(COVERAGE_USER_FIELDS)} FROM core.backup_coverage WHERE organization_name = $1
     ORDER BY lower(user_principal_name), user_principal_name"""
-CSV_HEADER = ",".join(COVERAGE_USER_FIELDS) + "\r\n"
-
-
-def _organization_json(name: str, user_objects: list[str]) -> bytes:
-    """One organization's coverage JSON around its users' JSON objects (the envelope, defined once)."""
-    return b"".join((b'{"status":"success","organization":', json_bytes(name), b',"users":[',
-                     ",".join(user_objects).encode("utf-8"), b'],"total_users":', str(len(user_objects)).encode(),
-                     b"}"))
 
 
 def _write_organization_text(writer: VersionWriter, name: str, rows: list[tuple[str, str, bool]]) -> None:
     """An organization's files from rows DuckDB formatted (its JSON objects, its CSV records)."""
-    writer.write_coverage(name, "json", _organization_json(name, [json_row for json_row, _, _ in rows]))
-    writer.write_coverage(name, "csv", (CSV_HEADER + "".join(record for _, record, _ in rows)).encode("utf-8"))
+    writer.write_coverage(name, "json", coverage_organization_json(name, [json_row for json_row, _, _ in rows]))
+    writer.write_coverage(name, "csv", (csv_header(COVERAGE_USER_FIELDS) + "".join(record for _, record, _ in rows)
+                                        ).encode("utf-8"))
 
 
 def _write_organization(writer: VersionWriter, name: str, rows: list[tuple]) -> None:
     """An organization's files from its rows, by Python's encoders (names with control characters)."""
-    users = [json_bytes(dict(zip(COVERAGE_USER_FIELDS, row, strict=True))).decode("utf-8") for row in rows]
-    writer.write_coverage(name, "json", _organization_json(name, users))
-    writer.write_coverage(name, "csv", csv_bytes(COVERAGE_USER_FIELDS, rows))
+    for fmt in FORMATS:
+        writer.write_coverage(name, fmt, coverage_organization_body(name, rows, fmt))
 
 
 coverage_assets = [backup_coverage, org_backup_coverage]

@@ -21,6 +21,20 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
+from m365_pipeline.api_bodies import (
+    CONTENT_TYPES,
+    EXPORT_FIELDS,
+    SORT_FIELDS,
+    USER_FIELDS,
+    export_file_name,
+    export_json_envelope,
+    export_key,
+    summary_body,
+    summary_file_name,
+    summary_key,
+    summary_totals,
+    users_body,
+)
 from m365_pipeline.assets.core import users
 from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_files
 from m365_pipeline.assets.marts import org_summary
@@ -34,16 +48,7 @@ from m365_pipeline.assets.nights import (
 from m365_pipeline.crashpoints import crash_point
 from m365_pipeline.duckdb_helpers import markdown_table, path_literal, rows_by_first_column, table_result
 from m365_pipeline.processes import process_alive
-from m365_pipeline.publishing import (
-    CONTENT_TYPES,
-    SORT_FIELDS,
-    VersionWriter,
-    export_dir,
-    export_file_name,
-    iso_z,
-    json_bytes,
-    published_manifest,
-)
+from m365_pipeline.publishing import VersionWriter, export_dir, iso_z, published_manifest
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import configured_sources
 from m365_pipeline.settings import ANALYTICS_FILE
@@ -52,8 +57,6 @@ GROUP = "export"
 ANALYTICS_STORAGE = "v1.2.0"
 # Published data turns red in the UI when the nightly 23:00 run has not succeeded for over a day.
 NIGHTLY_FRESHNESS = FreshnessPolicy.time_window(fail_window=timedelta(hours=25), warn_window=timedelta(hours=24))
-USER_FIELDS = ("user_principal_name", "display_name", "licenses", "has_email_license")
-EXPORT_COLUMNS = "organization_name, user_principal_name, display_name, licenses, has_email_license"
 # Contract rule 9: "case-insensitively" = lower-cased string, then the string itself.
 EXPORT_ORDER = {
     "organization_name": "lower(organization_name), organization_name, user_principal_name",
@@ -162,23 +165,10 @@ def _night_results(conn, night: str) -> list[MaterializeResult]:
 
 def _write_summary(writer: VersionWriter, organizations: list[tuple], last_collected: str | None,
                    query_time_ms: int) -> dict[str, int]:
-    totals = {
-        "total_organizations": len(organizations),
-        "total_es_users": int(sum(row[1] for row in organizations)),
-        "total_m365_licensed_users": int(sum(row[2] for row in organizations)),
-    }
-    body = {
-        "status": "success",
-        "organizations": [
-            {"organization_name": name, "es_user_count": int(es), "m365_licensed_user_count": int(m365)}
-            for name, es, m365, _ in organizations
-        ],
-        "totals": totals,
-        "last_collected": last_collected,
-        "metadata": {"query_time_ms": query_time_ms},
-    }
-    writer.write_bytes("summary", "summary.json", json_bytes(body), CONTENT_TYPES["json"])
-    return totals
+    for fmt in ("json",):
+        writer.write_bytes(summary_key(fmt), summary_file_name(fmt),
+                           summary_body(organizations, last_collected, query_time_ms, fmt), CONTENT_TYPES[fmt])
+    return summary_totals(organizations)
 
 
 def _write_users_files(conn, writer: VersionWriter, organization_names: list[str]) -> int:
@@ -187,9 +177,8 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
     Each organization's file is written as soon as its rows have arrived, so only one organization's
     users are in memory (the publish step's peak memory at 1M users is in bench/RESULTS.md).
     """
-    cursor = conn.execute("""
-        SELECT organization_name, user_principal_name, display_name, licenses, has_email_license
-        FROM core.users WHERE published
+    cursor = conn.execute(f"""
+        SELECT {', '.join(EXPORT_FIELDS)} FROM core.users WHERE published
         ORDER BY organization_name, user_principal_name""")
     summarised = set(organization_names)
     unknown: set[str] = set()
@@ -200,8 +189,7 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
             unknown.add(name)
             return
         summarised.discard(name)
-        writer.add_organization(name, json_bytes(
-            {"status": "success", "organization": name, "users": rows, "total_users": len(rows)}))
+        writer.add_organization(name, users_body(name, rows))
 
     for organization, rows in rows_by_first_column(cursor):
         write(organization, [dict(zip(USER_FIELDS, fields, strict=True)) for fields in rows])
@@ -216,20 +204,20 @@ def _write_users_files(conn, writer: VersionWriter, organization_names: list[str
 
 def _write_exports(conn, writer: VersionWriter, sort: str, records: int, last_collected: str | None) -> None:
     """CSV and JSON straight from DuckDB's writers (RFC 4180 quoting and CRLF, JSON escaping)."""
-    select = f"SELECT {EXPORT_COLUMNS} FROM core.users WHERE published ORDER BY {EXPORT_ORDER[sort]}"
-    csv_path = writer.adopt(f"export:csv:{sort}", export_file_name(sort, "csv"), CONTENT_TYPES["csv"])
+    select = f"SELECT {', '.join(EXPORT_FIELDS)} FROM core.users WHERE published ORDER BY {EXPORT_ORDER[sort]}"
+    csv_path = writer.adopt(export_key(sort, "csv"), export_file_name(sort, "csv"), CONTENT_TYPES["csv"])
     conn.execute(f"COPY ({select}) TO {path_literal(csv_path)} "
                  "(FORMAT csv, HEADER true, QUOTE '\"', ESCAPE '\"', NEW_LINE '\r\n')")  # RFC 4180 records
 
-    json_path = writer.adopt(f"export:json:{sort}", export_file_name(sort, "json"), CONTENT_TYPES["json"])
+    json_path = writer.adopt(export_key(sort, "json"), export_file_name(sort, "json"), CONTENT_TYPES["json"])
     array_path = json_path.with_suffix(".array")
     conn.execute(f"COPY ({select}) TO {path_literal(array_path)} (FORMAT json, ARRAY true)")
+    before, after = export_json_envelope(records, last_collected)
     with json_path.open("wb") as out, array_path.open("rb") as array:
-        out.write(b'{"status":"success","data":')
+        out.write(before)
         while chunk := array.read(1 << 20):
             out.write(chunk)
-        out.write(b',"total_records":' + str(records).encode() + b',"last_collected":'
-                  + json_bytes(last_collected) + b"}")
+        out.write(after)
     array_path.unlink()
 
 

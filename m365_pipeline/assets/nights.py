@@ -18,6 +18,16 @@ from typing import Any
 import duckdb
 from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
 
+from m365_pipeline.api_bodies import (
+    CHANGED_USERS_FILE,
+    CONTENT_TYPES,
+    FORMATS,
+    HISTORY_FIELDS,
+    ORGANIZATION_HISTORY_FILE,
+    history_body,
+    history_file_name,
+    history_key,
+)
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
@@ -27,14 +37,8 @@ from m365_pipeline.duckdb_helpers import (
     table_metadata,
     table_schema,
 )
-from m365_pipeline.history_api import (
-    CHANGED_USERS_FILE,
-    CHANGES_SQL,
-    HISTORY_FIELDS,
-    ORGANIZATION_HISTORY_FILE,
-    history_body,
-)
-from m365_pipeline.publishing import CONTENT_TYPES, VersionWriter, iso_z
+from m365_pipeline.history_api import CHANGES_SQL
+from m365_pipeline.publishing import VersionWriter, iso_z
 
 GROUP = "marts"
 NIGHTS_KEY = AssetKey(["marts", "nights"])
@@ -144,8 +148,8 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
                coalesce(sum(h.m365_licensed_user_count), 0)::BIGINT AS m365_licensed_user_count
         FROM marts.nights AS n LEFT JOIN marts.org_summary_history AS h USING (collection_date)
         GROUP BY n.collection_date ORDER BY n.collection_date"""))
-    for fmt in ("json", "csv"):
-        writer.write_bytes(f"history:{fmt}", f"history/all.{fmt}", history_body(None, totals, fmt),
+    for fmt in FORMATS:
+        writer.write_bytes(history_key(fmt), history_file_name(fmt), history_body(None, totals, fmt),
                            CONTENT_TYPES[fmt])
     cursor = conn.execute("""
         SELECT h.organization_name, strftime(h.collection_date, '%Y-%m-%d') AS date, h.es_user_count,

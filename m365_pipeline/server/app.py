@@ -32,21 +32,11 @@ from urllib.parse import parse_qs
 import duckdb
 
 from m365_pipeline import settings
-from m365_pipeline.history_api import (
-    BadDate,
-    changes_body,
-    changes_database,
-    changes_rows,
-    history_body,
-    night_a,
-    parse_date,
-)
+from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, changes_body, history_body
+from m365_pipeline.history_api import BadDate, changes_database, changes_rows, night_a, parse_date
 from m365_pipeline.publishing import (
-    CONTENT_TYPES,
     CURRENT,
-    FORMATS,
     GZIP_MIN_BYTES,
-    SORT_FIELDS,
     PublishedFile,
     PublishedVersion,
     current_version_dir,
