@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dagster import build_sensor_context
 
-from m365_pipeline.alerts import Alert, payload, scrub
+from m365_pipeline.alerts import Alert, payload, reason_text
 from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.sensors import alert_on_missed_night
@@ -118,4 +118,4 @@ def test_alert_payloads_fit_slack_and_teams_incoming_webhooks_and_carry_no_token
     assert attachment["content"]["actions"][0]["url"] == f"{UI}/runs/r-1"
     for body in (slack, teams, payload(alert, "json")):
         assert "sekret-token-123" not in json.dumps(body) and "[SAAS_API_TOKEN]" in json.dumps(body)
-    assert scrub("x" * 5000).endswith(" ...")
+    assert reason_text("x" * 5000).endswith(" ...")
