@@ -3,8 +3,8 @@
 ``M365_ALERT_WEBHOOK_URL`` switches them on; ``M365_ALERT_FORMAT`` (json, slack or teams) picks
 the payload an incoming webhook of that kind accepts; ``M365_DAGSTER_UI_URL`` adds a link to the
 run. The sensors that send them run in ``dagster-daemon`` (m365_pipeline/definitions.py). No
-message carries a token: our own errors never include one, and ``scrub`` removes any configured
-token value that might have slipped into an exception text anyway.
+message carries a token: our own errors never include one, and every reason passes through
+``m365_pipeline.scrub`` (rule 19), which removes any configured or learned token a vendor echoed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import urllib3
 
-from m365_pipeline.resources import BackupApiResource, SaasApiResource
+from m365_pipeline.scrub import scrub
 from m365_pipeline.settings import env_value
 
 WEBHOOK_VARIABLE = "M365_ALERT_WEBHOOK_URL"
@@ -28,8 +28,6 @@ TITLES = {
     "held_back": "M365 pipeline: tonight's numbers were held back by a blocking check",
     "missed": f"M365 pipeline: nothing published for more than {MISSED_AFTER_HOURS} hours",
 }
-_TOKEN_VARIABLES = [name for resource in (SaasApiResource, BackupApiResource)
-                    for field, name in resource.env_fields.items() if "token" in field]
 _MAX_REASON = 1500
 
 
@@ -47,12 +45,10 @@ class Alert:
         return f"{base.strip().rstrip('/')}/runs/{self.run_id}" if base and self.run_id else None
 
 
-def scrub(text: str) -> str:
-    """The text without any configured token value, cut to a readable length."""
-    for name in _TOKEN_VARIABLES:
-        value = env_value(name)
-        if value:
-            text = text.replace(value, f"[{name}]")
+def reason_text(text: str) -> str:
+    """The reason as an alert shows it: scrubbed, then cut to a readable length (in that order, so a cut never
+    leaves part of a token the scrubber could no longer recognise)."""
+    text = scrub(text)
     return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + " ..."
 
 
@@ -65,7 +61,7 @@ def alert_format() -> str:
 
 def payload(alert: Alert, fmt: str) -> dict:
     """The message body: our JSON, a Slack incoming-webhook message, or a Teams adaptive card."""
-    reason = scrub(alert.reason)
+    reason = reason_text(alert.reason)
     facts = [(label, value) for label, value in (("Job", alert.job), ("Run", alert.run_id),
                                                   ("Step", alert.step), ("Reason", reason)) if value]
     if fmt == "json":

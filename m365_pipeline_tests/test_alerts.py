@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -12,11 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from dagster import build_sensor_context
 
-from m365_pipeline.alerts import Alert, payload, scrub
+from m365_pipeline.alerts import FORMATS, Alert, payload, reason_text
 from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
+from m365_pipeline.scrub import remember_secret
 from m365_pipeline.sensors import alert_on_missed_night
 
 from .helpers import BIN, Receiver
@@ -118,4 +121,39 @@ def test_alert_payloads_fit_slack_and_teams_incoming_webhooks_and_carry_no_token
     assert attachment["content"]["actions"][0]["url"] == f"{UI}/runs/r-1"
     for body in (slack, teams, payload(alert, "json")):
         assert "sekret-token-123" not in json.dumps(body) and "[SAAS_API_TOKEN]" in json.dumps(body)
-    assert scrub("x" * 5000).endswith(" ...")
+    assert reason_text("x" * 5000).endswith(" ...")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_alert_payloads_in_every_format_scrub_each_configured_and_learned_token(start_simulator, monkeypatch, fmt):
+    """Rule 19: the reason is what a vendor's debug page sent back (the simulator's, over HTTP: every request
+    header and X-Debug-Request-Token), plus the admin token in an echoed Basic header; no token survives in the
+    JSON, Slack or Teams payload, and each is named by its variable or as an owner token."""
+    sim = start_simulator(orgs=3, users_per_org=4, echo_headers_on_error=True, rate_5xx=1.0, scope="backup",
+                          max_faults_per_url=100)
+    configured = {"SAAS_API_TOKEN": sim.config.saas_token, "BACKUP_RESELLER_TOKEN": sim.config.reseller_token,
+                  "BACKUP_ADMIN_TOKEN": sim.config.admin_token}
+    for name, value in configured.items():
+        monkeypatch.setenv(name, value)
+    owner = sim.dataset.owners[0]
+    remember_secret(owner.token)  # as the client does when GET /users/{id} hands it over
+    page = requests.get(f"{sim.backup_base_url}/users/{owner.id}/tenants", timeout=10, headers={
+        "X-Reseller-Token": sim.config.reseller_token, "X-Access-Token": owner.token,
+        "Authorization": f"Bearer {sim.config.saas_token}"})
+    assert page.status_code >= 500 and owner.token in page.text and sim.config.reseller_token in page.text
+    basic = base64.b64encode(f"admin:{sim.config.admin_token}".encode()).decode()
+    reason = (f"GET /users/{owner.id}/tenants answered HTTP {page.status_code}: {page.text} "
+              f"(X-Debug-Request-Token: {page.headers['X-Debug-Request-Token']}; Authorization: Basic {basic})")
+    shown = json.dumps(payload(Alert("failed", reason, "nightly_refresh", "r-1", "raw__backup_tenants"), fmt))
+    for value in (*configured.values(), owner.token, basic):
+        assert value not in shown
+    for label in (*configured, "owner token"):
+        assert f"[{label}]" in shown
+    assert f"/users/{owner.id}/tenants answered HTTP {page.status_code}" in shown  # the rest still reads
+
+
+def test_a_token_straddling_the_reason_cut_is_scrubbed_before_the_cut(monkeypatch):
+    token = "tok-" + "9" * 40
+    monkeypatch.setenv("BACKUP_ADMIN_TOKEN", token)
+    shown = reason_text("x" * 1480 + token + " and more")
+    assert "9" * 8 not in shown and shown.endswith(" ...") and "[BACKUP_ADMIN_TOKEN]" in shown

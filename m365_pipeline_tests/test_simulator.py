@@ -539,6 +539,82 @@ def test_a_source_goes_down_for_good_after_n_requests() -> None:
         assert faulty.stats()["faults"]["down"] == 3
 
 
+def test_the_rate_limit_is_a_bucket_of_20_by_default_then_429_with_retry_after_1() -> None:
+    """Issue 24: a vendor allowing a burst of 20, then --rate-limit a second (the bucket refills on a fake
+    clock in test_pace.py)."""
+    assert FaultConfig().rate_burst == 20
+    with _faulty(rate_limit=1) as faulty:
+        statuses = [saas_get(faulty, "/users", page_size=1) for _ in range(22)]
+        assert [r.status_code for r in statuses[:20]] == [200] * 20
+        refused = [r for r in statuses[20:] if r.status_code == 429]
+        assert refused and all(r.headers["Retry-After"] == "1" for r in refused)
+        assert faulty.stats()["faults"]["rate_limit"] == len(refused)
+    with _faulty(rate_limit=0.001, rate_burst=3) as faulty:  # the burst is the flag's
+        assert [saas_get(faulty, "/users").status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def _echoed(response: requests.Response) -> str:
+    return response.text + json.dumps(dict(response.headers))
+
+
+def test_error_pages_echo_every_request_header_and_the_token_when_asked() -> None:
+    """Rule 19's hostile vendor: its error pages (4xx, 5xx, the 502's HTML too) show the request's headers,
+    tokens included, and X-Debug-Request-Token repeats the request's own token."""
+    with _faulty(echo_headers_on_error=True, rate_5xx=1.0, scope="backup", max_faults_per_url=100) as faulty:
+        missing = saas_get(faulty, "/users/not-a-user/subscriptions")
+        assert missing.status_code == 404 and missing.headers["X-Debug-Request-Token"] == SMALL.saas_token
+        assert missing.json()["request_headers"]["authorization"] == f"Bearer {SMALL.saas_token}"
+        assert missing.json()["message"] == "User not-a-user not found"  # the vendor's own error stays
+        statuses = set()
+        for index, owner in enumerate(faulty.dataset.owners):
+            failed = backup_get(faulty, f"/users/{owner.id}/tenants", owner_headers(faulty, index))
+            statuses.add(failed.status_code)
+            assert failed.status_code >= 500 and failed.headers["X-Debug-Request-Token"] == owner.token
+            assert SMALL.reseller_token in failed.text and owner.token in failed.text
+        assert 502 in statuses and statuses <= {500, 502, 503}
+        ok = saas_get(faulty, "/users")
+        assert ok.ok and "X-Debug-Request-Token" not in ok.headers and SMALL.saas_token not in ok.text
+        assert faulty.stats()["faults"]["echo_headers"] == 1 + len(faulty.dataset.owners)
+    with _faulty(rate_5xx=1.0) as plain:  # without the flag no error page shows a token
+        failed = saas_get(plain, "/users")
+        assert failed.status_code >= 500 and SMALL.saas_token not in _echoed(failed)
+
+
+def test_a_page_can_claim_a_billion_pages_with_total_items_true() -> None:
+    """Issue 25 (hostile vendor data): source S's user list says total_pages 10**9; its items are the real
+    ones and pages past the real end are empty."""
+    with _faulty(claim_pages_match=r"/users\?") as faulty:
+        truth = list(faulty.dataset.saas_users())
+        first = saas_get(faulty, "/users", page_size=7, page_number=1).json()
+        assert first["pagination"] == {"page_size": 7, "page_number": 1, "total_pages": 10**9,
+                                       "total_items": len(truth)}
+        assert first["items"] == truth[:7]
+        past = saas_get(faulty, "/users", page_size=7, page_number=1000).json()
+        assert past["pagination"]["total_pages"] == 10**9 and past["items"] == []
+        user = truth[0]["id"]  # not matched: the subscriptions' paging is true
+        assert saas_get(faulty, f"/users/{user}/subscriptions").json()["pagination"]["total_pages"] == 1
+        assert faulty.stats()["faults"]["claim_pages"] == 2
+
+
+def test_a_next_page_that_never_ends() -> None:
+    """Issue 25: source B's matching list always links a next page, also past its real end (where data is
+    empty as documented)."""
+    with _faulty(endless_next_match="/accounts") as faulty:
+        path, headers = tenant_path(faulty, 0), owner_headers(faulty, 0)
+        records, page = [], 1
+        for _ in range(12):  # bounded: a client following next_page alone would never stop
+            body = backup_get(faulty, path, headers, type="m365", page=page, per_page=3).json()
+            pagination = body["pagination"]
+            assert pagination["next_page"] == page + 1
+            assert pagination["next_url"] == f"/api{path}?type=m365&page={page + 1}&per_page=3"
+            records += body["data"]
+            page = pagination["next_page"]
+        o = faulty.dataset.owners[0]
+        expected = faulty.dataset.account_page(o, o.tenants[0], 0, 10**6)
+        assert records == expected and len(expected) < 12 * 3  # every real page read, then empty ones
+        assert faulty.stats()["faults"]["endless_next"] == 12
+
+
 @pytest.mark.parametrize("bad", [{"rate_429": 1.5}, {"rate_429": 0.6, "rate_5xx": 0.6}, {"scope": "all"},
                                  {"fail_once": "("}, {"latency_ms": -1}])
 def test_fault_config_is_validated(bad: dict[str, Any]) -> None:
@@ -609,10 +685,35 @@ def test_cli_serves_until_sigterm_and_prints_the_environment() -> None:
 
 @pytest.mark.parametrize("args", [["--orgs", "-1"], ["--rate-5xx", "2"], ["--port", "70000"],
                                   ["--rate-429", "0.7", "--reset-rate", "0.7"], ["--slow-match", "["],
-                                  ["--fault-scope", "nowhere"]])
+                                  ["--fault-scope", "nowhere"], ["--rate-burst", "0"], ["--oversize-mib", "1025"],
+                                  ["--gzip-bomb-mib", "0"], ["--endless-next-match", "("]])
 def test_cli_rejects_bad_arguments_with_exit_2(args: list[str]) -> None:
     proc = subprocess.run([*CLI, *args], capture_output=True, check=False, text=True, timeout=30)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "field", "value"), [
+    ([], "rate_burst", 20), (["--rate-burst", "7"], "rate_burst", 7),
+    (["--echo-headers-on-error"], "echo_headers_on_error", True),
+    (["--oversize-match", "x", "--oversize-mib", "3"], "oversize_mib", 3), ([], "gzip_bomb_mib", 1024),
+    (["--gzip-bomb-match", "/users"], "gzip_bomb_match", "/users"),
+    (["--claim-pages-match", "u"], "claim_pages_match", "u"),
+    (["--endless-next-match", "a"], "endless_next_match", "a"),
+])
+def test_cli_fault_flags_reach_the_fault_config(args: list[str], field: str, value: Any) -> None:
+    from m365_pipeline.simulator.cli import build_parser, config_from_args
+
+    assert getattr(config_from_args(build_parser().parse_args(args)).faults, field) == value
+
+
+def test_cli_help_documents_every_hostile_answer_flag() -> None:
+    from m365_pipeline.simulator.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for flag in ("--rate-burst", "--echo-headers-on-error", "X-Debug-Request-Token", "--oversize-match",
+                 "--oversize-mib", "--gzip-bomb-match", "--gzip-bomb-mib", "--claim-pages-match",
+                 "--endless-next-match", "--malformed-match"):
+        assert flag in text
 
 
 def test_cli_port_in_use_is_one_clear_line() -> None:

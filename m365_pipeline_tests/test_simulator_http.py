@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -240,3 +241,52 @@ def _get_status(sim: Simulator, target: str) -> int:
         return response.status
     finally:
         connection.close()
+
+
+# -- hostile answers (rule 19), read off the wire ---------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def _raw_get(sock: socket.socket, responses: _Responses, target: str) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on ``sock``; the body exactly as sent (http.client never decompresses)."""
+    sock.sendall(_get(target))
+    return responses.next()
+
+
+def test_an_oversized_answer_is_the_same_json_followed_by_n_mib_and_the_connection_serves_on() -> None:
+    """Rule 19: an answer of more than N MiB (still valid JSON); the same page unmatched is the plain one."""
+    with Simulator(replace(SMALL, faults=FaultConfig(oversize_match="big=1", oversize_mib=3))) as big, \
+            _connect(big) as sock:
+        responses = _Responses(sock)
+        plain_response, plain = _raw_get(sock, responses, f"{PREFIX}/users?page_size=3")
+        response, body = _raw_get(sock, responses, f"{PREFIX}/users?page_size=3&big=1")
+        assert response.status == 200 and int(response.getheader("Content-Length")) == len(body)
+        assert len(body) == len(plain) + 3 * MIB and body.startswith(plain) and not body[len(plain):].strip()
+        assert json.loads(body) == json.loads(plain)
+        assert _raw_get(sock, responses, f"{PREFIX}/users?page_size=3")[1] == plain  # kept alive, in step
+        assert big.stats()["faults"]["oversize"] == 1 and plain_response.getheader("Content-Encoding") is None
+
+
+def test_a_gzip_bomb_is_small_on_the_wire_and_inflates_to_n_mib_then_the_json() -> None:
+    """Rule 19 (decompressed size): Content-Encoding gzip, a body about a thousandth of what it inflates to,
+    a valid gzip member (zlib checks its CRC-32 and length) whose text is whitespace and then the page."""
+    mib = 48
+    with Simulator(replace(SMALL, faults=FaultConfig(gzip_bomb_match="bomb=1", gzip_bomb_mib=mib))) as bomb, \
+            _connect(bomb) as sock:
+        responses = _Responses(sock)
+        plain = _raw_get(sock, responses, f"{PREFIX}/users?page_size=3")[1]
+        for _ in range(2):  # the second from the cached blocks: the same bytes
+            response, body = _raw_get(sock, responses, f"{PREFIX}/users?page_size=3&bomb=1")
+            assert response.status == 200 and response.getheader("Content-Encoding") == "gzip"
+            assert len(body) < mib * MIB // 500
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            inflated, tail, pending = 0, b"", body
+            while pending and not inflate.eof:  # 1 MiB at a time: the test never holds it inflated
+                chunk = inflate.decompress(pending, MIB)
+                pending = inflate.unconsumed_tail
+                inflated += len(chunk)
+                tail = (tail + chunk)[-len(plain) - 16:]
+            assert inflate.eof and not inflate.unused_data  # one whole member, trailer checked
+            assert inflated == mib * MIB + len(plain) and tail.endswith(plain) and not tail[:-len(plain)].strip()
+        assert bomb.stats()["faults"]["gzip_bomb"] == 2

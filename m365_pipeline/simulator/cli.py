@@ -27,7 +27,15 @@ from m365_pipeline.simulator.dataset import (
     MAX_NIGHT,
     SimulatorConfig,
 )
-from m365_pipeline.simulator.faults import DELETE_MOMENTS, OWNER_DELETE_MOMENTS, SCOPES, FaultConfig
+from m365_pipeline.simulator.faults import (
+    CLAIMED_TOTAL_PAGES,
+    DELETE_MOMENTS,
+    MAX_HOSTILE_MIB,
+    MAX_RATE_BURST,
+    OWNER_DELETE_MOMENTS,
+    SCOPES,
+    FaultConfig,
+)
 from m365_pipeline.simulator.server import Simulator
 from m365_pipeline.simulator.truth import ground_truth
 
@@ -101,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--latency-ms", type=count, default=0, help="delay added to every response")
     f.add_argument("--jitter-ms", type=count, default=0, help="each delay varies by up to this, either way")
     f.add_argument("--rate-limit", type=_positive, default=0.0, metavar="PER_S",
-                   help="requests/s allowed per API token; more are answered 429 with Retry-After (0: no limit)")
-    f.add_argument("--rate-burst", type=count, default=0,
-                   help="requests a token may save up (default: one second's worth of --rate-limit)")
+                   help="requests/s allowed per API token, a token bucket refilled at this rate; over it, 429 "
+                        "with Retry-After: 1 (more below 1/s) (0: no limit)")
+    f.add_argument("--rate-burst", type=_bounded_int(1, MAX_RATE_BURST), default=20, metavar="N",
+                   help="the bucket's size: requests a token may make at once before --rate-limit paces it "
+                        "(default: %(default)s)")
     f.add_argument("--slow-match", type=_regex, metavar="REGEX", help="requests (path+query) to make slow")
     f.add_argument("--slow-ms", type=count, default=0, help="delay for --slow-match requests")
     f.add_argument("--rate-429", type=_rate, default=0.0, help="share of requests answered 429")
@@ -117,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--down-after", type=count, help="after N requests to --down-scope, answer 503 forever")
     f.add_argument("--down-scope", choices=SCOPES, default="both", help="source that --down-after applies to")
     f.add_argument("--max-faults-per-url", type=count, default=2, help="transient fault budget per URL")
+    h = p.add_argument_group("hostile answers", "permanent; a REGEX is searched in each 2xx answer's path+query")
+    mib = _bounded_int(1, MAX_HOSTILE_MIB)
+    h.add_argument("--oversize-match", type=_regex, metavar="REGEX",
+                   help="matching answers are their JSON followed by --oversize-mib MiB of whitespace")
+    h.add_argument("--oversize-mib", type=mib, default=65, metavar="N",
+                   help=f"at most {MAX_HOSTILE_MIB} (default: %(default)s)")
+    h.add_argument("--gzip-bomb-match", type=_regex, metavar="REGEX",
+                   help="matching answers are sent gzip-encoded, a small body inflating to --gzip-bomb-mib MiB")
+    h.add_argument("--gzip-bomb-mib", type=mib, default=1024, metavar="N",
+                   help=f"at most {MAX_HOSTILE_MIB} (default: %(default)s)")
+    h.add_argument("--claim-pages-match", type=_regex, metavar="REGEX",
+                   help=f"matching source S pages claim {CLAIMED_TOTAL_PAGES:,} total_pages (total_items true)")
+    h.add_argument("--endless-next-match", type=_regex, metavar="REGEX",
+                   help="matching source B pages always link a next_page, past the end too")
+    h.add_argument("--echo-headers-on-error", action="store_true",
+                   help="every 4xx/5xx body lists the request's headers, tokens included, and its "
+                        "X-Debug-Request-Token header repeats the request's token, as a vendor's debug page")
     f.add_argument("--delete-saas-user", choices=DELETE_MOMENTS,
                    help="delete source S's first user right after page 1 (later pages shift) or the last page "
                         "(its subscriptions then answer 404) of the user list was served")

@@ -5,7 +5,8 @@ already faulted), so a run with the same seed and the same requests sees the sam
 the thread interleaving. Transient faults (``fail_once``, ``slow_match``, ``rate_429``, ``rate_5xx``,
 ``reset_rate``) share one budget per target: a target is faulted at most ``max_faults_per_url``
 times, so a client that retries enough always gets through. ``malformed_match``,
-``missing_field_match`` and ``down_after`` are permanent by design.
+``missing_field_match``, ``down_after`` and the hostile answers (``oversize_match``, ``gzip_bomb_match``,
+``claim_pages_match``, ``endless_next_match``, ``echo_headers_on_error``) are permanent by design.
 
 Only targets that were faulted (or matched ``fail_once``) are remembered, which keeps memory
 proportional to the faults, not to the requests, on million-user pulls.
@@ -28,6 +29,12 @@ SOURCES = ("saas", "backup")
 SCOPES = ("saas", "backup", "both")
 DELETE_MOMENTS = ("after_first_page", "after_last_page")
 OWNER_DELETE_MOMENTS = ("after_detail", "at_tenants", "at_accounts")
+MAX_RATE_BURST = 1_000_000
+MAX_HOSTILE_MIB = 1024  # the largest oversized or inflated answer: the issue's 1 GiB bomb
+CLAIMED_TOTAL_PAGES = 10**9  # what ``claim_pages_match`` pages say
+
+
+HOSTILE_MATCHES = ("oversize_match", "gzip_bomb_match", "claim_pages_match", "endless_next_match")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class FaultConfig:
     latency_ms: int = 0
     jitter_ms: int = 0  # each delayed answer takes latency_ms plus or minus up to this
     rate_limit: float = 0.0  # requests/s per API token (a token bucket answering 429); 0 = none
-    rate_burst: int = 0  # the bucket's size; 0 = one second's worth of rate_limit
+    rate_burst: int = 20  # the bucket's size: a vendor allowing a small burst, then rate_limit a second
     slow_match: str | None = None
     slow_ms: int = 0
     rate_429: float = 0.0
@@ -63,6 +70,21 @@ class FaultConfig:
     # GET /users/{id} was served ("after_detail": later listings leave it out), or when its tenants
     # ("at_tenants") or its first tenant's accounts ("at_accounts") are asked for (that call answers 404).
     delete_backup_owner: str | None = None
+    # Hostile answers (rule 19 and issue 25), on the matching 2xx answers. ``oversize_match``: the JSON is
+    # followed by whitespace up to ``oversize_mib`` MiB (still valid JSON). ``gzip_bomb_match``: sent with
+    # ``Content-Encoding: gzip``, a small body inflating to ``gzip_bomb_mib`` MiB (whitespace, then the
+    # JSON). ``claim_pages_match`` (source S): the page claims CLAIMED_TOTAL_PAGES pages, total_items
+    # unchanged. ``endless_next_match`` (source B): the page always links a next page, past the end too.
+    oversize_match: str | None = None
+    oversize_mib: int = 65
+    gzip_bomb_match: str | None = None
+    gzip_bomb_mib: int = 1024
+    claim_pages_match: str | None = None
+    endless_next_match: str | None = None
+    # A vendor's debug page: every 4xx/5xx answer's body lists every request header (tokens included), and
+    # its ``X-Debug-Request-Token`` header repeats the request's token (source S's bearer, source B's
+    # X-Access-Token).
+    echo_headers_on_error: bool = False
 
     def __post_init__(self) -> None:
         for name in ("scope", "down_scope"):
@@ -78,15 +100,18 @@ class FaultConfig:
                 raise ValueError(f"{name} must be between 0 and 1, not {value}")
         if self.rate_429 + self.rate_5xx + self.reset_rate > 1.0:
             raise ValueError("rate_429 + rate_5xx + reset_rate must not exceed 1")
-        for name in ("latency_ms", "jitter_ms", "rate_limit", "rate_burst", "slow_ms", "retry_after",
-                     "max_faults_per_url"):
+        for name in ("latency_ms", "jitter_ms", "rate_limit", "slow_ms", "retry_after", "max_faults_per_url"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        for name, high in (("rate_burst", MAX_RATE_BURST), ("oversize_mib", MAX_HOSTILE_MIB),
+                           ("gzip_bomb_mib", MAX_HOSTILE_MIB)):
+            if not 1 <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be between 1 and {high}, not {getattr(self, name)}")
         if self.jitter_ms > self.latency_ms:
             raise ValueError("jitter_ms must not exceed latency_ms")
         if self.down_after is not None and self.down_after < 0:
             raise ValueError("down_after must not be negative")
-        for name in ("slow_match", "fail_once", "malformed_match", "missing_field_match"):
+        for name in HOSTILE_MATCHES + ("slow_match", "fail_once", "malformed_match", "missing_field_match"):
             pattern = getattr(self, name)
             if pattern is not None:
                 try:
@@ -105,6 +130,7 @@ class Plan:
     reset: bool = False  # drop the connection without any response
     malformed: bool = False  # a 2xx body is truncated (checked after routing)
     missing_field: bool = False  # a 2xx body loses one record's key field
+    hostile: frozenset[str] = frozenset()  # the HOSTILE_MATCHES that match (applied to a 2xx answer)
 
 
 class Counters:
@@ -147,13 +173,15 @@ class FaultInjector:
         self._fail_once = _compile(config.fail_once)
         self._malformed = _compile(config.malformed_match)
         self._missing = _compile(config.missing_field_match)
+        self._hostile = [(name, pattern) for name in HOSTILE_MATCHES
+                         if (pattern := _compile(getattr(config, name))) is not None]
         self._random_total = config.rate_429 + config.rate_5xx + config.reset_rate
         self._jitter = random.Random(seed)
-        self._buckets = TokenBuckets(config.rate_limit, config.rate_burst or max(1, math.ceil(config.rate_limit)))
+        self._buckets = TokenBuckets(config.rate_limit, config.rate_burst)
         # No fault that acts per request before the answer (the rate limit is ``throttle``'s): ``plan`` has nothing
         # to decide or remember, the common case of a pull's million calls.
         self._inert = (config.down_after is None and not config.latency_ms and not self._random_total and not any(
-            (self._slow, self._fail_once, self._malformed, self._missing)))
+            (self._slow, self._fail_once, self._malformed, self._missing, self._hostile)))
 
     def plan(self, source: str | None, target: str) -> Plan:
         if self._inert:
@@ -167,7 +195,8 @@ class FaultInjector:
                 self._counters.add("faults", "down")
                 return Plan(status=503)
         in_scope = source is not None and cfg.scope in ("both", source)
-        plan = Plan(malformed=_matches(self._malformed, target), missing_field=_matches(self._missing, target))
+        plan = Plan(malformed=_matches(self._malformed, target), missing_field=_matches(self._missing, target),
+                    hostile=frozenset(name for name, pattern in self._hostile if pattern.search(target)))
         if in_scope and cfg.latency_ms:
             jitter = self._jitter.uniform(-cfg.jitter_ms, cfg.jitter_ms) if cfg.jitter_ms else 0.0
             plan.delay_s += (cfg.latency_ms + jitter) / 1000
@@ -230,7 +259,8 @@ class FaultInjector:
 
 
 class TokenBuckets:
-    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
+    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up. Over it, ``take`` says
+    when the next token is there: 1 s at any rate of at least one a second, as a vendor's ``Retry-After: 1``."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.burst, self._clock = rate, burst, clock

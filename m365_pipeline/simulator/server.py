@@ -13,13 +13,17 @@ a request the parser rejects gets a 400 and the connection closed. It serves
   with ``next_page``/``prev_page`` links as docs/RULES.md, Source B, describes, including its quirks (201 on
   ``GET /users/{id}``, ``per_page: 0`` past the end, 401 for a tenant/type mismatch).
 
-Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py``).
+Faults from ``FaultConfig`` are applied around the real answer (see ``faults.py``), the hostile ones (an
+oversized answer, a gzip bomb, lying page counts, an error page echoing the request's headers) to what the
+endpoint answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import html
 import json
 import logging
 import math
@@ -28,6 +32,7 @@ import secrets
 import socket
 import struct
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
@@ -39,7 +44,7 @@ import msgspec
 import uvloop
 
 from m365_pipeline.simulator.dataset import Dataset, Owner, SimulatorConfig
-from m365_pipeline.simulator.faults import Counters, FaultInjector, Plan, stable_hash
+from m365_pipeline.simulator.faults import CLAIMED_TOTAL_PAGES, Counters, FaultInjector, Plan, stable_hash
 
 SAAS_PREFIX = "/api/saas/consolidated-view/v1"
 BACKUP_PREFIX = "/api"
@@ -47,6 +52,7 @@ SAAS_MAX_PAGE_SIZE = 1000
 BACKUP_MAX_PER_PAGE = 100
 KEEPALIVE_S = 120.0  # an idle keep-alive connection is closed after this long
 BACKLOG = 256
+MIB = 1024 * 1024
 
 _B_UNAUTHORIZED = {"errors": {"user": ["You are not authorized to perform this action"]}}
 _B_BAD_CREDENTIALS = {"errors": {"user": ["Sorry, your credentials is not valid"]}}
@@ -72,8 +78,9 @@ _JSON = "application/json; charset=utf-8"
 
 Response = tuple[int, Any]
 Query = dict[str, list[str]]
-# An answer as the connection writes it: status, body, Content-Type, extra headers.
-Answer = tuple[int, bytes, str, list[tuple[str, str]]]
+# An answer as the connection writes it: status, body, Content-Type, extra headers. A body may be a list of
+# chunks (an oversized answer: the JSON, then a big padding shared by every such answer), written unjoined.
+Answer = tuple[int, bytes | list[bytes], str, list[tuple[str, str]]]
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +118,15 @@ class _App:
         self.deleted_accounts: list[str] = []
         self._endpoints: dict[str, Callable[..., Response]] = {
             kind: getattr(self, f"_{kind}") for kind in [*(kind for _, kind, _ in _ROUTES), "unknown"]}
+        if config.faults.gzip_bomb_match:  # seconds of zlib for 1 GiB: at start, never on the serving loop
+            _deflated_spaces(config.faults.gzip_bomb_mib)
 
     def handle(self, request: _Request) -> Answer | Coroutine[Any, Any, Answer | None] | None:
         """Every request: faults first (see ``faults.py``), then the endpoint's answer. A delayed answer is a
         coroutine for the loop to run; None means the connection was reset and nothing is sent."""
         if request.method != "GET":
-            return self.send(405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
+            refused = self.send(405, _encode({"error": "Method not allowed"}), headers=[("Allow", "GET")])
+            return self._echo(request, _route(_split(request.target)[0])[0], refused)
         target = request.target  # as sent, query included: what the fault plan matches
         path, query = _split(target)
         source, kind, args = _route(path)
@@ -138,14 +148,19 @@ class _App:
             _reset(request)
             return None
         if plan.status is not None:
-            return self._send_fault(source, plan)
+            return self._echo(request, source, self._send_fault(source, plan))
         try:
-            status, body = self._endpoints[kind](request, _parse_query(query), *args)
-            body = _encode(body)
+            parsed = _parse_query(query)
+            status, decoded = self._endpoints[kind](request, parsed, *args)
+            if plan.hostile and 200 <= status < 300:
+                self._lie(plan, source, request.target, parsed, decoded)
+            body = _encode(decoded)
             if plan.missing_field or plan.malformed:
                 body = self._damage(kind, request.target, plan, body)
         except _Reject as reject:
-            status, body = reject.status, _encode(reject.body)
+            return self._echo(request, source, self.send(reject.status, _encode(reject.body)))
+        if plan.hostile and 200 <= status < 300:
+            return self._bloat(plan, self.send(status, body))
         return self.send(status, body)
 
     def send(self, status: int, body: bytes, content_type: str = _JSON,
@@ -162,6 +177,52 @@ class _App:
         body = {"status": plan.status, "error": message} if source == "backup" else \
             {"code": plan.status, "message": message}
         return self.send(plan.status, _encode(body), headers=headers)
+
+    def _echo(self, request: _Request, source: str | None, answer: Answer) -> Answer:
+        """``echo_headers_on_error``: an error answer as a vendor's debug page shows it, every request header
+        (tokens included) in the body and the request's token in ``X-Debug-Request-Token``."""
+        status, body, content_type, headers = answer
+        if not self.config.faults.echo_headers_on_error or status < 400:
+            return answer
+        assert isinstance(body, bytes)
+        if content_type is _JSON and isinstance(decoded := json.loads(body), dict):
+            body = _encode({**decoded, "request_headers": request.headers})
+        else:  # the HTML of the 502
+            shown = "".join(f"{name}: {value}\n" for name, value in request.headers.items())
+            body = body.replace(b"</body>", f"<pre>{html.escape(shown)}</pre></body>".encode())
+        token = _api_token(request, source, own=True)
+        if token:
+            headers = [*headers, ("X-Debug-Request-Token", token.removeprefix("Bearer "))]
+        self.faults.record("echo_headers")
+        return status, body, content_type, headers
+
+    def _lie(self, plan: Plan, source: str | None, target: str, query: Query, body: Any) -> None:
+        """``claim_pages_match`` and ``endless_next_match``: the page's own paging fields lie."""
+        pagination = body.get("pagination") if isinstance(body, dict) else None
+        if pagination is None:
+            return
+        if "claim_pages_match" in plan.hostile and source == "saas":
+            pagination["total_pages"] = CLAIMED_TOTAL_PAGES
+            self.faults.record("claim_pages")
+        if "endless_next_match" in plan.hostile and source == "backup":
+            following = pagination["current_page"] + 1
+            params = {name: values[0] for name, values in query.items()}
+            params["page"] = str(following)
+            pagination.update(next_page=following, next_url=f"{_split(target)[0]}?{urlencode(params)}")
+            self.faults.record("endless_next")
+
+    def _bloat(self, plan: Plan, answer: Answer) -> Answer:
+        """``gzip_bomb_match`` (which wins when both match) and ``oversize_match``: the same JSON, far bigger."""
+        status, body, content_type, headers = answer
+        assert isinstance(body, bytes)
+        faults = self.config.faults
+        if "gzip_bomb_match" in plan.hostile:
+            self.faults.record("gzip_bomb")
+            return status, gzip_bomb(body, faults.gzip_bomb_mib), content_type, [("Content-Encoding", "gzip")]
+        if "oversize_match" in plan.hostile:
+            self.faults.record("oversize")
+            return status, [body, _spaces(faults.oversize_mib)], content_type, headers
+        return answer
 
     def _damage(self, kind: str, target: str, plan: Plan, body: bytes) -> bytes:
         """Apply the permanent response faults to a successful answer."""
@@ -377,9 +438,41 @@ def _int_param(query: Query, name: str, default: int) -> int | None:
 _DIGITS = re.compile(r"[0-9]{1,12}")
 
 
-def _api_token(handler: _Request, source: str | None) -> str | None:
-    """The credential a vendor's rate limit counts against: source S's bearer, source B's reseller token."""
-    return handler.headers.get("authorization" if source == "saas" else "x-reseller-token")
+def _api_token(handler: _Request, source: str | None, own: bool = False) -> str | None:
+    """The credential a vendor's rate limit counts against: source S's bearer, source B's reseller token (its
+    owner's or admin's X-Access-Token with ``own``)."""
+    return handler.headers.get("authorization" if source == "saas" else "x-access-token" if own else
+                               "x-reseller-token")
+
+
+@functools.lru_cache(maxsize=2)
+def _spaces(mib: int) -> bytes:
+    """``mib`` MiB of JSON whitespace, made once and shared by every oversized answer."""
+    return b" " * (mib * MIB)
+
+
+@functools.lru_cache(maxsize=2)
+def _deflated_spaces(mib: int) -> tuple[bytes, int]:
+    """``mib`` MiB of spaces as raw deflate blocks ending on a full flush (so any deflate stream may follow),
+    and their CRC-32. Built by streaming 1 MiB at a time through zlib: nothing this size is ever held."""
+    compressor, chunk = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS), b" " * MIB
+    parts, crc = [], 0
+    for _ in range(mib):
+        parts.append(compressor.compress(chunk))
+        crc = zlib.crc32(chunk, crc)
+    parts.append(compressor.flush(zlib.Z_FULL_FLUSH))
+    return b"".join(parts), crc
+
+
+def gzip_bomb(body: bytes, mib: int) -> bytes:
+    """One gzip member (RFC 1952) inflating to ``mib`` MiB of spaces, then ``body``: still the same JSON once
+    inflated, but about a thousand times its compressed size. The spaces' blocks are made once per size."""
+    padding, crc = _deflated_spaces(mib)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = tail.compress(body) + tail.flush()
+    size = mib * MIB + len(body)
+    return b"".join((b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", padding, deflated,
+                     struct.pack("<II", zlib.crc32(body, crc), size & 0xFFFFFFFF)))
 
 
 def _same(given: str | None, expected: str) -> bool:
@@ -402,21 +495,24 @@ _JSON_HEADERS = f"Content-Type: {_JSON}\r\nContent-Length: ".encode()
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus}
 
 
-def _response(answer: Answer, keep_alive: bool, http10: bool, head: bool) -> bytes:
-    """The bytes of one answer: status line, headers, body (none for HEAD)."""
+def _response(answer: Answer, keep_alive: bool, http10: bool, head: bool) -> bytes | list[bytes]:
+    """The bytes of one answer: status line, headers, body (none for HEAD); a list for a body of chunks."""
     status, body, content_type, extra = answer
     status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode()
-    if keep_alive and not http10 and not extra and content_type is _JSON and not head:  # nearly every answer
-        return b"%s%s%d\r\n\r\n%s" % (status_line, _JSON_HEADERS, len(body), body)
-    lines = [f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"]
+    if keep_alive and not http10 and not extra and content_type is _JSON and not head and type(body) is bytes:
+        return b"%s%s%d\r\n\r\n%s" % (status_line, _JSON_HEADERS, len(body), body)  # nearly every answer
+    chunks = body if isinstance(body, list) else [body]
+    lines = [f"Content-Type: {content_type}\r\nContent-Length: {sum(map(len, chunks))}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in extra)
     if not keep_alive:
         lines.append("Connection: close\r\n")
     elif http10:  # HTTP/1.0 closes unless told otherwise
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    return b"".join((status_line,
-                     "".join(lines).encode("latin-1"), b"" if head else body))
+    head_bytes = status_line + "".join(lines).encode("latin-1")
+    if head:
+        return head_bytes
+    return [head_bytes, *chunks] if isinstance(body, list) else head_bytes + body
 
 
 class _Connection(asyncio.Protocol):
@@ -546,7 +642,11 @@ class _Connection(asyncio.Protocol):
         self._last = self._loop.time()
         if answer is None or transport.is_closing():  # reset: nothing is sent
             return
-        transport.write(_response(answer, request.keep_alive, request.http10, request.method == "HEAD"))
+        data = _response(answer, request.keep_alive, request.http10, request.method == "HEAD")
+        if isinstance(data, list):
+            transport.writelines(data)
+        else:
+            transport.write(data)
         if not request.keep_alive:
             transport.close()
 
@@ -665,6 +765,7 @@ class Simulator:
         ``backup_owner``, ``backup_tenants``, ``backup_accounts``, ``unknown``), ``faults`` per kind
         (``latency``, ``slow``, ``429``, ``5xx``, ``reset``, ``fail_once``, ``malformed``,
         ``missing_field``, ``down``, ``delete_saas_user``, ``delete_backup_account``,
-        ``delete_backup_owner``), ``responses`` per status code, ``connections`` accepted, and
+        ``delete_backup_owner``, ``rate_limit``, ``oversize``, ``gzip_bomb``, ``claim_pages``, ``endless_next``,
+        ``echo_headers``), ``responses`` per status code, ``connections`` accepted, and
         ``requests_total``."""
         return self._counters.snapshot()
