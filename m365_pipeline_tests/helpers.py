@@ -35,6 +35,12 @@ def rule9(text: str) -> tuple[str, str]:
     return (text.lower(), text)
 
 
+def rule16(cell: str) -> str:
+    """A CSV text cell as docs/RULES.md rule 16 writes it (read here, not from api_bodies): a leading ' when
+    it starts with = + - @, a tab or a CR."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
 # -- resources and runs -------------------------------------------------------------------------
 
 def make_resources(sim: Simulator | None, db_path: Path, *, saas: dict[str, Any] | None = None,
