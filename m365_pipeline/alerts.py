@@ -15,6 +15,7 @@ no message names the webhook's URL either (a Slack or Teams webhook URL is itsel
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import urllib.request
@@ -107,6 +108,21 @@ def webhook_pool(url: str) -> tuple[urllib3.PoolManager, str | None]:
         raise ValueError(f"{variable} is not a proxy URL (http://host:port)")
     headers = make_headers(proxy_basic_auth=unquote(parsed.auth)) if parsed.auth else None
     return urllib3.ProxyManager(parsed._replace(auth=None).url, proxy_headers=headers), variable
+
+
+class _HideWebhook(logging.Filter):
+    """urllib3 logs each retry with the URL it retries; the webhook's is a secret of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        url = (env_value(WEBHOOK_VARIABLE) or "").strip()
+        if url and isinstance(record.args, tuple):
+            path = parse_url(url).request_uri
+            record.args = tuple(f"[{WEBHOOK_VARIABLE}]" if isinstance(arg, str) and (arg == url or arg.endswith(path))
+                                else arg for arg in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_HideWebhook())
 
 
 def _cause(exc: BaseException) -> str:

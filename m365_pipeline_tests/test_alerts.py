@@ -220,13 +220,16 @@ def test_proxy_credentials_are_sent_to_the_proxy_and_never_shown(tmp_path, monke
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
 
 
-def test_a_proxy_nobody_answers_fails_naming_the_variable(monkeypatch, no_proxy_settings, unused_port):
+def test_a_proxy_nobody_answers_fails_naming_the_variable(monkeypatch, no_proxy_settings, unused_port, caplog):
     monkeypatch.setenv("HTTP_PROXY", f"http://bob:hunter22@127.0.0.1:{unused_port}")
     with pytest.raises(RuntimeError) as failure:
         _send(monkeypatch, "http://127.0.0.1:9/secret-hook-path")
     message = str(failure.value)
     assert "could not be reached through the proxy HTTP_PROXY names" in message and WEBHOOK_VARIABLE in message
     assert "hunter22" not in message and "secret-hook-path" not in message
+    retried = [record.getMessage() for record in caplog.records if record.name.startswith("urllib3")]
+    assert len(retried) == 3 and all(f"[{WEBHOOK_VARIABLE}]" in line for line in retried)  # urllib3's own log
+    assert not any("secret-hook-path" in line or "hunter22" in line for line in retried)
 
 
 @pytest.mark.parametrize("proxy", ["socks5://bob:hunter22@127.0.0.1:1080", "http://"])
