@@ -24,6 +24,7 @@ from m365_pipeline import settings
 from m365_pipeline.publishing import PublishedVersion, export_dir
 
 from . import access
+from .connections import WATCH_VARIABLE, ConnectionWatch
 from .http import ALLOWED_METHODS, HttpError, Response, error_response, parse_query
 from .page import Page
 from .published import Serving
@@ -39,9 +40,10 @@ REQUEST_HEADERS = ("accept-encoding", "if-none-match", "if-modified-since", "acc
 class Dashboard:
     """Answers every documented path from the current published version."""
 
-    def __init__(self, data_dir: Path, access_log: bool = False):
+    def __init__(self, data_dir: Path, access_log: bool = False, watch: ConnectionWatch | None = None):
         self.export_root = export_dir(data_dir)
         self.access_log = access_log
+        self.watch = watch
         self._serving = Serving(self.export_root)
         self._page = Page()
 
@@ -82,6 +84,8 @@ class Dashboard:
         if scope.proto != "http":
             return
         started = time.perf_counter()
+        if self.watch is not None:
+            self.watch.request_started(scope.client)
         if scope.path == API_PREFIX + "changes" and scope.method in ("GET", "HEAD"):  # may query DuckDB
             headers = {name: scope.headers.get(name) for name in REQUEST_HEADERS}
             response = await asyncio.to_thread(self.respond, scope.method, scope.path, scope.query_string, headers)
@@ -129,4 +133,9 @@ def create_app() -> Dashboard:
         ACCESS_LOG.addHandler(handler)
         ACCESS_LOG.setLevel(logging.INFO)
         ACCESS_LOG.propagate = False
-    return Dashboard(settings.data_dir(), access_log=access_log)
+    watch = None
+    if os.environ.get(WATCH_VARIABLE):  # port, head timeout, keep-alive timeout, max per client
+        port, head, keep_alive, per_client = os.environ[WATCH_VARIABLE].split(",")
+        watch = ConnectionWatch(int(port), float(head), float(keep_alive), int(per_client))
+        watch.start()
+    return Dashboard(settings.data_dir(), access_log=access_log, watch=watch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import resource
 import socket
 import ssl
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from m365_pipeline import settings
 from m365_pipeline.publishing import current_version_dir, export_dir
+
+from .connections import HEAD_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT, WATCH_VARIABLE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,12 +32,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keyfile", type=Path, help="PEM private key for --certfile")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    limits = parser.add_argument_group("connections (rule 18)")
+    limits.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT_S, metavar="SECONDS",
+                        help="close a connection that has not sent a complete request head in this time "
+                             f"(default: {HEAD_TIMEOUT_S:g})")
+    limits.add_argument("--keep-alive-timeout", type=float, default=KEEP_ALIVE_TIMEOUT_S, metavar="SECONDS",
+                        help=f"close a kept-alive connection idle this long (default: {KEEP_ALIVE_TIMEOUT_S:g})")
+    limits.add_argument("--max-connections-per-client", type=int, default=MAX_CONNECTIONS_PER_CLIENT, metavar="N",
+                        help="connections one client address may hold; the excess is closed, idle ones first; "
+                             f"0: no bound, e.g. behind a reverse proxy that bounds them (default: "
+                             f"{MAX_CONNECTIONS_PER_CLIENT})")
     return parser
 
 
 def _fail(message: str) -> None:
     print(f"m365-serve: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _raise_open_files_limit() -> int:
+    """The soft limit of open files raised to the hard one (systemd's default soft limit is 1024); the
+    connections granian may hold, with room for the files being served."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(64, min(soft, 1 << 20) - 256)
 
 
 def check_port(host: str, port: int) -> None:
@@ -70,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--port must be between 1 and 65535, got {args.port}")
     if args.workers < 1:
         _fail("--workers must be at least 1")
+    for option, value in (("--head-timeout", args.head_timeout), ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not 0 < value <= 3600:
+            _fail(f"{option} must be more than 0 and at most 3600 seconds, got {value:g}")
+    if args.max_connections_per_client < 0:
+        _fail(f"--max-connections-per-client must be 0 or more, got {args.max_connections_per_client}")
     data_dir = args.data_dir.resolve() if args.data_dir else settings.data_dir()
     try:  # a mistyped path would otherwise serve "nothing published yet" forever
         settings.existing_data_dir(data_dir, "--data-dir" if args.data_dir else settings.DATA_DIR_VARIABLE)
@@ -85,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     # The factory reads these inside each worker process.
     os.environ["M365_DATA_DIR"] = str(data_dir)
     os.environ["M365_ACCESS_LOG"] = "0" if args.no_access_log else "1"
+    os.environ[WATCH_VARIABLE] = (f"{args.port},{args.head_timeout},{args.keep_alive_timeout},"
+                                  f"{args.max_connections_per_client}")
+    connection_slots = _raise_open_files_limit() // args.workers
     scheme = "https" if args.certfile else "http"
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     published = current_version_dir(export_dir(data_dir))
@@ -101,9 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         factory=True,
         workers=args.workers,
         backlog=2048,
+        # granian stops accepting when this many connections are open: as many as descriptors allow, so
+        # idle ones are closed by the connection watch (server/connections.py) before they can starve others.
+        backpressure=connection_slots,
         # Our own access log (app.py) escapes what clients send; granian's would not.
         log_access=False,
-        http1_settings=HTTP1Settings(header_read_timeout=10_000),
+        # hyper's head timer runs from the end of an answer on a kept-alive connection (so it is the keep-alive
+        # timeout), and on a new one only from the first byte: a new connection's head is the watch's.
+        http1_settings=HTTP1Settings(header_read_timeout=int(args.keep_alive_timeout * 1000), keep_alive=True),
         ssl_cert=args.certfile.resolve() if args.certfile else None,
         ssl_key=args.keyfile.resolve() if args.keyfile else None,
         websockets=False,
