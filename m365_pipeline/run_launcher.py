@@ -11,15 +11,20 @@ before the run becomes STARTED, so every STARTED run it launched names its proce
 (the usual failure alert, run retries, the queue moves on) when that process is gone: no such pid, a
 zombie, or a pid reused by a process that started after the worker did.
 
-What it cannot judge it reports as running, leaving the run to the 4 h limit: a run with no recorded
-worker (the README's CLI run executes in the CLI's own process), or one whose code server is on
-another machine. A run that dies before it is STARTED is ended by ``start_timeout_seconds``.
+A run the CLI executes in its own process (the README's ``dagster asset materialize``) has no such
+event; its DuckDB resource tags the run with the process instead (``record_cli_worker``), so a killed
+CLI run is failed the same way and no longer makes the schedule skip its tick. What it cannot judge it
+reports as running, leaving the run to the 4 h limit: a worker on another machine. A run that dies
+before it is STARTED is ended by ``start_timeout_seconds``.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import socket
+import time
 from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLauncher
@@ -27,6 +32,7 @@ from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
 WORKER_STARTED = "Started process for run"  # Dagster's engine event, with the worker's pid in its metadata
+CLI_WORKER_TAG = "m365/cli_run_worker"  # {"host", "pid", "at"} of a run executing in the CLI's process
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 # How much later than its "Started process" event a process may seem to have started and still be the
 # worker: the event is logged after the process starts, and the start is read against a boot time in
@@ -54,8 +60,20 @@ class LocalRunLauncher(DefaultRunLauncher):
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker pid {pid} is alive")
 
 
+def record_cli_worker(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Tag a run that executes in this process, neither launched by a code server (which records its
+    worker itself) nor a step process of a multiprocess run (which ends before its run does)."""
+    if GRPC_INFO_TAG in run.tags or CLI_WORKER_TAG in run.tags or multiprocessing.parent_process() is not None:
+        return
+    instance.add_run_tags(run.run_id, {CLI_WORKER_TAG: json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})})
+
+
 def recorded_worker(instance: DagsterInstance, run: DagsterRun) -> tuple[int, float] | None:
-    """(pid, when it said it started) of the run's last worker, if it was started by a code server here."""
+    """(pid, when it said it started) of the run's last worker, if that runs on this machine."""
+    if CLI_WORKER_TAG in run.tags:
+        cli = json.loads(run.tags[CLI_WORKER_TAG])
+        return (int(cli["pid"]), float(cli["at"])) if cli.get("host") == socket.gethostname() else None
     grpc = json.loads(run.tags.get(GRPC_INFO_TAG) or "{}")
     if grpc.get("host") not in LOCAL_HOSTS:
         return None

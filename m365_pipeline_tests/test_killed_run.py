@@ -138,3 +138,57 @@ def test_a_run_killed_with_its_daemon_is_failed_with_an_alert_and_the_queued_run
         for proc in procs.values():
             stop(proc)
         hook.server.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_cli_run_on_the_make_dev_instance_is_failed_with_an_alert_and_the_schedule_fires_again(
+        start_simulator, tmp_path):
+    from dagster import DagsterInstance, build_schedule_context
+
+    from m365_pipeline import definitions as code_location
+    from m365_pipeline.demo import DAGSTER_YAML
+    from m365_pipeline.run_launcher import CLI_WORKER_TAG
+
+    from .test_unattended import materialize_all, materialize_args, wait_for_line
+
+    sim = start_simulator(orgs=4, users_per_org=6, seed=12, slow_match=r"/users\?page_size", slow_ms=25_000)
+    hook = Receiver()
+    env = cli_env(tmp_path, sim, M365_ALERT_WEBHOOK_URL=hook.url)
+    home = Path(env["DAGSTER_HOME"])
+    dev = yaml.safe_load(DAGSTER_YAML)  # make dev's instance: SQLite, the rest as deploy/dagster.yaml
+    dev["run_monitoring"]["poll_interval_seconds"] = TEST_POLL_S
+    (home / "dagster.yaml").write_text(yaml.safe_dump(dev))
+    DagsterInstance.from_config(str(home)).dispose()  # creates the SQLite storage before two processes race to
+    with (tmp_path / "daemon.log").open("w") as out:
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "cli.log"
+    try:
+        with log.open("w") as out:
+            cli = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        wait_for_line(log, cli, 'Started execution of step "raw__saas_users"')
+        os.killpg(cli.pid, signal.SIGKILL)  # mid-pull, as the OOM killer would
+        cli.wait()
+        killed_at = time.monotonic()
+        with DagsterInstance.from_config(str(home)) as instance:
+            run = instance.get_run_records(limit=1)[0].dagster_run
+            assert run.status.value == "STARTED" and f'"pid": {cli.pid}' in run.tags[CLI_WORKER_TAG]
+            schedule = code_location.defs().resolve_schedule_def(code_location.NIGHTLY_SCHEDULE)
+            assert schedule.evaluate_tick(build_schedule_context(instance=instance)).skip_message  # held back
+            wait_until("the killed CLI run to be failed", lambda: instance.get_run_by_id(run.run_id).is_finished,
+                       BOUND_S)
+            assert instance.get_run_by_id(run.run_id).status.value == "FAILURE"
+            assert time.monotonic() - killed_at < BOUND_S
+            tick = schedule.evaluate_tick(build_schedule_context(instance=instance))
+            assert len(tick.run_requests or []) == 1, tick.skip_message  # the next night is not held back
+        messages = [m for m in hook.wait_for(1, timeout=120) if m["run_id"] == run.run_id]
+        assert [m["kind"] for m in messages] == ["failed"], hook.messages()
+        assert f"the run worker (pid {cli.pid}) is gone" in messages[0]["reason"], messages[0]
+        again = materialize_all(env, tmp_path)  # its DuckDB pool slot was freed
+        assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+        assert published_summary(tmp_path / "data")["totals"] == ground_truth(sim.dataset)["totals"]
+    finally:
+        stop(daemon)
+        hook.server.shutdown()
