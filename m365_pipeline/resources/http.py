@@ -388,7 +388,7 @@ class VendorClient:
         if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy answered CONNECT with an error
             assert self._proxy is not None
             raise VendorUnreachableError(
-                f"{self.source_name}: {self._proxy.describe()} refused {where.describe()} with HTTP {exc.status}: "
+                f"{self._proxy.describe()} refused to carry {where.describe()} (HTTP {exc.status}; its credentials?): "
                 f"check {self._proxy.variable} (and NO_PROXY)") from None
         if isinstance(exc, aiohttp.ClientProxyConnectionError) and self._proxy is not None:
             raise VendorUnreachableError(
