@@ -81,6 +81,10 @@ class ConnectionWatch:
         self._started[client] = time.monotonic()  # parsed by the watch thread, not on every request
 
     def start(self) -> None:
+        if not (hasattr(socket, "TCP_INFO") and os.path.isdir("/proc/self/fd")):  # Linux only
+            LOG.warning("m365-serve: connections that send nothing are not closed on this system (the watch "
+                        "reads Linux's /proc and TCP_INFO); put a reverse proxy in front")
+            return
         threading.Thread(target=self._run, name="connection-watch", daemon=True).start()
 
     def stop(self) -> None:
