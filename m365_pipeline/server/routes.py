@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, changes_body, history_body
+from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, changes_body, changes_key, history_body
 from m365_pipeline.history_api import BadDate, night_a, parse_date
 from m365_pipeline.publishing import PublishedFile, PublishedVersion
 
@@ -143,12 +143,12 @@ def _changes_of_an_older_version(headers: Any, version: PublishedVersion, night:
                                  fmt: str, disposition: str | None, cache: ByteCache) -> Response:
     """Versions published before the changed users' history held a changes file per kept night (from
     it to their tonight): served as they are, or selected for ``org``, until the next run publishes."""
-    if f"changes:json:{night}" not in version.files:
+    if changes_key("json", night) not in version.files:
         raise HttpError(404, "changes are not available in this version: it was published before the "
                              "pipeline kept them; the next pipeline run publishes them")
     if org is None:
-        return file_response(headers, version.files[f"changes:{fmt}:{night}"], version, disposition, cache)
-    published = json.loads(version.files[f"changes:json:{night}"].path.read_bytes())
+        return file_response(headers, version.files[changes_key(fmt, night)], version, disposition, cache)
+    published = json.loads(version.files[changes_key("json", night)].path.read_bytes())
     rows = [row for row in published["changes"]
             if org in (row["organization_name"], row["previous_organization_name"])]
     body = changes_body(published["from"], published["to"], rows, fmt)
