@@ -195,3 +195,14 @@ def test_dagster_definitions_validate_accepts_the_code_location(tmp_path):
     proc = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "m365_pipeline.definitions"],
                           cwd=tmp_path, env=env, capture_output=True, check=False, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("reader", [("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
+                                    ("export", "dashboard_api")])
+def test_rule10_every_step_reading_last_collected_runs_after_every_raw_table(monkeypatch, tmp_path, reader):
+    """last_collected is the earliest collected_at of all raw tables: a step that reads it before a raw table
+    lands fails (or dates the night wrong) once steps run in parallel or wait for the pool."""
+    graph = load_definitions(monkeypatch, tmp_path).resolve_asset_graph()
+    upstream = graph.get_ancestor_asset_keys(AssetKey(list(reader)))
+    raw = {key for key in graph.get_all_asset_keys() if key.path[0] == "raw"}
+    assert raw <= upstream, sorted(k.to_user_string() for k in raw - upstream)
