@@ -24,6 +24,7 @@ EXPECTED_ASSETS = {
     ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
     ("export", "dashboard_api"), ("export", "analytics_db"),
     ("core", "backup_accounts"), ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
+    ("marts", "billing_sealed"),
 }
 
 
@@ -106,7 +107,7 @@ def test_every_step_that_opens_the_duckdb_file_is_in_the_one_pool_and_keeps_what
     defs = load_definitions(monkeypatch, tmp_path)
     ops = defs.resolve_job_def("nightly_refresh").graph.node_defs
     writers = [op for op in ops if "duckdb" in op.required_resource_keys]
-    assert len(writers) == len(ops) == len(EXPECTED_ASSETS) + 4  # two multi-asset nodes, nine checks in 7 ops
+    assert len(writers) == len(ops) == len({node.op.name for node in [*defs.assets, *defs.asset_checks]})
     assert {op.name: op.pool for op in writers} == {op.name: code_location.DUCKDB_POOL for op in writers}
     # Rebuilt in the pool, each asset and check is otherwise the one its module defined.
     originals = {node.op.name: node for module in (raw, core, marts, coverage, export)

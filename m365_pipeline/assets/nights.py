@@ -45,7 +45,8 @@ NIGHTS_KEY = AssetKey(["marts", "nights"])
 USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
 SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
 # Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
-NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql")
+NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql",
+             "marts_billing.sql")
 
 NIGHTS_SCHEMA = table_schema(
     ("collection_date", "DATE", "UTC date of last_collected; at most one night per date."),
