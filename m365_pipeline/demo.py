@@ -1,11 +1,11 @@
 """``make demo`` and ``make dev``: the whole product on this machine with no vendor account.
 
-demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at its date, under
-      libfaketime, against the simulator as it was that night), then once tonight, and serve the
-      API and dashboard.
+demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at 23:00 UTC on its
+      date, against the simulator as it was that night; a data directory with kept nights keeps
+      them), then once tonight, and serve the API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
 run:  run the ``nightly_refresh`` job once against the configured sources (``make run``).
-Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this started.
+Ctrl-C, SIGTERM to make, or SIGINT or SIGTERM to this process stops every process this started.
 """
 
 from __future__ import annotations
@@ -166,9 +166,10 @@ def run_pipeline_once(env: dict[str, str], instance: DagsterInstance | None = No
 
 
 def run_warnings(instance: DagsterInstance, run_id: str) -> list[str]:
-    """The run's own warnings (say, "first run into ..."), first line each."""
+    """The run's own warnings (say, "first run into ..."), first line each; its errors are the failure,
+    said once by ``failure_cause``."""
     return [entry.user_message.strip().splitlines()[0] for entry in instance.all_logs(run_id)
-            if entry.dagster_event is None and entry.level >= logging.WARNING and entry.user_message.strip()]
+            if entry.dagster_event is None and entry.level == logging.WARNING and entry.user_message.strip()]
 
 
 def failure_cause(result: ExecuteInProcessResult) -> str:

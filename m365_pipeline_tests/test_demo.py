@@ -312,3 +312,39 @@ def test_a_data_directory_with_kept_nights_keeps_them_and_adds_tonight_as_the_ne
     assert history_plan(dt.date(2026, 12, 21), 14, kept) == ([], 15)  # the next day: the data evolves
     assert history_plan(dt.date(2026, 12, 20), 14, kept) == ([], 14)  # the same day again: tonight re-run
     assert history_plan(dt.date(2026, 12, 20), 14, []) == (past_night_dates(dt.date(2026, 12, 20), 14), 14)
+
+
+@pytest.mark.slow
+def test_a_night_dated_before_a_kept_one_fails_the_demo_in_one_line_and_is_not_retried(tmp_path):
+    """Issue 26: a clock error cannot pass on a retry minutes later, so the step is not retried (its
+    retry sleep was what failed under libfaketime), and the demo says the cause, not Dagster's trace."""
+    import time_machine
+    from dagster import DagsterEventType, DagsterInstance
+
+    from m365_pipeline.demo import run_pipeline_once
+    from m365_pipeline.simulator import Simulator
+
+    saved_env, saved_handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    env = {"M365_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path)}
+    (tmp_path / "data").mkdir()
+    try:
+        with Simulator(SimulatorConfig(), host="127.0.0.1", port=0) as sim, DagsterInstance.ephemeral() as instance:
+            for day, expect_failure in [(dt.date(2026, 12, 2), False), (dt.date(2026, 12, 1), True)]:
+                with time_machine.travel(dt.datetime.combine(day, dt.time(23), dt.UTC)), \
+                        contextlib.ExitStack() as stack:
+                    if expect_failure:
+                        failed = stack.enter_context(pytest.raises(SystemExit))
+                    run_pipeline_once({**env, **sim.env}, instance)
+            events = [entry.dagster_event.event_type for run in instance.get_runs()
+                      for entry in instance.all_logs(run.run_id) if entry.dagster_event]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in saved_handlers.items():
+            signal.signal(signum, handler)
+    (message,) = str(failed.value).splitlines()
+    assert message == ("[demo] the pipeline run failed: dashboard_api: m365_pipeline.assets.nights.NightOutOfOrder: "
+                       "tonight's collection date 2026-12-01 is before the latest kept night 2026-12-02; check the "
+                       "clock of the machine running the pipeline. Nothing was published.")
+    assert events.count(DagsterEventType.STEP_FAILURE) == 1
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in events
