@@ -97,7 +97,9 @@ def zone_where_2300_comes_twice(directory: Path, lead_s: int = 120) -> tuple[str
     jump = first + timedelta(seconds=30)
     (directory / "src").write_text(f"Zone M365Test/Soon {hours(before)} - TST {jump:%Y %b %d %H:%M:%S}u\n"
                                    f"\t\t\t{hours(after)} - TSU\n")
-    subprocess.run(["zic", "-d", str(directory / "zones"), str(directory / "src")], check=True, timeout=30)
+    # zic is in /usr/sbin, which a normal user's PATH on Debian leaves out.
+    zic = shutil.which("zic") or shutil.which("zic", path="/usr/sbin:/sbin") or "zic"
+    subprocess.run([zic, "-d", str(directory / "zones"), str(directory / "src")], check=True, timeout=30)
     return "M365Test/Soon", f"{directory / 'zones'}:/usr/share/zoneinfo", first, first + timedelta(minutes=1)
 
 
