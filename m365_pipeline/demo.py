@@ -33,7 +33,7 @@ from m365_pipeline.settings import DATA_DIR_VARIABLE, DataDirError, prepare_data
 from m365_pipeline.simulator.dataset import MAX_NIGHT
 
 if TYPE_CHECKING:  # Dagster is imported when a run starts: the checks before it answer within a second
-    from dagster import DagsterInstance, ExecuteInProcessResult
+    from dagster import DagsterInstance, JobExecutionResult
 
 BIN = Path(sys.executable).parent
 # The shipped instance settings (one run at a time, run monitoring, retries, no telemetry), defined once.
@@ -137,31 +137,41 @@ def start_simulator(children: Children, env: dict[str, str], port: int, *options
     return banner.env
 
 
+def nightly_job():
+    """The nightly job, for ``reconstructable``: execute_job takes its executor's config, so a demo
+    run can have its step retries off (execute_in_process always retries)."""
+    from m365_pipeline.definitions import NIGHTLY_JOB, defs
+
+    return defs().resolve_job_def(NIGHTLY_JOB)
+
+
 CONSOLE_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
-def run_pipeline_once(env: dict[str, str], instance: DagsterInstance | None = None) -> None:
+def run_pipeline_once(env: dict[str, str], instance: DagsterInstance | None = None, retries: bool = True) -> None:
     """Run the nightly job in this process, recorded in ``instance`` (default: the Dagster instance
     `make dev` shows). Its warnings are printed one line each, a failure as its cause in one line: no
-    Dagster trace reaches the terminal (the run's full log is in the instance)."""
+    Dagster trace reaches the terminal (the run's full log is in the instance). ``retries=False`` (the
+    demo's runs: the simulator has no outage to wait out) turns the job's step retries off, so a stop
+    asked for mid-run is not followed by a retry's sleep of minutes."""
     os.environ.update(env)
-    from dagster import DagsterInstance
+    from dagster import DagsterInstance, execute_job, reconstructable
 
-    from m365_pipeline.definitions import NIGHTLY_JOB, defs
-
-    job = defs().resolve_job_def(NIGHTLY_JOB)
     started = time.monotonic()
+    run_config = {**CONSOLE_QUIET, "execution": {"config": {"retries": {"enabled" if retries else "disabled": {}}}}}
     with stop_requests_noted() as stop_requested:
         with contextlib.ExitStack() as stack:
             if instance is None:
                 instance = stack.enter_context(DagsterInstance.get())
-            result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=CONSOLE_QUIET)
+            result = stack.enter_context(execute_job(reconstructable(nightly_job), instance=instance,
+                                                     run_config=run_config, raise_on_error=False))
             for message in run_warnings(instance, result.run_id):
                 say(message)
+            cause = None if result.success else failure_cause(result)
     if stop_requested():
         raise KeyboardInterrupt
-    if not result.success:
-        raise SystemExit(f"[demo] the pipeline run failed: {failure_cause(result)}")
+    if cause is not None:
+        raise SystemExit(f"[demo] the pipeline run failed: {cause}")
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
 
 
@@ -172,7 +182,7 @@ def run_warnings(instance: DagsterInstance, run_id: str) -> list[str]:
             if entry.dagster_event is None and entry.level == logging.WARNING and entry.user_message.strip()]
 
 
-def failure_cause(result: ExecuteInProcessResult) -> str:
+def failure_cause(result: JobExecutionResult) -> str:
     """The innermost error of the first failed step, in one line: what to fix, not Dagster's wrapping."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data.error is not None:
@@ -242,7 +252,7 @@ def run_past_nights(env: dict[str, str], dates: list[dt.date]) -> None:
             with Simulator(SimulatorConfig(night=night), host="127.0.0.1", port=0) as sim:
                 with time_machine.travel(dt.datetime.combine(day, dt.time(23), dt.UTC)):
                     try:
-                        run_pipeline_once({**env, **sim.env}, instance)
+                        run_pipeline_once({**env, **sim.env}, instance, retries=False)
                     except SystemExit as failed:
                         raise SystemExit(f"[demo] the run for {day} failed: {failed}".replace(
                             ": [demo] the pipeline run failed:", ":")) from None
@@ -259,7 +269,7 @@ def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, i
             f" remove {data_dir} for a new history")
     run_past_nights(env, past)
     env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"], "--night", str(tonight)))
-    run_pipeline_once(env)
+    run_pipeline_once(env, retries=False)
     server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
                                            str(data_dir), "--no-access-log"], env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -192,8 +192,13 @@ def test_a_backgrounded_make_target_stops_everything_on_sigterm_and_sigint(tmp_p
 def test_sigterm_to_a_backgrounded_make_demo_during_its_pipeline_run_stops_everything(tmp_path):
     """Dagster's in-process run notes the signal and finishes; the demo must still stop, not serve."""
     env = demo_env()
-    script, make_pid, _ = _backgrounded("demo", tmp_path, env, ready="first run into")  # the run has begun
+    script, make_pid, _ = _backgrounded("demo", tmp_path, env, ready="[demo] simulator:")  # tonight's run is next
     try:
+        # The run has begun once its first step made the pipeline's DuckDB file.
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "data" / "m365.duckdb").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "data" / "m365.duckdb").exists(), "the run never began"
         os.kill(make_pid, signal.SIGTERM)
         assert_all_stopped(script, tmp_path, env, timeout=240)
         rest = script.stdout.read()
