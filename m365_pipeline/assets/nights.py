@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
+from dagster import AssetKey, AssetSpec, Failure, TableColumn, TableSchema
 
 from m365_pipeline.api_bodies import (
     CHANGED_USERS_FILE,
@@ -78,8 +78,11 @@ NIGHT_SPECS = [
 ]
 
 
-class NightOutOfOrder(RuntimeError):
-    pass
+class NightOutOfOrder(Failure):
+    """A clock set back before the latest kept night: the step's retries (minutes later) cannot help."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message, allow_retries=False)
 
 
 def record_night(conn: duckdb.DuckDBPyConnection, served: dict[str, Any] | None) -> tuple[str, str]:
