@@ -33,7 +33,7 @@ run: $(STAMP)
 
 # The browser, load and nights tests drive Debian's chromium, wrk and faketime for real.
 test-system-packages:
-	@sh scripts/system-packages.sh chromium wrk faketime postgresql
+	@sh scripts/system-packages.sh chromium wrk faketime postgresql tinyproxy
 
 # Lint and the code location's own validation first: both take seconds and fail loudly.
 check: $(STAMP)

@@ -45,9 +45,25 @@ def json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+# Rule 16 (OWASP's advice on CSV injection): what a spreadsheet would read as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text: str) -> str:
+    """A CSV text cell as rule 16 writes it: with a leading ``'`` when it starts like a formula.
+
+    Only text is touched, as OWASP advises: counts and booleans are written as they are (a count is
+    never negative, and no number or boolean is text someone typed). The SQL macro csv_neutralise
+    (sql/macros.sql) is the same rule for DuckDB's writers; test_csv_injection proves them equal.
+    """
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def csv_cell(value: Any) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return neutralise(value)
     return "" if value is None else value
 
 

@@ -4,17 +4,23 @@ Dagster loads ``defs`` (``[tool.dagster]`` and ``workspace.yaml`` name this modu
 module does nothing else: the environment is read, and ``.env`` loaded, only when ``defs`` is built.
 """
 
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dagster import (
+    AssetsDefinition,
     AssetSelection,
     Backoff,
+    BetaWarning,
     DagsterRunStatus,
     DefaultScheduleStatus,
     Definitions,
+    In,
     Jitter,
+    OpDefinition,
+    Out,
     RetryPolicy,
     RunRequest,
     RunsFilter,
@@ -40,6 +46,13 @@ NIGHTLY_SCHEDULE = "nightly_refresh_at_2300"
 # A failed night is re-executed once from the failed step: an outage, a killed run worker. A night a
 # blocking check held back is not (its checks tag the run, m365_pipeline/run_retries.py).
 NIGHTLY_TAGS = {"dagster/max_retries": 1, "dagster/retry_strategy": "FROM_FAILURE"}
+# The Dagster concurrency pool of every step that opens the working DuckDB file: deploy/dagster.yaml
+# gives it one slot, so across all runs of the instance one such step runs at a time (the UI shows the
+# pool on each asset and its slots under Deployment > Concurrency). The data directory's flock
+# (m365_pipeline/run_lock.py, taken while a connection is open) is the backstop for runs outside it.
+DUCKDB_POOL = "m365_duckdb"
+DUCKDB_RESOURCE = "duckdb"
+Node = TypeVar("Node", bound=AssetsDefinition)  # an asset or an asset check (AssetChecksDefinition)
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
@@ -80,8 +93,8 @@ def defs() -> Definitions:
                     "skipped while a run is in progress.",
     )
     return Definitions(
-        assets=[*raw_assets, *core_assets, *marts_assets, *coverage_assets, *export_assets],
-        asset_checks=[*core_checks, *marts_checks, *coverage_checks],
+        assets=in_duckdb_pool([*raw_assets, *core_assets, *marts_assets, *coverage_assets, *export_assets]),
+        asset_checks=in_duckdb_pool([*core_checks, *marts_checks, *coverage_checks]),
         jobs=[nightly_refresh],
         schedules=[nightly_schedule],
         sensors=alert_sensors,
@@ -90,6 +103,33 @@ def defs() -> Definitions:
                                      data_dir() / DUCKDB_FILE),
         executor=in_process_executor,
     )
+
+
+def in_duckdb_pool(nodes: list[Node]) -> list[Node]:
+    """``nodes`` with every one that requires the ``duckdb`` resource put in DUCKDB_POOL.
+
+    Done here, once, rather than by ``pool=`` on each decorator, so no asset or check that writes the
+    file can be added without it. Dagster has no public way to set the pool of a built asset; this
+    rebuilds its op with every attribute kept and the pool set (test_definitions.py proves the pool
+    is on every such step of the loaded code location, so a Dagster upgrade that breaks it fails there).
+    """
+    return [_in_pool(node, DUCKDB_POOL) if DUCKDB_RESOURCE in node.required_resource_keys else node
+            for node in nodes]
+
+
+def _in_pool(node: Node, pool: str) -> Node:
+    op = node.op
+    if op.pool is not None and op.pool != pool:
+        raise ValueError(f"{op.name} is in pool {op.pool!r}; the DuckDB steps share {pool!r}")
+    pooled = OpDefinition.dagster_internal_init(
+        name=op.name, compute_fn=op.compute_fn, description=op.description, config_schema=op.config_schema,
+        ins={d.name: In.from_definition(d) for d in op.input_defs},
+        outs={d.name: Out.from_definition(d) for d in op.output_defs},
+        required_resource_keys=op.required_resource_keys, tags=op.tags, version=None,
+        retry_policy=op.retry_policy, code_version=op.version, pool=pool)
+    with warnings.catch_warnings():  # the attributes it passes back include a beta one (execution_type)
+        warnings.simplefilter("ignore", BetaWarning)
+        return type(node)(**{**node.get_attributes_dict(), "node_def": pooled})
 
 
 def pipeline_resources(saas: SaasApiResource, backup: BackupApiResource, database: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ DUCKDB_FILE = "m365.duckdb"
 ANALYTICS_FILE = "analytics.duckdb"
 STAGING_DIR = ".staging"  # beside the DuckDB file: the raw pulls land here before the table swap
 DATA_DIR_VARIABLE = "M365_DATA_DIR"
+CA_BUNDLE_VARIABLE = "M365_CA_BUNDLE"  # the CA bundle vendor certificates are checked against
 
 
 def load_env_file() -> None:

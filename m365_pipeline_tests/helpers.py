@@ -1,13 +1,16 @@
 """Shared test helpers (no fixtures; those live in conftest.py): resources wired to a simulator,
-whole-graph runs, reading DuckDB files, a webhook receiver, starting ``m365-serve`` and making certificates."""
+whole-graph runs, reading DuckDB files, a webhook receiver, starting ``m365-serve``, making certificates and
+a forward proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +36,12 @@ FAST_HTTP = {"timeout_s": 5.0, "max_retries": 4, "backoff_factor": 0.01, "retry_
 def rule9(text: str) -> tuple[str, str]:
     """The contract's order (docs/RULES.md, rule 9): lower-cased, then the string itself, by code point."""
     return (text.lower(), text)
+
+
+def rule16(cell: str) -> str:
+    """A CSV text cell as docs/RULES.md rule 16 writes it (read here, not from api_bodies): a leading ' when
+    it starts with = + - @, a tab or a CR."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 # -- resources and runs -------------------------------------------------------------------------
@@ -97,7 +106,8 @@ def dicts(db_path: Path, sql: str, params: list[Any] | None = None) -> list[dict
 class Receiver:
     """A webhook on 127.0.0.1 that keeps every JSON body POSTed to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, certificate: tuple[Path, Path] | None = None) -> None:
+        """``certificate`` (cert, key) serves HTTPS instead, as a Slack or Teams webhook does."""
         self.bodies: list[bytes] = []
         received = self.bodies
 
@@ -111,7 +121,14 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        if certificate:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*certificate)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if certificate else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def messages(self) -> list[dict]:
@@ -214,3 +231,55 @@ def expected_changes(a: dict[str, dict], b: dict[str, dict]) -> list[dict[str, A
             "has_email_license_after": after and after["has_email_license"],
         })
     return sorted(rows, key=lambda r: (rule9(r["organization_name"]), rule9(r["user_principal_name"])))
+
+
+# -- a forward proxy ----------------------------------------------------------------------------
+
+@dataclass
+class ForwardProxy:
+    """A running tinyproxy on 127.0.0.1. ``url`` carries the credentials when it requires them."""
+
+    port: int
+    log_path: Path
+    credentials: tuple[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.credentials[0]}:{self.credentials[1]}@" if self.credentials else ""
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    def requests(self) -> list[str]:
+        """``METHOD target`` of every request it was sent, from its own log (``CONNECT host:port`` for HTTPS)."""
+        import re
+
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [f"{method} {target}" for method, target in
+                re.findall(r"Request \(file descriptor \d+\): (\S+) (\S+)", text)]
+
+
+@contextlib.contextmanager
+def forward_proxy(directory: Path, credentials: tuple[str, str] | None = None) -> Iterator[ForwardProxy]:
+    """A real forward proxy process (Debian's ``tinyproxy``, scripts/system-packages.sh) on a free loopback
+    port: it forwards plain HTTP and tunnels CONNECT to any port; with ``credentials`` (user, password) it
+    answers 407 without them. Stopped when the block ends."""
+    from m365_pipeline.processes import free_port, wait_for_port
+
+    directory.mkdir(parents=True, exist_ok=True)
+    port, log_path = free_port(), directory / "tinyproxy.log"
+    lines = [f"Port {port}", "Listen 127.0.0.1", "Timeout 30", f'LogFile "{log_path}"', "LogLevel Info",
+             "MaxClients 64", "Allow 127.0.0.1", *([f"BasicAuth {credentials[0]} {credentials[1]}"] if credentials
+                                                 else [])]
+    config = directory / "tinyproxy.conf"
+    config.write_text("\n".join(lines) + "\n")
+    with (directory / "tinyproxy.out").open("w") as out:
+        proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, timeout=15)
+        yield ForwardProxy(port, log_path, credentials)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

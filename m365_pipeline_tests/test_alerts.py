@@ -16,13 +16,13 @@ import pytest
 import requests
 from dagster import build_sensor_context
 
-from m365_pipeline.alerts import FORMATS, Alert, payload, reason_text
+from m365_pipeline.alerts import FORMATS, WEBHOOK_VARIABLE, Alert, payload, reason_text, send
 from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.scrub import remember_secret
 from m365_pipeline.sensors import alert_on_missed_night
 
-from .helpers import BIN, Receiver
+from .helpers import BIN, Receiver, forward_proxy, make_certificate
 from .test_unattended import ROOT, cli_env, materialize_all
 
 UI = "http://127.0.0.1:3999/dagster"
@@ -157,3 +157,85 @@ def test_a_token_straddling_the_reason_cut_is_scrubbed_before_the_cut(monkeypatc
     monkeypatch.setenv("BACKUP_ADMIN_TOKEN", token)
     shown = reason_text("x" * 1480 + token + " and more")
     assert "9" * 8 not in shown and shown.endswith(" ...") and "[BACKUP_ADMIN_TOKEN]" in shown
+
+
+# -- alerts behind an egress proxy (issue 24): a real tinyproxy process -------------------------------------
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch):
+    for name in PROXY_VARIABLES:
+        for variant in (name, name.lower()):
+            monkeypatch.delenv(variant, raising=False)
+
+
+def _send(monkeypatch, url: str) -> bool:
+    monkeypatch.setenv(WEBHOOK_VARIABLE, url)
+    return send(Alert("failed", "the night failed", "nightly_refresh", "r-1", "raw__saas_users"))
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http-webhook", "https-webhook-through-connect"])
+def test_the_webhook_is_reached_through_the_proxy_and_no_proxy_bypasses_it(tmp_path, monkeypatch,
+                                                                          no_proxy_settings, tls):
+    certificate = make_certificate(tmp_path) if tls else None
+    hook = Receiver(certificate)
+    if certificate:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # the test's own CA, as an MSP's would be
+    try:
+        with forward_proxy(tmp_path / "proxy") as proxy:
+            monkeypatch.setenv("HTTPS_PROXY" if tls else "HTTP_PROXY", proxy.url)
+            assert _send(monkeypatch, hook.url)
+            through = f"CONNECT 127.0.0.1:{hook.server.server_address[1]}" if tls else f"POST {hook.url}"
+            assert proxy.requests() == [through] and hook.messages()[0]["kind"] == "failed"
+            monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+            assert _send(monkeypatch, hook.url)
+            assert proxy.requests() == [through] and len(hook.bodies) == 2  # straight to the webhook
+    finally:
+        hook.server.shutdown()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http-webhook", "https-webhook-through-connect"])
+def test_proxy_credentials_are_sent_to_the_proxy_and_never_shown(tmp_path, monkeypatch, no_proxy_settings, tls):
+    certificate = make_certificate(tmp_path) if tls else None
+    hook = Receiver(certificate)
+    if certificate:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    variable = "HTTPS_PROXY" if tls else "HTTP_PROXY"
+    try:
+        with forward_proxy(tmp_path / "proxy", credentials=("alice", "pr0xy-pa55")) as proxy:
+            monkeypatch.setenv(variable, proxy.url)
+            assert _send(monkeypatch, hook.url) and len(hook.bodies) == 1
+            monkeypatch.setenv(variable, proxy.url.replace("pr0xy-pa55", "wr0ng-pa55"))
+            with pytest.raises(RuntimeError) as refused:
+                _send(monkeypatch, hook.url)
+    finally:
+        hook.server.shutdown()
+    message = str(refused.value)
+    assert variable in message and len(hook.bodies) == 1
+    if tls:  # the CONNECT's refusal (tinyproxy: 401 for wrong credentials, 407 for none); refusing a POST it
+        assert re.search(r"Tunnel connection failed: 40[17]", message)  # closes before reading it: a reset
+    assert "pa55" not in message and "alice" not in message and "/hook" not in message
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_a_proxy_nobody_answers_fails_naming_the_variable(monkeypatch, no_proxy_settings, unused_port, caplog):
+    monkeypatch.setenv("HTTP_PROXY", f"http://bob:hunter22@127.0.0.1:{unused_port}")
+    with pytest.raises(RuntimeError) as failure:
+        _send(monkeypatch, "http://127.0.0.1:9/secret-hook-path")
+    message = str(failure.value)
+    assert "could not be reached through the proxy HTTP_PROXY names" in message and WEBHOOK_VARIABLE in message
+    assert "hunter22" not in message and "secret-hook-path" not in message
+    retried = [record.getMessage() for record in caplog.records if record.name.startswith("urllib3")]
+    assert len(retried) == 3 and all(f"[{WEBHOOK_VARIABLE}]" in line for line in retried)  # urllib3's own log
+    assert not any("secret-hook-path" in line or "hunter22" in line for line in retried)
+
+
+@pytest.mark.parametrize("proxy", ["socks5://bob:hunter22@127.0.0.1:1080", "http://"])
+def test_a_proxy_setting_that_is_not_a_proxy_url_is_one_line_naming_the_variable(monkeypatch, no_proxy_settings,
+                                                                                  proxy):
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    with pytest.raises(ValueError, match="^HTTPS_PROXY is not a proxy URL") as failure:
+        _send(monkeypatch, "https://hooks.example.invalid/x")
+    assert "hunter22" not in str(failure.value)

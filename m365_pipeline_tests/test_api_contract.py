@@ -17,7 +17,7 @@ import requests
 
 from m365_pipeline.api_bodies import SORT_FIELDS
 
-from .helpers import rule9
+from .helpers import rule9, rule16
 
 USER_KEYS = ["user_principal_name", "display_name", "licenses", "has_email_license"]
 EXPORT_KEYS = ["organization_name", *USER_KEYS]
@@ -106,9 +106,9 @@ def test_csv_export_matches_ground_truth_and_parses_with_a_real_csv_reader(sessi
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header, *rows = list(reader)
     assert header == EXPORT_KEYS
-    expected = [
-        [r["organization_name"], r["user_principal_name"], r["display_name"], r["licenses"],
-         "true" if r["has_email_license"] else "false"]
+    expected = [  # text cells as rule 16 writes them
+        [rule16(r["organization_name"]), rule16(r["user_principal_name"]), rule16(r["display_name"]),
+         rule16(r["licenses"]), "true" if r["has_email_license"] else "false"]
         for r in _sorted_rows(_expected_export(published.truth), sort)
     ]
     assert rows == expected

@@ -15,7 +15,7 @@ import requests
 from m365_pipeline.api_bodies import COVERAGE_ORG_FIELDS, COVERAGE_USER_FIELDS, coverage_key
 from m365_pipeline.resources import PublishPolicy
 
-from .helpers import run_pipeline
+from .helpers import rule16, run_pipeline
 from .test_server_hardening import HOSTILE_ORGS, assert_json_error, assert_still_serving, raw_get
 
 COVERAGE = "/api/m365/coverage"
@@ -31,7 +31,9 @@ def _csv(text: str) -> list[list[str]]:
 
 
 def _cell(value) -> str:
-    return "true" if value is True else "false" if value is False else str(value)
+    """A CSV cell: booleans true/false, text as rule 16 writes it."""
+    return "true" if value is True else "false" if value is False else rule16(value) if isinstance(value, str) \
+        else str(value)
 
 
 def test_overview_matches_ground_truth_in_summary_order(session_server, published):

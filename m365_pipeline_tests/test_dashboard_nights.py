@@ -22,7 +22,7 @@ from m365_pipeline.processes import free_port, wait_for_port
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
-from .helpers import expected_changes, rule9, run_pipeline_at, spawn_serve
+from .helpers import expected_changes, rule9, rule16, run_pipeline_at, spawn_serve
 from .test_dashboard_page import (  # noqa: F401 (browser and context are fixtures)
     CHROMIUM,
     DESKTOP,
@@ -193,7 +193,7 @@ def test_the_drill_down_charts_each_kept_night_of_the_organization_from_the_grou
 
 def expected_csv(rows: list[dict[str, Any]]) -> list[list[str]]:
     cell = {None: "", True: "true", False: "false"}
-    return [[cell.get(v, v) if v is None or isinstance(v, bool) else v for v in row.values()] for row in rows]
+    return [[cell.get(v, v) if v is None or isinstance(v, bool) else rule16(v) for v in row.values()] for row in rows]
 
 
 def download_changes_csv(page: Page, base_url: str, params: dict[str, str], night_a: str) -> bytes:

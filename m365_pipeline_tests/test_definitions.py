@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DefaultScheduleStatus, Definitions
+from dagster import AssetKey, AssetsDefinition, DefaultScheduleStatus, Definitions
 
 from m365_pipeline import definitions as code_location
 
 from .helpers import BIN
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED_ASSETS = {
     ("raw", "saas_users"), ("raw", "saas_user_subscriptions"), ("raw", "backup_organizations"),
@@ -92,6 +95,44 @@ def test_checks_sit_on_the_assets_they_guard(monkeypatch, tmp_path):
         (("core", "backup_coverage"), "backed_up_without_email_license"),
         (("core", "backup_coverage"), "unknown_backup_statuses"),
     }
+
+
+def test_every_step_that_opens_the_duckdb_file_is_in_the_one_pool_and_keeps_what_its_decorator_said(
+        monkeypatch, tmp_path):
+    """Issue 25, outcome 6: the single writer as a Dagster concurrency pool, read from the loaded code
+    location (the job's steps), not from a list of assets."""
+    from m365_pipeline.assets import core, coverage, export, marts, raw
+
+    defs = load_definitions(monkeypatch, tmp_path)
+    ops = defs.resolve_job_def("nightly_refresh").graph.node_defs
+    writers = [op for op in ops if "duckdb" in op.required_resource_keys]
+    assert len(writers) == len(ops) == len(EXPECTED_ASSETS) + 4  # two multi-asset nodes, nine checks in 7 ops
+    assert {op.name: op.pool for op in writers} == {op.name: code_location.DUCKDB_POOL for op in writers}
+    # Rebuilt in the pool, each asset and check is otherwise the one its module defined.
+    originals = {node.op.name: node for module in (raw, core, marts, coverage, export)
+                 for name in dir(module) if isinstance(node := getattr(module, name), AssetsDefinition)}
+    pooled = [*defs.assets, *defs.asset_checks]
+    assert {node.op.name for node in pooled} <= set(originals)
+    for node in pooled:
+        before = originals[node.op.name]
+        assert (node.keys, node.check_keys, list(node.specs), node.op.description, node.op.tags, node.op.retry_policy,
+                node.op.required_resource_keys, node.op.compute_fn) == \
+            (before.keys, before.check_keys, list(before.specs), before.op.description, before.op.tags,
+             before.op.retry_policy, before.op.required_resource_keys, before.op.compute_fn), node.op.name
+        assert before.op.pool is None  # the pool comes from definitions.py alone
+
+
+def test_the_shipped_instance_gives_the_duckdb_pool_one_slot_per_step(tmp_path):
+    from dagster._core.instance.config import dagster_instance_config
+
+    from m365_pipeline.demo import DAGSTER_YAML
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "dagster.yaml").write_text(DAGSTER_YAML)
+    for home in (ROOT / "deploy", dev):  # production and make dev
+        config, _ = dagster_instance_config(str(home))
+        assert config["concurrency"]["pools"] == {"granularity": "op", "default_limit": 1}, home
 
 
 def test_tokens_are_configured_as_env_vars_so_the_ui_shows_names_not_values(monkeypatch, tmp_path):

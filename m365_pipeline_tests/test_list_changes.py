@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from m365_pipeline.resources.http import Endpoint, VendorUnavailableError
-from m365_pipeline.resources.paging import ListRead, read_until_consistent, saas_pages
+from m365_pipeline.resources.paging import ListRead, SaasPager, read_until_consistent
 from m365_pipeline.simulator import ground_truth
 
 from .helpers import query, run_pipeline
@@ -76,28 +78,31 @@ def test_a_list_that_keeps_changing_fails_clearly_after_the_last_read_and_a_sett
     reads, restarts, warnings = [], [], []
     responses = iter([[1, 2, 3], [1, 2, 3], [1, 2]])  # total drops to 2 during the first two reads
 
-    def read_once(listing: ListRead) -> None:
+    async def read_once(listing: ListRead) -> None:
         ids = next(responses)
         reads.append(ids)
         listing.add([{"id": i} for i in ids], 2)
 
-    listing = read_until_consistent(read_once, lambda: restarts.append(1), warnings.append, "GET /users")
+    listing = asyncio.run(read_until_consistent(read_once, lambda: restarts.append(1), warnings.append,
+                                                "GET /users"))
     assert listing.keys == {1, 2} and len(reads) == 3 and len(restarts) == 2
     assert "GET /users changed while it was paged (3 distinct records collected but the vendor reports 2)" \
         in warnings[0]
 
-    def never_settles(listing: ListRead) -> None:
+    async def never_settles(listing: ListRead) -> None:
         listing.add([{"id": 1}], 2)
 
     with pytest.raises(VendorUnavailableError, match="GET /users kept changing while it was paged, 4 reads"):
-        read_until_consistent(never_settles, lambda: None, lambda _: None, "GET /users")
+        asyncio.run(read_until_consistent(never_settles, lambda: None, lambda _: None, "GET /users"))
 
 
 def test_saas_pages_hand_each_page_and_its_total_to_the_list_read():
     bodies = {1: {"pagination": {"total_pages": 2, "total_items": 3}, "items": [{"id": "a"}, {"id": "b"}]},
               2: {"pagination": {"total_pages": 2, "total_items": 3}, "items": [{"id": "c"}]}}
     listing = ListRead()
-    list(saas_pages(bodies.__getitem__, lambda n: Endpoint("S", "/users", n), listing))
+    pager = SaasPager(lambda n: Endpoint("S", "/users", n), listing=listing)
+    while pager.next is not None:
+        pager.take(bodies[pager.next])
     assert listing.keys == {"a", "b", "c"} and listing.totals == [3] and listing.problem() is None
 
 

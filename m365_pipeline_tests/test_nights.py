@@ -22,7 +22,7 @@ from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
-from .helpers import dicts, expected_changes, query, rule9, run_pipeline_at, spawn_serve
+from .helpers import dicts, expected_changes, query, rule9, rule16, run_pipeline_at, spawn_serve
 
 pytestmark = [
     pytest.mark.slow,  # every night is a whole pipeline run in its own process
@@ -197,7 +197,7 @@ def test_changes_for_one_organization_in_json_and_csv(nights):
         lines = list(csv.reader(io.StringIO(as_csv.text, newline="")))
         assert lines[0] == CHANGE_FIELDS
         text = {True: "true", False: "false", None: ""}
-        assert lines[1:] == [[text.get(r[f], r[f]) if not isinstance(r[f], str) else r[f] for f in CHANGE_FIELDS]
+        assert lines[1:] == [[rule16(r[f]) if isinstance(r[f], str) else text.get(r[f], r[f]) for f in CHANGE_FIELDS]
                              for r in mine], org
 
 

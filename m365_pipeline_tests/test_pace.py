@@ -6,7 +6,6 @@ A fake clock drives both, so nothing here waits or measures time.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 
 import pytest
@@ -14,6 +13,12 @@ import pytest
 from m365_pipeline.resources.http import CallStats
 from m365_pipeline.resources.pace import AdaptiveLimit
 from m365_pipeline.simulator.faults import Counters, FaultConfig, FaultInjector, TokenBuckets
+
+
+def take(limit: AdaptiveLimit) -> tuple[int, int]:
+    ticket = limit.try_acquire()
+    assert ticket is not None, "no slot free"
+    return ticket
 
 
 class Clock:
@@ -27,11 +32,11 @@ class Clock:
 def busy_round(limit: AdaptiveLimit, latency_s: float) -> None:
     """One round trip of a busy client: as many calls as the limit allows complete with ``latency_s``,
     each replaced at once by a new call (so the client stays at its limit), then the rest drain."""
-    tickets = deque(limit.acquire() for _ in range(limit.limit))
+    tickets = deque(take(limit) for _ in range(limit.limit))
     for _ in range(len(tickets)):
         limit.release(tickets.popleft(), latency_s=latency_s)
         while len(tickets) < limit.limit:
-            tickets.append(limit.acquire())
+            tickets.append(take(limit))
     for ticket in tickets:
         limit.release(ticket)  # no sample: these calls belong to the next round
 
@@ -56,14 +61,14 @@ def test_the_limit_never_passes_the_ceiling(ceiling):
 def test_an_idle_client_does_not_grow_its_limit():
     limit = AdaptiveLimit(ceiling=1000, initial=8, clock=Clock())
     for _ in range(50):  # one call at a time: far below the limit, so success says nothing
-        limit.release(limit.acquire(), latency_s=0.1)
+        limit.release(take(limit), latency_s=0.1)
     assert limit.limit == 8
 
 
 def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
     clock = Clock()
     limit = AdaptiveLimit(ceiling=1000, initial=32, clock=clock)
-    tickets = [limit.acquire() for _ in range(32)]
+    tickets = [take(limit) for _ in range(32)]
     for ticket in tickets[:10]:  # ten calls of the same round answered 429: one decrease, not ten
         limit.release(ticket, throttled=True, retry_after_s=3)
     snap = limit.snapshot()
@@ -75,35 +80,20 @@ def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
 
 def test_a_429_at_the_first_try_halves_the_mark_too():
     limit = AdaptiveLimit(ceiling=1000, initial=40, clock=Clock())
-    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    limit.release(take(limit), throttled=True, retry_after_s=0)
     for _ in range(3):
         busy_round(limit, 0.1)
     assert limit.limit == 20  # no regrowth past where it is known to be safe, yet
 
 
-def test_a_429s_retry_after_holds_back_every_other_caller_until_it_has_passed():
-    clock = Clock()
-    limit = AdaptiveLimit(ceiling=10, initial=4, clock=clock)
-    other = limit.acquire()
-    limit.release(limit.acquire(), throttled=True, retry_after_s=30)
-    started = threading.Event()
-    worker = threading.Thread(target=lambda: (limit.acquire(), started.set()), daemon=True)
-    worker.start()
-    assert not started.wait(0.3), "a call started during the pause"  # slots are free; only the pause holds it
-    clock.now += 30
-    limit.release(other, latency_s=0.1)  # any release wakes the waiters, who see the pause is over
-    assert started.wait(10)
-    worker.join(10)
-
-
 def test_a_429s_retry_after_holds_back_every_coroutine_too_until_it_has_passed():
     clock = Clock()
     limit = AdaptiveLimit(ceiling=10, initial=4, clock=clock)
-    other = limit.acquire()
-    limit.release(limit.acquire(), throttled=True, retry_after_s=30)
+    other = take(limit)
+    limit.release(take(limit), throttled=True, retry_after_s=30)
 
     async def scenario() -> None:
-        waiting = asyncio.ensure_future(limit.acquire_async())
+        waiting = asyncio.ensure_future(limit.acquire())
         await asyncio.sleep(0.3)
         assert not waiting.done(), "a call started during the pause"  # slots are free; only the pause holds it
         clock.now += 30
@@ -117,8 +107,8 @@ def test_coroutines_beyond_the_limit_wait_for_a_release():
     limit = AdaptiveLimit(ceiling=2, initial=2, clock=Clock())
 
     async def scenario() -> None:
-        held = [await limit.acquire_async(), await limit.acquire_async()]
-        third = asyncio.ensure_future(limit.acquire_async())
+        held = [await limit.acquire(), await limit.acquire()]
+        third = asyncio.ensure_future(limit.acquire())
         await asyncio.sleep(0.1)
         assert not third.done() and limit.snapshot().in_flight == 2
         limit.release(held[0], latency_s=0.1)
@@ -130,12 +120,12 @@ def test_coroutines_beyond_the_limit_wait_for_a_release():
 
 def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():
     limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
-    limit.release(limit.acquire(), throttled=True, retry_after_s=0)  # mark 20
+    limit.release(take(limit), throttled=True, retry_after_s=0)  # mark 20
     for _ in range(60):  # probing: about one more call per 50 round trips
         busy_round(limit, 0.1)
     assert 20 < limit.limit < 24
     at_429 = limit.limit
-    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    limit.release(take(limit), throttled=True, retry_after_s=0)
     assert limit.limit == at_429 // 2
     busy_round(limit, 0.1)
     busy_round(limit, 0.1)
@@ -194,10 +184,44 @@ def test_calls_that_only_queue_hold_the_limit_without_shrinking_it():
     assert limit.limit > held
 
 
+def test_the_429s_of_calls_sent_before_a_pause_do_not_extend_it_but_a_later_window_pauses_again():
+    # A token bucket answers every call of a burst past its tokens 429, and their answers trickle in.
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=100, initial=40, clock=clock)
+    burst = [take(limit) for _ in range(40)]
+    limit.release(burst[0], throttled=True, retry_after_s=1)
+    for ticket in burst[1:20]:
+        clock.now += 0.02  # answers of the same burst, arriving after the pause began
+        limit.release(ticket, throttled=True, retry_after_s=1)
+    assert limit.pause_remaining() == pytest.approx(1 - 19 * 0.02)  # paused once, from the first 429
+    for ticket in burst[20:]:
+        limit.release(ticket, latency_s=0.1)
+    clock.now += 1
+    assert limit.pause_remaining() == 0
+    later = take(limit)  # sent after the pause: its 429 is news, and starts the next window
+    limit.release(later, throttled=True, retry_after_s=1)
+    assert limit.pause_remaining() == 1
+    assert limit.snapshot().throttled == 21
+
+
+@pytest.mark.parametrize("how", [{"dropped": True}, {"throttled": True, "retry_after_s": 2}])
+def test_a_dropped_call_lowers_the_limit_as_a_429_does_but_pauses_no_one(how):
+    limit = AdaptiveLimit(ceiling=1000, initial=32, clock=Clock())
+    tickets = [take(limit) for _ in range(32)]
+    for ticket in tickets[:5]:  # five 5xx, timeouts or resets of one round: one decrease
+        limit.release(ticket, **how)
+    snap = limit.snapshot()
+    assert (snap.limit, snap.decreases) == (16, 1)
+    assert (snap.dropped, snap.throttled) == ((5, 0) if "dropped" in how else (0, 5))
+    assert limit.pause_remaining() == (0 if "dropped" in how else 2)
+    for ticket in tickets[5:]:
+        limit.release(ticket)
+
+
 def test_a_decrease_never_goes_below_one_call_in_flight():
     limit = AdaptiveLimit(ceiling=10, initial=2, clock=Clock())
     for _ in range(5):
-        limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+        limit.release(take(limit), throttled=True, retry_after_s=0)
     assert limit.limit == 1
 
 
@@ -233,7 +257,7 @@ def test_latency_jitter_varies_each_delay_within_its_bounds():
 
 def test_the_progress_line_shows_calls_per_second_calls_in_flight_and_429s():
     limit = AdaptiveLimit(ceiling=100, initial=6, clock=Clock())
-    limit.release(limit.acquire(), throttled=True, retry_after_s=0)
+    limit.release(take(limit), throttled=True, retry_after_s=0)
     stats = CallStats(pace=limit)
     stats.record(retries=1)
     line = stats.progress()

@@ -1,23 +1,47 @@
-"""Paging, record checks and name handling: the plain functions behind both clients."""
+"""Paging, record checks and name handling: the pagers and plain functions behind both clients.
+
+The pagers do no I/O, so each test feeds them plain dicts as the vendor would answer, and a small loop
+plays the vendor driver's part (the drivers themselves run over HTTP in test_raw_assets.py).
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from m365_pipeline.landing import is_secret_field, snake_case, without_secrets
 from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError
 from m365_pipeline.resources.paging import (
+    BackupPager,
     ListShiftedError,
-    backup_pages,
+    SaasPager,
     next_window,
+    page_bound,
     read_again_if_shifted,
     require_fields,
-    saas_pages,
 )
 
 
 def _where(page: int) -> Endpoint:
     return Endpoint("source X", "/things", page)
+
+
+def saas_pages(fetch, where=_where, listing=None, max_pages=1000):
+    """What saas.py's driver does, one page at a time: ``(page_number, items)`` until the pager says done."""
+    pager = SaasPager(where, max_pages, listing)
+    while (page_number := pager.next) is not None:
+        _, items = pager.take(fetch(page_number))
+        yield page_number, items
+
+
+def backup_pages(fetch, where, per_page, max_pages=100_000):
+    """What backup.py's driver does: every request the pager asks for, the boundary checks' answers too."""
+    pager = BackupPager(where, per_page, max_pages)
+    while (request := pager.next) is not None:
+        taken = pager.take(fetch(request.page, request.per_page))
+        if taken is not None:
+            yield taken
 
 
 def _saas_fetcher(pages: list[list[int]], total_pages: int):
@@ -50,37 +74,58 @@ def test_saas_paging_follows_total_pages_not_page_length(pages, total_pages, exp
 
 
 @pytest.mark.parametrize(
-    ("totals", "expected_asked_ahead", "expected_one_by_one"),
+    ("totals", "expected_planned", "expected_read"),
     [
-        ([3, 3, 3], [2, 3], []),
-        # a later page says the list grew: the pages past what the first said are read one by one
-        ([2, 4, 4, 4], [2], [3, 4]),
-        # ...or that it shrank: the pages asked for past the new end are not used
-        ([4, 2], [2, 3, 4], []),
-        ([1], [], []),
+        ([3, 3, 3], [2, 3], [1, 2, 3]),
+        # a later page says the list grew: the driver reads the pages past the plan one by one
+        ([2, 4, 4, 4], [2], [1, 2, 3, 4]),
+        # ...or that it shrank: the pages planned past the new end are not read
+        ([4, 2], [2, 3, 4], [1, 2]),
+        ([1], [], [1]),
     ],
 )
-def test_saas_pages_after_the_first_are_asked_for_together_as_many_as_the_first_says(
-        totals, expected_asked_ahead, expected_one_by_one):
+def test_saas_pages_after_the_first_are_planned_as_many_as_the_first_says(totals, expected_planned,
+                                                                          expected_read):
     def body(page_number: int) -> dict:
         total = totals[min(page_number, len(totals)) - 1]
         return {"pagination": {"total_pages": total}, "items": [page_number] if page_number <= total else []}
 
-    asked_ahead: list[int] = []
-    one_by_one: list[int] = []
+    pager = SaasPager(_where, max_pages=1000)
+    read = []
+    while (page_number := pager.next) is not None:
+        pager.take(body(page_number))
+        read.append(page_number)
+        if page_number == 1:
+            assert list(pager.planned) == expected_planned
+    assert read == expected_read
 
-    def fetch_many(page_numbers):
-        asked_ahead.extend(page_numbers)
-        return (body(n) for n in page_numbers)
 
-    def fetch(page_number: int) -> dict:
-        if page_number > 1:
-            one_by_one.append(page_number)
-        return body(page_number)
+@pytest.mark.parametrize(("pagination", "bound"), [
+    ({"total_pages": 10**9, "total_items": 5}, 5),  # 5 items fill 5 pages at most, however short
+    ({"total_pages": 10**9, "total_items": 10**9}, 1000),  # the configured maximum
+    ({"total_pages": 10**9}, 1000),  # no total_items: the configured maximum
+    ({"total_pages": 2, "total_items": 0}, 1),  # an empty list takes one page
+])
+def test_a_page_claiming_a_billion_pages_is_refused_at_a_bound_from_its_totals(pagination, bound):
+    pager = SaasPager(_where, max_pages=1000)
+    with pytest.raises(MalformedResponseError, match=rf"\(page 1\).*more than the {bound} pages"):
+        pager.take({"pagination": pagination, "items": [1]})
+    assert pager.next == 1  # nothing planned past the refused page
 
-    got = [page for page, _ in saas_pages(fetch, _where, fetch_many=fetch_many)]
-    assert asked_ahead == expected_asked_ahead and one_by_one == expected_one_by_one
-    assert got == list(range(1, len(got) + 1)) and got[-1] == totals[min(len(got), len(totals)) - 1]
+
+def test_a_later_page_claiming_more_pages_than_its_items_fill_is_refused_too():
+    pager = SaasPager(_where, max_pages=1000)
+    pager.take({"pagination": {"total_pages": 2, "total_items": 4}, "items": [1, 2]})
+    with pytest.raises(MalformedResponseError, match=r"\(page 2\).*total_pages is 50, more than the 4 pages"):
+        pager.take({"pagination": {"total_pages": 50, "total_items": 4}, "items": [3, 4]})
+
+
+@pytest.mark.parametrize(("total_items", "max_pages", "bound"), [
+    (0, 50, 1), (1, 50, 1), (7, 50, 7), (10**9, 50, 50), (None, 50, 50), ("12", 50, 50), (-3, 50, 50),
+    (True, 50, 50),
+])
+def test_the_page_bound_is_one_page_per_item_capped_at_max_pages(total_items, max_pages, bound):
+    assert page_bound(total_items, max_pages) == bound
 
 
 @pytest.mark.parametrize("bad", [None, "2", -1, True, 1.5])
@@ -173,12 +218,15 @@ def test_a_record_deleted_after_the_pager_passed_it_changes_nothing_before_the_n
 def test_a_shifted_source_b_list_is_read_again_until_a_read_is_clean_then_fails_clearly():
     vendor = _PagedList(250, changes={1: lambda records: records.pop(0)})
     noted: list[str] = []
-    assert read_again_if_shifted(lambda: vendor.read(100), noted.append) == list(range(1, 250))
+    async def read(paged: _PagedList) -> list:
+        return paged.read(100)
+
+    assert asyncio.run(read_again_if_shifted(lambda: read(vendor), noted.append)) == list(range(1, 250))
     assert len(noted) == 1 and "/things" in noted[0]
 
     restless = _PagedList(250, changes={k: (lambda records: records.pop(0)) for k in range(1, 100, 2)})
     with pytest.raises(VendorUnavailableError, match="kept changing, 4 reads in a row"):
-        read_again_if_shifted(lambda: restless.read(100), noted.append)
+        asyncio.run(read_again_if_shifted(lambda: read(restless), noted.append))
 
 
 @pytest.mark.parametrize(("end", "per_page", "window"), [
@@ -212,6 +260,17 @@ def test_backup_paging_refuses_a_next_page_that_does_not_move_forward(next_page)
     fetch, _ = _backup_fetcher(pages)
     with pytest.raises(MalformedResponseError, match="does not move forward"):
         list(backup_pages(fetch, _backup_where, 2))
+
+
+def test_a_source_b_next_page_that_never_ends_stops_at_max_pages():
+    def fetch(page: int, per_page: int) -> dict:  # an endless list: every page full, and always another one
+        start = (page - 1) * per_page
+        return {"pagination": {"next_page": page + 1}, "data": [{"id": start + i} for i in range(per_page)]}
+    read = []
+    with pytest.raises(MalformedResponseError, match=r"still a next_page after 25 pages \(max_pages 25\)"):
+        for page in backup_pages(fetch, _backup_where, 3, max_pages=25):
+            read.append(page)
+    assert len(read) == 24
 
 
 @pytest.mark.parametrize("body", [[], {"data": "x", "pagination": {}}, {"data": []}, "oops"])

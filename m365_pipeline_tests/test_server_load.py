@@ -7,6 +7,7 @@ without TLS) and require a normal client to keep getting every answer within a s
 
 from __future__ import annotations
 
+import http.client
 import re
 import resource
 import shutil
@@ -19,7 +20,7 @@ from contextlib import ExitStack, closing
 import pytest
 import requests
 
-from .helpers import make_certificate
+from .helpers import BIN, make_certificate
 
 pytestmark = pytest.mark.load
 
@@ -109,7 +110,8 @@ def test_1000_concurrent_connections_for_30_seconds_get_no_errors(published, sta
     wrk = shutil.which("wrk")
     assert wrk, "wrk is installed by `make test` (scripts/system-packages.sh)"
     _raise_fd_limit()
-    served = start_server(published.data_dir, "--no-access-log")
+    # One client address holds all 1,000: the per-client bound (rule 18) is raised past them.
+    served = start_server(published.data_dir, "--no-access-log", "--max-connections-per-client", "1100")
     org = published.truth["organizations"][0]["organization_name"]
     script = tmp_path / "rotate.lua"
     script.write_text(LUA_ROTATE % requests.utils.quote(org, safe=""))
@@ -125,3 +127,112 @@ def test_1000_concurrent_connections_for_30_seconds_get_no_errors(published, sta
     assert "Non-2xx or 3xx responses" not in report, report
     assert served.process.poll() is None and requests.get(served.base_url + "/api/m365/summary",
                                                           timeout=5).status_code == 200
+
+
+# -- rule 18: connections that send nothing are closed ---------------------------------------------------
+
+HELD = 2_100  # past the ~2,050 that took every slot before (issue 25)
+
+
+def _closed(socks: list[socket.socket]) -> int:
+    """How many the server has closed (end of stream or reset), without reading a byte."""
+    closed = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            closed += sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return closed
+
+
+def _wait_closed(socks: list[socket.socket], within: float) -> float:
+    """Seconds until every one is closed; fails past ``within``."""
+    started = time.monotonic()
+    while (closed := _closed(socks)) < len(socks):
+        elapsed = time.monotonic() - started
+        assert elapsed < within, f"{len(socks) - closed} of {len(socks)} still open after {elapsed:.1f} s"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _summary_times(base_url: str, count: int = 10, verify: object = True) -> list[float]:
+    durations = []
+    for _ in range(count):
+        started = time.monotonic()
+        assert requests.get(base_url + "/api/m365/summary", timeout=5, verify=verify).status_code == 200
+        durations.append(time.monotonic() - started)
+    return durations
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_rule18_2100_idle_and_slow_head_connections_are_closed_and_never_starve_the_summary(
+        published, start_server, tmp_path, scheme):
+    """Half send nothing (not even a TLS handshake), half a part of a request head; all from one address,
+    with the per-client bound off so that the head timeout is what closes them."""
+    _raise_fd_limit()
+    extra, verify = (), True
+    if scheme == "https":
+        cert, key = make_certificate(tmp_path)
+        extra, verify = ("--certfile", str(cert), "--keyfile", str(key)), str(cert)
+    head_timeout = 3
+    served = start_server(published.data_dir, "--no-access-log", "--head-timeout", str(head_timeout),
+                          "--keep-alive-timeout", "60", "--max-connections-per-client", "0", *extra, scheme=scheme)
+    with ExitStack() as stack:
+        socks = []
+        opened = time.monotonic()
+        for index in range(HELD):
+            sock = stack.enter_context(closing(socket.create_connection(("127.0.0.1", served.port), timeout=5)))
+            if index % 2 and scheme == "http":
+                sock.sendall(b"GET /api/m365/summary HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+            socks.append(sock)
+        durations = _summary_times(served.base_url, verify=verify)
+        assert max(durations) < 1.0, f"slowest summary {max(durations):.2f} s with {HELD} connections held"
+        waited = time.monotonic() - opened
+        assert waited >= head_timeout or _closed(socks) == 0, "closed before the head timeout"
+        _wait_closed(socks, within=head_timeout + 4 - (time.monotonic() - opened))
+        assert max(_summary_times(served.base_url, verify=verify)) < 1.0
+
+
+def test_rule18_a_kept_alive_connection_is_closed_when_idle_and_not_before(published, start_server):
+    head_timeout, keep_alive = 2, 5
+    served = start_server(published.data_dir, "--no-access-log", "--head-timeout", str(head_timeout),
+                          "--keep-alive-timeout", str(keep_alive))
+    with ExitStack() as stack:
+        socks = []
+        for _ in range(20):  # one request each, answered in full, then quiet on a kept-alive connection
+            client = stack.enter_context(closing(http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)))
+            client.request("GET", "/api/m365/summary")
+            answer = client.getresponse()
+            assert answer.status == 200 and answer.read() and not answer.will_close
+            socks.append(client.sock)
+        served_at = time.monotonic()
+        time.sleep(head_timeout + 1.5)  # past the head timeout: a connection that has served a request stays
+        assert _closed(socks) == 0, "a kept-alive connection was closed by the head timeout"
+        waited = _wait_closed(socks, within=keep_alive + 3 - (time.monotonic() - served_at))
+        assert time.monotonic() - served_at >= keep_alive - 0.5, f"closed after {waited:.1f} s"
+
+
+def test_rule18_one_client_holds_at_most_its_bound_and_others_are_answered(published, start_server):
+    _raise_fd_limit()
+    served = start_server(published.data_dir, "--no-access-log", "--max-connections-per-client", "50")
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", served.port), timeout=5)))
+                 for _ in range(300)]
+        started = time.monotonic()
+        while len(socks) - _closed(socks) > 50:
+            assert time.monotonic() - started < 5, f"{len(socks) - _closed(socks)} of 300 still open"
+            time.sleep(0.2)
+        assert len(socks) - _closed(socks) >= 40  # the bound, not everything: only the excess goes
+        assert max(_summary_times(served.base_url)) < 1.0
+
+
+def test_rule18_defaults_are_30_s_for_a_head_and_75_s_idle():
+    shown = subprocess.run([str(BIN / "m365-serve"), "--help"], capture_output=True, text=True, check=True,
+                           timeout=30).stdout
+    assert re.search(r"--head-timeout SECONDS\s+close a connection that has not sent a complete\s+request head "
+                     r"in this time \(default: 30\)", shown), shown
+    assert re.search(r"--keep-alive-timeout SECONDS\s+close a kept-alive connection idle this long\s+"
+                     r"\(default: 75\)", shown), shown

@@ -1,4 +1,4 @@
-"""The vendor clients' HTTP transport: what a general HTTP client did for us, proven over real sockets.
+"""The vendor clients' HTTP (aiohttp): every way an answer can be framed or broken, over real sockets.
 
 A scripted vendor on 127.0.0.1 answers each request with exact bytes (chunked, gzip, read-until-close,
 trickled, garbage), so every way an answer can be framed is exercised through the real client.
@@ -6,6 +6,7 @@ trickled, garbage), so every way an answer can be framed is exercised through th
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.http import (
@@ -108,8 +110,30 @@ def keep_answering(*frames: bytes) -> Script:
     return script
 
 
-def client(url: str, **settings: Any):
-    return SaasApiResource(base_url=url, token="secret-token-123", **{**FAST_HTTP, **settings}).client()
+class Client:
+    """A vendor client driven from a test's plain code: its session on one uvloop loop, as ``run_pull`` gives."""
+
+    def __init__(self, vendor_client: Any) -> None:
+        self.client = vendor_client
+        self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+    def __enter__(self) -> Client:
+        self.run(self.client.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.run(self.client.__aexit__())
+        self._runner.close()
+
+    def run(self, coroutine: Any) -> Any:
+        return self._runner.run(coroutine)
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        return self.run(self.client.get_json(path, **kwargs))
+
+
+def client(url: str, **settings: Any) -> Client:
+    return Client(SaasApiResource(base_url=url, token="secret-token-123", **{**FAST_HTTP, **settings}).client())
 
 
 def chunked(body: bytes, size: int = 7) -> bytes:
@@ -284,8 +308,9 @@ def test_a_configured_token_that_would_split_the_request_is_refused_before_anyth
 def test_a_vendor_token_with_a_line_break_is_not_sent_and_the_call_says_where(vendor):
     served = vendor(keep_answering(answer()))
     backup = BackupApiResource(base_url=served.url, reseller_token="r", admin_token="a", **FAST_HTTP)
-    with backup.client() as c, pytest.raises(MalformedResponseError, match=r"GET /users/7/tenants") as failure:
-        c.tenant_pages("7", "owner-token\r\nX-Injected: yes")
+    with Client(backup.client()) as c, \
+            pytest.raises(MalformedResponseError, match=r"GET /users/7/tenants") as failure:
+        c.run(c.client.tenant_pages("7", "owner-token\r\nX-Injected: yes"))
     assert "owner-token" not in str(failure.value) and "X-Access-Token" in str(failure.value)
     assert not any(b"X-Injected" in request for request in served.requests)
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dagster import DagsterRunStatus, build_schedule_context, instance_for_test, materialize
+from dagster import DagsterEventType, DagsterRunStatus, build_schedule_context, instance_for_test, materialize
 
 from m365_pipeline import definitions as code_location
 from m365_pipeline.assets.export import remove_stale_copies
@@ -23,7 +24,7 @@ from m365_pipeline.assets.marts import missing_sources
 from m365_pipeline.definitions import NIGHTLY_TAGS
 from m365_pipeline.publishing import CURRENT, export_dir, published_manifest
 from m365_pipeline.resources import PublishPolicy, SaasApiResource
-from m365_pipeline.run_lock import LOCK_FILE
+from m365_pipeline.run_lock import LOCK_FILE, run_lock
 from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import Simulator, ground_truth
 
@@ -141,41 +142,151 @@ def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(s
     assert night(outage) == "true"
 
 
-def wait_for_lock_holder(data_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 90) -> dict[str, Any]:
-    """The lock file's record of the run holding it, once a run has taken it."""
+def wait_for_line(log: Path, proc: subprocess.Popen, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the first run ended before taking the lock: {log.read_text()[-3000:]}"
-        try:
-            return json.loads((data_dir / LOCK_FILE).read_bytes())
-        except (OSError, ValueError):
-            time.sleep(0.2)
-    raise AssertionError("the first run never took the lock")
+    while text not in log.read_text():
+        assert proc.poll() is None, f"the run ended before logging {text!r}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the run never logged {text!r}: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def step_intervals(instance, run_id: str) -> list[tuple[float, float, str]]:
+    """(start, end, step) of each step of the run, from its event log."""
+    starts: dict[str, float] = {}
+    intervals = []
+    for entry in instance.all_logs(run_id):
+        kind = entry.dagster_event_type
+        if kind == DagsterEventType.STEP_START:
+            starts[entry.step_key] = entry.timestamp
+        elif kind in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+            intervals.append((starts[entry.step_key], entry.timestamp, entry.step_key))
+    return intervals
 
 
 @pytest.mark.slow
-def test_a_second_cli_run_is_refused_naming_the_running_one_and_a_killed_run_leaves_no_lock(
+def test_two_overlapping_cli_runs_on_one_instance_take_turns_at_the_duckdb_file_through_the_pool(
         start_simulator, tmp_path):
-    # Source S's user list answers after 10 s, so the first run is surely still going.
+    from dagster import DagsterInstance
+
+    from m365_pipeline.demo import DAGSTER_YAML
+
+    # Source S's user list answers after 10 s (the first two times): the first run is surely mid-pull.
     sim = start_simulator(orgs=4, users_per_org=6, seed=6, slow_match=r"/users\?page_size", slow_ms=10_000)
     env, data_dir = cli_env(tmp_path, sim), tmp_path / "data"
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        first = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+    (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(DAGSTER_YAML)  # the make dev instance: pool of 1
+    # A night before: while a step waits for the pool, the in-process executor runs another ready one, and
+    # core.license_assignments reads raw.backup_accounts without declaring it (a first night would fail).
+    assert materialize_all(env, tmp_path).returncode == 0
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    runs = []
     try:
-        holder = wait_for_lock_holder(data_dir, first, log)
-        second = materialize_all(env, tmp_path)
-        output = second.stdout + second.stderr
-        assert second.returncode != 0, "a second run wrote alongside the first"
-        assert f"another run is writing to {data_dir}: run {holder['run_id']}, started {holder['started_at']}" \
-            in output, output[-3000:]
-        assert first.poll() is None, "the refused run disturbed the running one"
+        for log in logs:  # the second starts while the first pulls source S's users
+            if runs:
+                wait_for_line(logs[0], runs[0], 'Started execution of step "raw__saas_users"')
+            with log.open("w") as out:
+                runs.append(subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True))
+        for run, log in zip(runs, logs, strict=True):
+            assert run.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # a run killed mid-pull: its lock dies with it
-        first.wait()
-    third = materialize_all(env, tmp_path)
-    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    # Rule: one writer at a time. The second run's pull started while the first's held the pool's one
+    # slot, so it waited for it; no step of one run overlapped a step of the other.
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        first, second = (step_intervals(instance, record.dagster_run.run_id)
+                         for record in reversed(instance.get_run_records(limit=2)))
+    assert len(first) == len(second) > 15
+    overlaps = [(a, b) for a in first for b in second if a[0] < b[1] and b[0] < a[1]]
+    assert overlaps == []
+    assert "m365_duckdb" in logs[1].read_text()  # it said what it waited for
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+
+MULTIPROCESS_LOCATION = """
+from dagster import Definitions, multiprocess_executor
+
+from m365_pipeline import definitions
+
+def multiprocess(night: Definitions) -> Definitions:
+    return Definitions(assets=night.assets, asset_checks=night.asset_checks, resources=night.resources,
+                       executor=multiprocess_executor.configured({"max_concurrent": 3}))
+
+
+defs = multiprocess(definitions.defs())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_multiprocess_executor_runs_the_night_with_steps_in_parallel_processes_and_no_lock_refusal(
+        start_simulator, tmp_path):
+    # The lock was taken at the resource's start-up, which each step process of this executor runs:
+    # parallel steps refused each other. Taken by a step while it has the file open, they take turns.
+    sim = start_simulator(orgs=4, users_per_org=6, seed=8)
+    env, data_dir = cli_env(tmp_path, sim), tmp_path / "data"
+    (tmp_path / "multiprocess_location.py").write_text(MULTIPROCESS_LOCATION)
+    # A night before (in one process): core.license_assignments reads raw.backup_accounts without declaring
+    # it, so with steps in parallel a first night could run it before that table exists.
+    assert materialize_all(env, tmp_path).returncode == 0
+    proc = subprocess.run([str(BIN / "dagster"), "asset", "materialize", "-f", "multiprocess_location.py",
+                           "--select", "*"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Launching subprocess for" in output  # each step in its own process
+    assert "another run is writing" not in output
+    assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
+
+
+def lock_wait(data_dir: Path, seconds: int) -> dict[str, Any]:
+    """Run config for the ``duckdb`` resource's lock wait (run config for a resource replaces all its settings)."""
+    return {"resources": {"duckdb": {"config": {"database": str(data_dir / DUCKDB_FILE),
+                                                "writer_lock_wait_seconds": seconds}}}}
+
+
+@pytest.mark.slow
+def test_a_writer_outside_the_instance_makes_a_step_wait_for_the_lock_then_fail_naming_it_and_a_kill_frees_it(
+        start_simulator, tmp_path):
+    sim = start_simulator(orgs=4, users_per_org=6, seed=6)
+    env, data_dir = cli_env(tmp_path, sim), tmp_path / "data"
+    assert materialize_all(env, tmp_path).returncode == 0
+    published = published_manifest(export_dir(data_dir))["version"]
+
+    # Another writer (a second DAGSTER_HOME, execute_in_process) has the file: a step waits, then goes on.
+    log = tmp_path / "waiting.log"
+    with run_lock(data_dir, "the-other-writer"), log.open("w") as out:
+        waiting = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_line(log, waiting, f"waiting up to 600 s for another run writing to {data_dir}: "
+                                    "run the-other-writer, writing since")
+        assert published_manifest(export_dir(data_dir))["version"] == published
+    assert waiting.wait(timeout=300) == 0, log.read_text()[-4000:]
+    assert published_manifest(export_dir(data_dir))["version"] != published
+
+    # Held past the configured wait: the run fails naming the holder, and what was published stays.
+    published = published_manifest(export_dir(data_dir))["version"]
+    with run_lock(data_dir, "the-other-writer"):
+        holder = json.loads((data_dir / LOCK_FILE).read_bytes())
+        refused = materialize_all(env, tmp_path, lock_wait(data_dir, 1))
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert (f"another run is writing to {data_dir}: run the-other-writer, writing since {holder['started_at']} "
+            f"(pid {os.getpid()}) (waited 1 s)") in output, output[-3000:]
+    assert published_manifest(export_dir(data_dir))["version"] == published
+
+    # A writer killed while it holds the lock: the kernel drops it, the next run needs no cleanup.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from pathlib import Path\nfrom m365_pipeline.run_lock import run_lock\n"
+                               "with run_lock(Path(sys.argv[1]), 'killed'):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)", str(data_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    again = materialize_all(env, tmp_path, lock_wait(data_dir, 0))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert published_summary(data_dir)["totals"] == ground_truth(sim.dataset)["totals"]
 
 
@@ -251,4 +362,9 @@ def test_the_make_dev_instance_loads_with_the_shipped_run_monitoring_so_a_dead_r
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_max_runtime_seconds == shipped["max_runtime_seconds"]
         assert instance.run_monitoring_start_timeout_seconds == shipped["start_timeout_seconds"]
+        # and tells a dead run worker within a poll (test_killed_run.py), not only at the 4 h limit
+        assert instance.run_launcher.supports_check_run_worker_health
+        assert instance.run_monitoring_poll_interval_seconds == shipped["poll_interval_seconds"]
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == \
+            shipped["free_slots_after_run_end_seconds"]
         assert instance.get_concurrency_config().run_queue_config.tag_concurrency_limits == ONE_RUN_PER_LOCATION

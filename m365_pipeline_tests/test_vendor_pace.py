@@ -11,6 +11,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import aclosing
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -27,10 +28,10 @@ from m365_pipeline.resources.http import (
     Page,
     VendorError,
     VendorNotFoundError,
-    _event_loop,
     _query,
     path_segment,
     run_concurrently,
+    run_pull,
 )
 from m365_pipeline.simulator import Simulator
 
@@ -44,11 +45,19 @@ def pull_subscriptions(sim: Simulator, **resource: Any) -> tuple[dict[str, list[
     """Every user's subscriptions via SaasClient on run_concurrently, as raw.saas_user_subscriptions does."""
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **{**FAST_HTTP, **resource})
     got: dict[str, list[Page]] = {}
-    with saas.client() as client:
-        ids = [item["id"] for _, items in client.user_pages() for item in items]
-        run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
-                         on_result=got.__setitem__, pace=client.pace)
-        return got, client.stats.as_metadata()
+
+    async def pull() -> dict[str, Any]:
+        async with saas.client() as client:
+            ids = await user_ids(client)
+            await run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
+                                   on_result=got.__setitem__, pace=client.pace)
+            return client.stats.as_metadata()
+
+    return got, run_pull(pull())
+
+
+async def user_ids(client: Any) -> list[str]:
+    return [item["id"] async for _, items in client.user_pages() for item in items]
 
 
 def assert_every_subscription_landed(sim: Simulator, got: dict[str, list[Page]]) -> None:
@@ -79,8 +88,11 @@ def test_calls_in_flight_fall_under_a_rate_limit_and_every_row_still_lands(start
 def test_the_user_list_asks_for_its_later_pages_together_and_keeps_the_vendors_order(start_simulator):
     sim = start_simulator(orgs=10, users_per_org=20, latency_ms=30, jitter_ms=25)  # ~20 pages of 10, out of order
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, page_size=10, **FAST_HTTP)
-    with saas.client() as client:
-        listed = [item["id"] for _, items in client.user_pages() for item in items]
+    async def pull() -> list[str]:
+        async with saas.client() as client:
+            return await user_ids(client)
+
+    listed = run_pull(pull())
     assert listed == [user["id"] for user in sim.dataset.saas_users()]
     assert sim.stats()["requests"]["saas_users"] == -(-len(listed) // 10) > 10  # each page once
     # One page at a time reuses one kept-alive connection; pages asked for together need one each.
@@ -90,12 +102,14 @@ def test_the_user_list_asks_for_its_later_pages_together_and_keeps_the_vendors_o
 def test_a_user_list_left_after_its_first_page_cancels_the_pages_asked_for_ahead(start_simulator):
     sim = start_simulator(orgs=10, users_per_org=20, latency_ms=200)  # ~20 pages of 10, each 200 ms away
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, page_size=10, **FAST_HTTP)
-    with saas.client() as client:
-        pages = client.user_pages()
-        next(pages)
-        next(pages)  # page 2: pages 3.. were asked for ahead meanwhile
-        pages.close()
-        assert not asyncio.all_tasks(_event_loop())  # nothing left running on the client's loop
+    async def pull() -> None:
+        async with saas.client() as client:
+            async with aclosing(client.user_pages()) as pages:
+                await anext(pages)
+                await anext(pages)  # page 2: pages 3.. were asked for ahead meanwhile
+            assert asyncio.all_tasks() == {asyncio.current_task()}  # nothing left running on the loop
+
+    run_pull(pull())
     assert sim.stats()["requests"]["saas_users"] < 15  # not the whole list
 
 
@@ -142,38 +156,47 @@ def test_results_come_back_in_input_order_while_calls_finish_out_of_order(start_
     sim = start_simulator(orgs=6, users_per_org=10, latency_ms=20, jitter_ms=15)
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **FAST_HTTP)
     order: list[str] = []
-    with saas.client() as client:
-        ids = [item["id"] for _, items in client.user_pages() for item in items]
-        run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
-                         on_result=lambda user, _: order.append(user), pace=client.pace)
+
+    async def pull() -> list[str]:
+        async with saas.client() as client:
+            ids = await user_ids(client)
+            await run_concurrently(ids, client.subscription_pages, workers=saas.concurrency,
+                                   on_result=lambda user, _: order.append(user), pace=client.pace)
+            return ids
+
+    ids = run_pull(pull())
     assert order == ids and len(ids) == len(set(ids)) > 40
 
 
 def test_the_first_failure_stops_the_pull_and_is_raised(start_simulator):
     sim = start_simulator(orgs=12, users_per_org=10, latency_ms=5)
     saas = SaasApiResource(base_url=sim.saas_base_url, token=sim.config.saas_token, **FAST_HTTP)
-    with saas.client() as client:
-        ids = [item["id"] for _, items in client.user_pages() for item in items]
-        ids[3] = "no-such-user"  # the vendor answers 404
-        with pytest.raises(VendorNotFoundError, match=r"no-such-user/subscriptions \(page 1\) answered HTTP 404"):
-            run_concurrently(ids, client.subscription_pages, workers=4, on_result=lambda *_: None,
-                             pace=client.pace)
-        # Everything not yet started was dropped: far fewer calls than users (the window is AHEAD x 4).
-        assert sim.stats()["requests"]["saas_subscriptions"] <= AHEAD * 4 + 4 < len(ids) // 2
+    async def pull() -> list[str]:
+        async with saas.client() as client:
+            ids = await user_ids(client)
+            ids[3] = "no-such-user"  # the vendor answers 404
+            with pytest.raises(VendorNotFoundError, match=r"no-such-user/subscriptions \(page 1\) answered HTTP 404"):
+                await run_concurrently(ids, client.subscription_pages, workers=4, on_result=lambda *_: None,
+                                       pace=client.pace)
+            return ids
+
+    ids = run_pull(pull())
+    # Everything not yet started was dropped: far fewer calls than users (the window is AHEAD x 4).
+    assert sim.stats()["requests"]["saas_subscriptions"] <= AHEAD * 4 + 4 < len(ids) // 2
 
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_the_garbage_collector_skips_what_was_alive_before_a_pull_and_is_restored_after(fails):
     before, seen = gc.get_threshold(), []
 
-    def fn(item: int) -> int:
+    async def fn(item: int) -> int:
         seen.append((gc.get_threshold()[0], gc.get_freeze_count()))
         if fails and item == 2:
             raise ValueError("boom")
         return item
 
     try:
-        run_concurrently(range(3), fn, workers=2, on_result=lambda *_: None)
+        run_pull(run_concurrently(range(3), fn, workers=2, on_result=lambda *_: None))
     except ValueError:
         assert fails
     assert seen and all(threshold == GC_YOUNG_THRESHOLD and frozen > 1000 for threshold, frozen in seen)
@@ -240,8 +263,12 @@ def test_a_redirect_is_not_followed_so_the_token_never_reaches_another_host(star
     front = redirecting_to(sim.base_url)
     saas = SaasApiResource(base_url=front + "/api/saas/consolidated-view/v1", token=sim.config.saas_token,
                            **FAST_HTTP)
-    with saas.client() as client, pytest.raises(VendorError, match="HTTP 302, a redirect") as failure:
-        list(client.user_pages())
+    async def pull() -> None:
+        async with saas.client() as client:
+            await user_ids(client)
+
+    with pytest.raises(VendorError, match="HTTP 302, a redirect") as failure:
+        run_pull(pull())
     assert sim.stats()["requests_total"] == 0  # the host it pointed to never saw our token
     assert sim.config.saas_token not in str(failure.value)
 

@@ -186,7 +186,7 @@ def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str |
         writer.write_coverage(None, fmt, coverage_overview_body(organizations, last_collected, fmt))
     missing = {row[0] for row in organizations}
     with_control = []
-    conn.execute(read_sql("macros.sql"))  # csv_field
+    conn.execute(read_sql("macros.sql"))  # csv_cell
     for name, rows in rows_by_first_column(conn.execute(ROW_TEXT_SQL)):
         if name not in missing:  # a mailbox of an organization the summary lacks cannot happen
             raise RuntimeError("coverage rows of an organization missing from the summary")
@@ -209,7 +209,7 @@ def write_coverage_files(conn: Any, writer: VersionWriter, last_collected: str |
 ROW_TEXT_SQL = f"""
     SELECT organization_name,
            to_json({{{', '.join(f"'{field}': {field}" for field in COVERAGE_USER_FIELDS)}}})::VARCHAR,
-           {" || ',' || ".join(f"csv_field({field})" for field in COVERAGE_USER_FIELDS)} || chr(13) || chr(10),
+           {" || ',' || ".join(f"csv_cell({field})" for field in COVERAGE_USER_FIELDS)} || chr(13) || chr(10),
            regexp_matches(concat(organization_name, user_principal_name, display_name), '[\\x00-\\x1f]')
     FROM core.backup_coverage
     ORDER BY organization_name, lower(user_principal_name), user_principal_name"""

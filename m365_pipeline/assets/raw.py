@@ -7,7 +7,7 @@ skipped: its tables are emptied, never left stale.
 
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from m365_pipeline.raw_tables import (
 )
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import VendorApiResource
-from m365_pipeline.resources.http import CallStats, Page, VendorError, VendorNotFoundError, run_concurrently
+from m365_pipeline.resources.http import CallStats, Page, VendorError, VendorNotFoundError, run_concurrently, run_pull
 from m365_pipeline.resources.paging import ListRead, read_again_if_shifted, read_until_consistent
 from m365_pipeline.settings import STAGING_DIR
 
@@ -76,9 +76,9 @@ def _land(
     duckdb: DuckDBResource,
     table: RawTable,
     source: VendorApiResource,
-    pull: Callable[[StagingFile], CallStats],
+    pull: Callable[[StagingFile], Awaitable[CallStats]],
 ) -> MaterializeResult:
-    """Run ``pull`` into a staging file, then swap the table in one statement.
+    """Run ``pull`` into a staging file (on one event loop, entered once), then swap the table in one statement.
 
     A source that is not configured is not pulled: its table is emptied, never left stale.
     """
@@ -91,7 +91,7 @@ def _land(
             metadata["skipped"] = source.skip_reason
         else:
             try:
-                stats = pull(staging)
+                stats = run_pull(pull(staging))
             except VendorError as exc:
                 # Only an outage is worth the job's retry policy; bad credentials or data are not.
                 raise Failure(description=f"{table.qualified}: {exc}", allow_retries=exc.transient) from None
@@ -128,14 +128,14 @@ def saas_users(
 ) -> MaterializeResult:
     _require_some_source(saas, backup)
 
-    def pull(staging: StagingFile) -> CallStats:
-        with saas.client() as client:
-            def read_once(listing: ListRead) -> None:
-                for origin, items in client.user_pages(listing):
+    async def pull(staging: StagingFile) -> CallStats:
+        async with saas.client() as client:
+            async def read_once(listing: ListRead) -> None:
+                async for origin, items in client.user_pages(listing):
                     staging.add(items, origin=origin)
                     context.log.debug(f"{origin.describe()}: {len(items)} users")
 
-            read_until_consistent(read_once, staging.restart, context.log.warning, "source S GET /users")
+            await read_until_consistent(read_once, staging.restart, context.log.warning, "source S GET /users")
             return client.stats
 
     return _land(context, duckdb, SAAS_USERS, saas, pull)
@@ -149,8 +149,8 @@ def saas_user_subscriptions(
 
     gone: list[str] = []
 
-    def pull(staging: StagingFile) -> CallStats:
-        with saas.client() as client:
+    async def pull(staging: StagingFile) -> CallStats:
+        async with saas.client() as client:
             progress = _Progress(context, "subscriptions", len(user_ids), client.stats)
             fetch = _gone_on_404(client.subscription_pages, gone)
 
@@ -158,8 +158,8 @@ def saas_user_subscriptions(
                 for origin, items in pages:
                     staging.add(items, origin=origin, user_id=user_id)
 
-            run_concurrently(user_ids, fetch, workers=saas.concurrency, on_result=_counting(keep, progress),
-                             pace=client.pace)
+            await run_concurrently(user_ids, fetch, workers=saas.concurrency,
+                                   on_result=_counting(keep, progress), pace=client.pace)
             _warn_gone(context, gone, "source S users", "GET /users", "their subscriptions")
             return client.stats
 
@@ -174,27 +174,30 @@ def backup_organizations(
     _require_some_source(saas, backup)
     gone: list[str] = []
 
-    def pull(staging: StagingFile) -> CallStats:
-        with backup.client() as client:
-            _, owners = client.owners()
+    async def pull(staging: StagingFile) -> CallStats:
+        async with backup.client() as client:
+            _, owners = await client.owners()
             progress = _Progress(context, "organization owners", len(owners), client.stats)
 
             def keep(owner: dict[str, Any], pages: list[Page]) -> None:
                 for origin, (detail,) in pages:
                     staging.add([{**owner, **detail}], origin=origin)
 
-            fetch = _gone_on_404(lambda owner: [client.owner_detail(owner["id"])], gone, label=lambda o: str(o["id"]))
-            run_concurrently(owners, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
-                             pace=client.pace)
+            async def detail(owner: dict[str, Any]) -> list[Page]:
+                return [await client.owner_detail(owner["id"])]
+
+            fetch = _gone_on_404(detail, gone, label=lambda o: str(o["id"]))
+            await run_concurrently(owners, fetch, workers=backup.concurrency, on_result=_counting(keep, progress),
+                                   pace=client.pace)
             _warn_gone(context, gone, "organization owners", "source B GET /users", "their details")
             return client.stats
 
     return _with_gone(_land(context, duckdb, BACKUP_ORGANIZATIONS, backup, pull), gone)
 
 
-def _owner_tokens(client: Any) -> dict[str, str]:
+async def _owner_tokens(client: Any) -> dict[str, str]:
     """Owner id -> its authentication token, fetched fresh (tokens are never stored)."""
-    _, owners = client.owners()
+    _, owners = await client.owners()
     return {str(owner["id"]): str(owner["authentication_token"]) for owner in owners}
 
 
@@ -206,21 +209,21 @@ def backup_tenants(
     gone: list[str] = []
     shifted: list[str] = []
 
-    def pull(staging: StagingFile) -> CallStats:
-        with backup.client() as client:
-            tokens = _owner_tokens(client)
+    async def pull(staging: StagingFile) -> CallStats:
+        async with backup.client() as client:
+            tokens = await _owner_tokens(client)
             listed = _still_listed(owner_ids, tokens, gone, owner_of=str, label=str)
             progress = _Progress(context, "owners' tenants", len(listed), client.stats)
 
-            def fetch(owner_id: str) -> list[Page]:
-                return client.tenant_pages(owner_id, tokens[owner_id])
+            async def fetch(owner_id: str) -> list[Page]:
+                return await client.tenant_pages(owner_id, tokens[owner_id])
 
             def keep(owner_id: str, pages: list[Page]) -> None:
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=owner_id)
 
-            run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone),
-                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
+            await run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone),
+                                   workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
             _warn_gone(context, gone, "organization owners", "source B GET /users", "their tenants")
             _warn_shifted(context, shifted)
             return client.stats
@@ -236,22 +239,22 @@ def backup_accounts(
     gone: list[str] = []
     shifted: list[str] = []
 
-    def pull(staging: StagingFile) -> CallStats:
-        with backup.client() as client:
-            tokens = _owner_tokens(client)
+    async def pull(staging: StagingFile) -> CallStats:
+        async with backup.client() as client:
+            tokens = await _owner_tokens(client)
             listed = _still_listed(tenants, tokens, gone, owner_of=lambda t: str(t[0]), label=_tenant_label)
             progress = _Progress(context, "tenants' mailboxes", len(listed), client.stats)
 
-            def fetch(tenant: tuple[str, str, str]) -> list[Page]:
+            async def fetch(tenant: tuple[str, str, str]) -> list[Page]:
                 owner_id, tenant_id, tenant_type = tenant
-                return client.account_pages(owner_id, tokens[owner_id], tenant_id, tenant_type)
+                return await client.account_pages(owner_id, tokens[owner_id], tenant_id, tenant_type)
 
             def keep(tenant: tuple[str, str, str], pages: list[Page]) -> None:
                 for origin, items in pages:
                     staging.add(items, origin=origin, owner_id=tenant[0], tenant_id=tenant[1])
 
-            run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone, label=_tenant_label),
-                             workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
+            await run_concurrently(listed, _gone_on_404(_again_if_shifted(fetch, shifted), gone, label=_tenant_label),
+                                   workers=backup.concurrency, on_result=_counting(keep, progress), pace=client.pace)
             _warn_gone(context, gone, "tenants (owner/tenant)", "source B", "their mailboxes")
             _warn_shifted(context, shifted)
             return client.stats
@@ -270,10 +273,13 @@ def _still_listed(items: list[Any], tokens: dict[str, str], gone: list[str], own
     return [item for item in items if owner_of(item) in tokens]
 
 
-def _again_if_shifted(fetch: Callable[[Any], list[Page]], shifted: list[str]) -> Callable[[Any], list[Page]]:
+Fetch = Callable[[Any], Awaitable[list[Page]]]
+
+
+def _again_if_shifted(fetch: Fetch, shifted: list[str]) -> Fetch:
     """``fetch``, with a list that changed while it was paged read again (``paging.read_again_if_shifted``)."""
-    def fetch_again(item: Any) -> list[Page]:
-        return read_again_if_shifted(lambda: fetch(item), shifted.append)
+    async def fetch_again(item: Any) -> list[Page]:
+        return await read_again_if_shifted(lambda: fetch(item), shifted.append)
 
     return fetch_again
 
@@ -285,14 +291,13 @@ def _warn_shifted(context: AssetExecutionContext, shifted: list[str]) -> None:
         context.log.warning(f"... and {len(shifted) - 10} more lists were read again")
 
 
-def _gone_on_404(fetch: Callable[[Any], list[Page]], gone: list[str],
-                 label: Callable[[Any], str] = str) -> Callable[[Any], list[Page]]:
+def _gone_on_404(fetch: Fetch, gone: list[str], label: Callable[[Any], str] = str) -> Fetch:
     """``fetch``, with a record the vendor deleted after listing it (404) noted in ``gone`` and read as empty."""
-    def fetch_or_gone(item: Any) -> list[Page]:
+    async def fetch_or_gone(item: Any) -> list[Page]:
         try:
-            return fetch(item)
+            return await fetch(item)
         except VendorNotFoundError:
-            gone.append(label(item))  # items run in greenlets on one event loop: no lock needed
+            gone.append(label(item))  # items run as tasks on one event loop: no lock needed
             return []
 
     return fetch_or_gone

@@ -14,11 +14,12 @@ from m365_pipeline.resources.http import (
     Page,
     VendorClient,
     VendorError,
+    check_header_values,
     path_segment,
     validate_base_url,
 )
-from m365_pipeline.resources.paging import backup_pages, require_fields
-from m365_pipeline.resources.transport import BadHeaderError, header_block
+from m365_pipeline.resources.paging import BackupPager, require_fields
+from m365_pipeline.scrub import remember_secret
 
 SOURCE = "source B (M365 backup reseller API)"
 OWNER_REQUIRED = ("id", "authentication_token")
@@ -38,53 +39,60 @@ class BackupClient(VendorClient):
     ):
         super().__init__(base_url, {"X-Reseller-Token": reseller_token}, settings)
         self._admin = {"X-Access-Token": admin_token}
-        try:  # sent per call, not with the client's fixed headers: checked here so the error names the variable
-            header_block(self._admin)
-        except BadHeaderError as exc:
-            raise VendorError(f"{self.source_name}: {exc}: check BACKUP_ADMIN_TOKEN") from None
+        # Sent per call, not with the client's fixed headers: checked here so the error names the variable.
+        problem = check_header_values(self._admin)
+        if problem is not None:
+            raise VendorError(f"{self.source_name}: {problem}: check BACKUP_ADMIN_TOKEN")
+        remember_secret(admin_token)
         self.per_page = per_page
 
-    def owners(self) -> Page:
+    async def owners(self) -> Page:
         """Every organization owner, each carrying the ``authentication_token`` for its own calls."""
-        body = self.get_json("/users", headers=self._admin)
+        body = await self.get_json("/users", headers=self._admin)
         endpoint = Endpoint(self.source_name, "/users")
         if not isinstance(body, list):
             raise MalformedResponseError(f"{endpoint.describe()}: expected a list of owners")
-        return endpoint, require_fields(body, OWNER_REQUIRED, endpoint)
+        owners = require_fields(body, OWNER_REQUIRED, endpoint)
+        for owner in owners:  # learned from the vendor: scrubbed from whatever it sends back (rule 19)
+            remember_secret(str(owner["authentication_token"]))
+        return endpoint, owners
 
-    def owner_detail(self, owner_id: str) -> Page:
+    async def owner_detail(self, owner_id: str) -> Page:
         """The owner's full record; the only place ``organization_name`` appears."""
         path = f"/users/{path_segment(owner_id)}"
-        body = self.get_json(path, headers=self._admin)
+        body = await self.get_json(path, headers=self._admin)
         endpoint = Endpoint(self.source_name, path)
         return endpoint, require_fields([body], OWNER_DETAIL_REQUIRED, endpoint)
 
-    def _collection(
+    async def _collection(
         self, path: str, token: str, params: dict[str, Any], required: tuple[str, ...]
     ) -> list[Page]:
         headers = {"X-Access-Token": token}
-
-        def fetch(page: int, per_page: int) -> Any:
-            return self.get_json(
-                path, params={**params, "page": page, "per_page": per_page}, headers=headers, page=page
-            )
 
         def where(page: int, per_page: int) -> Endpoint:
             # Pages after the first overlap the previous one (paging.next_window), so their size varies.
             shown = path if per_page == self.per_page else f"{path}?per_page={per_page}"
             return Endpoint(self.source_name, shown, page)
 
-        return [(endpoint, require_fields(data, required, endpoint))
-                for endpoint, data in backup_pages(fetch, where, self.per_page)]
+        pager = BackupPager(where, self.per_page, self.settings.max_pages)
+        pages: list[Page] = []
+        while (request := pager.next) is not None:
+            body = await self.get_json(path, params={**params, "page": request.page, "per_page": request.per_page},
+                                       headers=headers, page=request.page)
+            taken = pager.take(body)
+            if taken is not None:
+                endpoint, data = taken
+                pages.append((endpoint, require_fields(data, required, endpoint)))
+        return pages
 
-    def tenant_pages(self, owner_id: str, owner_token: str) -> list[Page]:
+    async def tenant_pages(self, owner_id: str, owner_token: str) -> list[Page]:
         path = f"/users/{path_segment(owner_id)}/tenants"
-        return self._collection(path, owner_token, {}, TENANT_REQUIRED)
+        return await self._collection(path, owner_token, {}, TENANT_REQUIRED)
 
-    def account_pages(self, owner_id: str, owner_token: str, tenant_id: Any, tenant_type: str) -> list[Page]:
+    async def account_pages(self, owner_id: str, owner_token: str, tenant_id: Any, tenant_type: str) -> list[Page]:
         # The vendor answers 401 when `type` differs from the tenant's own type.
         path = f"/users/{path_segment(owner_id)}/tenants/{path_segment(tenant_id)}/accounts"
-        return self._collection(path, owner_token, {"type": tenant_type}, ACCOUNT_REQUIRED)
+        return await self._collection(path, owner_token, {"type": tenant_type}, ACCOUNT_REQUIRED)
 
 
 class BackupApiResource(VendorApiResource):

@@ -28,6 +28,14 @@ class VendorApiResource(ConfigurableResource):
         description="Ceiling on calls in flight. Below it the client finds the vendor's pace by itself "
                     "(more while calls succeed and latency holds, fewer on 429 or rising latency).",
     )
+    max_response_mib: int = Field(
+        default=64, ge=1, le=4096,
+        description="Largest vendor answer read, MiB, before or after decompression (rule 19): a larger one "
+                    "fails its call, naming the source and the path.")
+    max_pages: int = Field(
+        default=100_000, ge=1,
+        description="Most pages one paged list may take: a list that claims more (or more than its "
+                    "total_items need), or whose next_page never ends, fails with a clear error.")
     base_url: str | None = Field(default=None, description="The source's base URL; unset skips the source.")
 
     # Set by each source: its short name, and each deployment field with the variable it comes from
@@ -74,6 +82,8 @@ class VendorApiResource(ConfigurableResource):
             backoff_factor=self.backoff_factor,
             retry_after_max_s=self.retry_after_max_s,
             pool_size=self.concurrency,
+            max_response_bytes=self.max_response_mib * 1024 * 1024,
+            max_pages=self.max_pages,
         )
 
 

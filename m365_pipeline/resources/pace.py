@@ -2,7 +2,7 @@
 
 TCP-style AIMD on calls in flight, with a latency signal in the spirit of Netflix's
 concurrency-limits (Gradient): no well-kept Python library does adaptive concurrency for
-threads (the few on PyPI are a release or two old), so this is a small one of our own.
+asyncio (the few on PyPI are a release or two old), so this is a small one of our own.
 
 * **Slow start**: from a few calls in flight, one more per success (doubling every round trip)
   while calls succeed and latency holds, up to the ceiling.
@@ -12,8 +12,11 @@ threads (the few on PyPI are a release or two old), so this is a small one of ou
   rate times latency), so a throttled client does not collapse far below the vendor's rate.
   Regrow quickly to the mark, then probe above it slowly (one more per ``probe_rounds`` round
   trips), since every 429 costs every worker a pause.
-  ``Retry-After`` pauses *every* worker (no new call starts until it has passed), not just the
-  call that got it.
+  ``Retry-After`` pauses *every* call (no new call starts until it has passed), not just the
+  call that got it, and once per window: the 429s of calls sent before the pause began say nothing new
+  (a token bucket answers every call of a burst so), so they do not push it further.
+* **Drops** (5xx, timeouts, resets) lower the limit as a 429 does, without a pause: an overloaded vendor
+  says so by failing calls, as Netflix's concurrency-limits reads a drop.
 * **Rising latency** (the smoothed latency above ``tolerance`` times the lowest seen, and by
   more than ``min_rise_s``, 50 ms): shrink by 10 %, and do not grow while it stays high. It sets no
   mark: once latency is back the limit regrows as before, since a spike (the network's, or a busy
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,12 +49,14 @@ class PaceSnapshot:
     peak: int
     throttled: int
     decreases: int
+    dropped: int = 0
 
 
 class AdaptiveLimit:
     """A semaphore whose size follows the vendor: ``acquire`` before a call, ``release`` after it.
 
-    Threads call ``acquire``; coroutines on one event loop call ``acquire_async`` (``release`` serves both).
+    It lives on one event loop (its coroutines are the client's calls), so it needs no lock. A ticket
+    says when its call started: the limit's epoch (bumped by each decrease) and the pause window.
     """
 
     def __init__(self, ceiling: int, *, initial: int = 4, tolerance: float = 2.0, min_rise_s: float = 0.05,
@@ -71,7 +75,9 @@ class AdaptiveLimit:
         self._in_flight = 0
         self._peak = int(self._limit)
         self._throttled = 0
+        self._dropped = 0
         self._decreases = 0
+        self._window = 0  # bumped by each pause a 429 starts
         self._epoch = 0  # bumped by each decrease
         self._smoothed: float | None = None
         self._lowest: float | None = None
@@ -79,10 +85,6 @@ class AdaptiveLimit:
         self._second = 0  # successes per whole second of the clock, for _sustained
         self._successes = 0
         self._last_second_successes = 0
-        # A plain lock held with ``with self._lock`` (C code, unlike Condition's __enter__), shared by the
-        # threads' condition.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
         self._waiters: deque[asyncio.Future[None]] = deque()  # coroutines waiting for a slot
 
     @property
@@ -90,72 +92,64 @@ class AdaptiveLimit:
         return int(self._limit)
 
     def snapshot(self) -> PaceSnapshot:
-        with self._lock:
-            return PaceSnapshot(int(self._limit), self._in_flight, self._peak, self._throttled, self._decreases)
+        return PaceSnapshot(int(self._limit), self._in_flight, self._peak, self._throttled, self._decreases,
+                            self._dropped)
 
     def pause_remaining(self) -> float:
         """Seconds until calls may start again after a 429's Retry-After (0 when not paused)."""
-        with self._lock:
-            return max(0.0, self._paused_until - self._clock())
+        return max(0.0, self._paused_until - self._clock())
 
-    def acquire(self) -> int:
-        """Wait for a free slot and for any shared pause to end; returns a ticket for ``release``."""
-        with self._lock:
-            while True:
-                pause = self._paused_until - self._clock()
-                if pause > 0:
-                    self._cond.wait(pause)
-                elif self._in_flight < int(self._limit):
-                    self._in_flight += 1
-                    return self._epoch
-                else:
-                    self._cond.wait()
+    def try_acquire(self) -> tuple[int, int] | None:
+        """A ticket for ``release`` when a call may start now (a free slot, no pause), else None."""
+        if self._in_flight < int(self._limit) and self._paused_until <= self._clock():
+            self._in_flight += 1
+            return self._epoch, self._window
+        return None
 
-    async def acquire_async(self) -> int:
-        """``acquire`` for a coroutine: waits on the event loop, never blocking it."""
+    async def acquire(self) -> tuple[int, int]:
+        """Wait on the event loop for a free slot and for any shared pause to end; returns a ticket."""
         loop = asyncio.get_running_loop()
-        while True:
-            with self._lock:
-                pause = self._paused_until - self._clock()
-                if pause <= 0 and self._in_flight < int(self._limit):
-                    self._in_flight += 1
-                    return self._epoch
-                waiter = loop.create_future()
-                self._waiters.append(waiter)
-            # Like the threads' wait: woken by a release, or when the pause it saw should be over.
+        while (ticket := self.try_acquire()) is None:
+            pause = self._paused_until - self._clock()
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            # Woken by a release, or when the pause it saw should be over.
             timer = loop.call_later(pause, _wake, waiter) if pause > 0 else None
             try:
                 await waiter
             finally:
                 if timer is not None:
                     timer.cancel()
+        return ticket
 
-    def release(self, ticket: int, *, latency_s: float | None = None, throttled: bool = False,
-                retry_after_s: float = 0.0) -> None:
-        """Report how the call went: its latency when it succeeded, or that the vendor said 429."""
-        with self._lock:
-            busy = self._in_flight >= self._limit / 2  # an idle client learns nothing about the vendor
-            self._in_flight -= 1
-            if throttled:
-                self._throttled += 1
+    def release(self, ticket: tuple[int, int], *, latency_s: float | None = None, throttled: bool = False,
+                retry_after_s: float = 0.0, dropped: bool = False) -> None:
+        """Report how the call went: its latency when it succeeded, that the vendor said 429, or that it
+        dropped the call (5xx, timeout, reset)."""
+        epoch, window = ticket
+        busy = self._in_flight >= self._limit / 2  # an idle client learns nothing about the vendor
+        self._in_flight -= 1
+        if throttled or dropped:
+            self._throttled += throttled
+            self._dropped += dropped
+            if throttled and window == self._window:  # the first 429 of this window pauses everyone, once
+                self._window += 1
                 self._paused_until = max(self._paused_until, self._clock() + retry_after_s)
-                if ticket == self._epoch:
-                    # Probed past the mark: the vendor's limit is just below here. Still regrowing
-                    # towards it: the mark was too high as well. Never below what the calls that
-                    # succeeded in the last second need at today's latency (Little's law).
-                    factor = 0.9 if self._limit >= self._threshold + 1 else 0.5
-                    self._threshold = max(1.0, min(0.9 * self._limit,
-                                                   max(factor * self._limit, 0.9 * self._sustained())))
-                    self._decrease(0.5)
-            elif latency_s is not None:
-                self._count_success()
-                self._observe(ticket, latency_s, busy)
-            free = max(1, int(self._limit) - self._in_flight)
-            self._cond.notify(free)
-            # Called on the waiters' own loop (the async client releases where it acquired).
-            while free and self._waiters:
-                if _wake(self._waiters.popleft()):
-                    free -= 1
+            if epoch == self._epoch:
+                # Probed past the mark: the vendor's limit is just below here. Still regrowing
+                # towards it: the mark was too high as well. Never below what the calls that
+                # succeeded in the last second need at today's latency (Little's law).
+                factor = 0.9 if self._limit >= self._threshold + 1 else 0.5
+                self._threshold = max(1.0, min(0.9 * self._limit,
+                                               max(factor * self._limit, 0.9 * self._sustained())))
+                self._decrease(0.5)
+        elif latency_s is not None:
+            self._count_success()
+            self._observe(epoch, latency_s, busy)
+        free = max(1, int(self._limit) - self._in_flight)
+        while free and self._waiters:
+            if _wake(self._waiters.popleft()):
+                free -= 1
 
     def _observe(self, ticket: int, latency_s: float, busy: bool) -> None:
         smoothed = latency_s if self._smoothed is None else self._smoothed + 0.1 * (latency_s - self._smoothed)

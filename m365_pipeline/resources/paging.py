@@ -1,4 +1,5 @@
-"""The two vendors' paging schemes and record checks, as plain functions.
+"""The two vendors' paging schemes and record checks: pagers that decide the next request from the last
+answer and do no I/O (the vendor drivers in saas.py and backup.py make the calls), and plain functions.
 
 Source S pages by ``page_number`` until ``page_number >= pagination.total_pages``;
 source B pages until a response carries no ``next_page``. Neither treats a short
@@ -11,13 +12,14 @@ first re-reads the end of the one before (``next_window``). Either way the list 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
-from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError
+from m365_pipeline.resources.http import Endpoint, MalformedResponseError, VendorUnavailableError, vendor_value
 
-# A vendor that keeps saying "there is a next page" must not keep a run alive forever.
-MAX_PAGES = 1_000_000
+# A vendor that keeps saying "there is a next page" must not keep a run alive forever: the default of the
+# resources' ``max_pages`` (100M source S users at 1,000 a page; 10M mailboxes in one tenant at 100).
+MAX_PAGES = 100_000
 # A list that changes while it is paged is read again, this many times in all before the pull fails.
 MAX_LIST_READS = 4
 
@@ -55,14 +57,14 @@ class ListRead:
         return None
 
 
-def read_until_consistent(
-    read_once: Callable[[ListRead], None], restart: Callable[[], None], warn: Callable[[str], None],
+async def read_until_consistent(
+    read_once: Callable[[ListRead], Awaitable[None]], restart: Callable[[], None], warn: Callable[[str], None],
     what: str, attempts: int = MAX_LIST_READS,
 ) -> ListRead:
     """Read a whole list with ``read_once`` until a read agrees with itself; ``restart`` drops a bad read."""
     for attempt in range(1, attempts + 1):
         listing = ListRead()
-        read_once(listing)
+        await read_once(listing)
         problem = listing.problem()
         if problem is None:
             return listing
@@ -73,47 +75,57 @@ def read_until_consistent(
     raise VendorUnavailableError(f"{what} kept changing while it was paged, {attempts} reads in a row: {problem}")
 
 
-def saas_pages(
-    fetch: Callable[[int], Any], where: Callable[[int], Endpoint], listing: ListRead | None = None,
-    fetch_many: Callable[[Iterable[int]], Iterator[Any]] | None = None,
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Yield ``(page_number, items)`` for every page of a source S collection; ``listing`` sees each page.
+def page_bound(total_items: Any, max_pages: int) -> int:
+    """The most pages a list may take: one per item when the vendor says how many it holds (a short page
+    mid-stream is normal, so its page size bounds nothing; but a page holds at least one item), at least
+    one page, and never more than ``max_pages``."""
+    if _whole(total_items) and total_items >= 0:
+        return max(1, min(max_pages, total_items))
+    return max_pages
 
-    With ``fetch_many`` (bodies of the given page numbers, in order), the pages after the first, whose
-    count the first one gives, are asked for together rather than one round trip at a time. Should a
-    later page report more pages than the first did, those are read one by one.
+
+class SaasPager:
+    """Source S's paging, decided from each answer alone (it does no I/O): ``next`` is the page to ask for.
+
+    Pages run from 1 to ``pagination.total_pages`` of the latest answer; ``planned`` holds the pages the
+    first answer says follow it, for a caller that asks for them ahead. A count of pages beyond what
+    ``total_items`` can fill (or beyond ``max_pages``) is refused before it is followed.
     """
-    page_number, body = 1, fetch(1)
-    ahead: Iterator[Any] = iter(())
-    try:
-        while True:
-            endpoint = where(page_number)
-            items = _list_field(body, "items", endpoint)
-            pagination = body.get("pagination")
-            total_pages = pagination.get("total_pages") if isinstance(pagination, dict) else None
-            if not isinstance(total_pages, int) or isinstance(total_pages, bool) or total_pages < 0:
-                raise MalformedResponseError(
-                    f"{endpoint.describe()}: pagination.total_pages is missing or not a whole number"
-                )
-            if listing is not None:
-                listing.add(items, pagination.get("total_items"))
-            yield page_number, items
-            if page_number >= total_pages:
-                return
-            page_number += 1
-            _guard(page_number, endpoint)
-            if page_number == 2 and fetch_many is not None:
-                ahead = fetch_many(range(2, min(total_pages, MAX_PAGES) + 1))
-            body = next(ahead, _NONE)
-            if body is _NONE:
-                body = fetch(page_number)
-    finally:
-        close = getattr(ahead, "close", None)
-        if close is not None:
-            close()  # pages asked for but no longer wanted are cancelled
 
+    def __init__(self, where: Callable[[int], Endpoint], max_pages: int = MAX_PAGES,
+                 listing: ListRead | None = None) -> None:
+        self.where, self.max_pages, self.listing = where, max_pages, listing
+        self.next: int | None = 1
+        self.planned: range = range(0)
 
-_NONE = object()
+    def take(self, body: Any) -> tuple[Endpoint, list[Any]]:
+        """The items of the answer to page ``next``; moves ``next`` on (None after the last page)."""
+        page_number = self.next
+        if page_number is None:
+            raise ValueError("the list was read to its end")
+        endpoint = self.where(page_number)
+        items = _list_field(body, "items", endpoint)
+        pagination = body.get("pagination")
+        total_pages = pagination.get("total_pages") if isinstance(pagination, dict) else None
+        if not _whole(total_pages) or total_pages < 0:
+            raise MalformedResponseError(
+                f"{endpoint.describe()}: pagination.total_pages is missing or not a whole number"
+            )
+        total_items = pagination.get("total_items")
+        bound = page_bound(total_items, self.max_pages)
+        if total_pages > bound:
+            why = (f"its total_items ({total_items}) can fill" if bound < self.max_pages
+                   else f"allowed (max_pages {self.max_pages})")
+            raise MalformedResponseError(
+                f"{endpoint.describe()}: pagination.total_pages is {total_pages}, more than the {bound} pages "
+                f"{why}; not followed"
+            )
+        if self.listing is not None:
+            self.listing.add(items, total_items)
+        if page_number == 1:
+            self.planned = range(2, total_pages + 1)
+        self.next = page_number + 1 if page_number < total_pages else None
+        return endpoint, items
 
 
 class ListShiftedError(VendorUnavailableError):
@@ -137,59 +149,81 @@ def next_window(end: int, per_page: int) -> tuple[int, int, int]:
     return best
 
 
-def backup_pages(
-    fetch: Callable[[int, int], Any], where: Callable[[int, int], Endpoint], per_page: int
-) -> Iterator[tuple[Endpoint, list[dict[str, Any]]]]:
-    """Yield ``(endpoint, new records)`` for every page of a source B collection until one has no ``next_page``.
+class Request(NamedTuple):
+    page: int
+    per_page: int
 
-    Source B reports no totals, so each page after the first overlaps the records already read (see
-    ``next_window``); when they differ, the list changed under the pull and ``ListShiftedError`` is raised
-    for the caller to read it again. After a short page (a vendor quirk) positions are unknown: the next page
-    follows it without an overlap, as the vendor's own ``next_page`` does.
+
+class BackupPager:
+    """Source B's paging, decided from each answer alone (it does no I/O): ``next`` is the request to make.
+
+    Pages follow ``next_page`` until an answer has none. Source B reports no totals, so each page after the
+    first overlaps the records already read (see ``next_window``); when they differ, the list changed under
+    the pull and ``ListShiftedError`` is raised for the caller to read it again. When no page size overlaps,
+    ``next`` is first the boundary record alone, which must still be the last one read. After a short page
+    (a vendor quirk) positions are unknown: the next page follows it without an overlap, as the vendor's own
+    ``next_page`` does. A ``next_page`` that never ends stops after ``max_pages`` pages.
     """
-    page, size, overlap = 1, per_page, 0
-    tail: list[Any] = []  # the last records read (at most per_page), which the next overlap re-reads
-    while True:
-        endpoint = where(page, size)
-        body = fetch(page, size)
+
+    def __init__(self, where: Callable[[int, int], Endpoint], per_page: int, max_pages: int = MAX_PAGES) -> None:
+        self.where, self.per_page, self.max_pages = where, per_page, max_pages
+        self.next: Request | None = Request(1, per_page)
+        self._overlap = 0
+        self._tail: list[Any] = []  # the last records read (at most per_page), which the next overlap re-reads
+        self._boundary: tuple[Any, Request] | None = None  # (the record expected, the page after the check)
+        self._pages = 0
+
+    def take(self, body: Any) -> tuple[Endpoint, list[Any]] | None:
+        """The new records of the answer to ``next`` (None for a boundary check); moves ``next`` on."""
+        if self.next is None:
+            raise ValueError("the list was read to its end")
+        page, size = self.next
+        endpoint = self.where(page, size)
+        if self._boundary is not None:
+            last, self.next = self._boundary
+            self._boundary = None
+            if _list_field(body, "data", endpoint) != [last]:
+                raise ListShiftedError(f"{endpoint.describe()}: the list changed while it was paged "
+                                       "(records before this page moved)")
+            return None
         data = _list_field(body, "data", endpoint)
         pagination = body.get("pagination")
         if not isinstance(pagination, dict):
             raise MalformedResponseError(f"{endpoint.describe()}: the response has no pagination object")
+        overlap, tail = self._overlap, self._tail
         if data[:overlap] != tail[len(tail) - overlap:]:
             raise ListShiftedError(f"{endpoint.describe()}: the list changed while it was paged "
                                    "(records before this page moved)")
-        yield endpoint, data[overlap:]
+        new = data[overlap:]
+        self._pages += 1
         next_page = pagination.get("next_page")
         if next_page in (None, "", 0):
-            return
-        if not isinstance(next_page, int) or isinstance(next_page, bool) or next_page <= page:
-            raise MalformedResponseError(f"{endpoint.describe()}: next_page {next_page!r} does not move forward")
+            self.next = None
+            return endpoint, new
+        if not _whole(next_page) or next_page <= page:
+            raise MalformedResponseError(f"{endpoint.describe()}: next_page {vendor_value(next_page)} does not "
+                                         "move forward")
+        if self._pages >= self.max_pages:
+            raise MalformedResponseError(f"{endpoint.describe()}: still a next_page after {self._pages} pages "
+                                         f"(max_pages {self.max_pages}); not followed further")
         if len(data) < size:  # a short page mid-stream: follow it as the vendor says, unchecked
-            page, overlap, tail = next_page, 0, []
-        else:
-            tail = (tail + data[overlap:])[-per_page:]
-            page, size, overlap = next_window(page * size, per_page)
-            if overlap == 0:
-                _check_boundary(fetch, where, page_end=(page - 1) * size, last=tail[-1])
-        _guard(page, endpoint)
+            self.next, self._overlap, self._tail = Request(next_page, size), 0, []
+            return endpoint, new
+        self._tail = (tail + new)[-self.per_page:]
+        page, size, self._overlap = next_window(page * size, self.per_page)
+        self.next = Request(page, size)
+        if self._overlap == 0:  # the record at position (page - 1) * size - 1, read alone first
+            self._boundary = (self._tail[-1], self.next)
+            self.next = Request((page - 1) * size, 1)
+        return endpoint, new
 
 
-def _check_boundary(fetch: Callable[[int, int], Any], where: Callable[[int, int], Endpoint], page_end: int,
-                    last: Any) -> None:
-    """Read the record at position ``page_end - 1`` alone: it must still be the last one read."""
-    endpoint = where(page_end, 1)
-    data = _list_field(fetch(page_end, 1), "data", endpoint)
-    if data != [last]:
-        raise ListShiftedError(f"{endpoint.describe()}: the list changed while it was paged "
-                               "(records before this page moved)")
-
-
-def read_again_if_shifted(read: Callable[[], T], noted: Callable[[str], None], attempts: int = MAX_LIST_READS) -> T:
+async def read_again_if_shifted(read: Callable[[], Awaitable[T]], noted: Callable[[str], None],
+                                attempts: int = MAX_LIST_READS) -> T:
     """``read()`` a whole list, again when it shifted while paged (``noted`` hears why); then a clear error."""
     for attempt in range(1, attempts + 1):
         try:
-            return read()
+            return await read()
         except ListShiftedError as exc:
             if attempt == attempts:
                 raise VendorUnavailableError(f"{exc}; it kept changing, {attempts} reads in a row") from None
@@ -220,6 +254,5 @@ def _list_field(body: Any, name: str, endpoint: Endpoint) -> list[Any]:
     return body[name]
 
 
-def _guard(page: int, endpoint: Endpoint) -> None:
-    if page > MAX_PAGES:
-        raise MalformedResponseError(f"{endpoint.describe()}: more than {MAX_PAGES} pages; giving up")
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

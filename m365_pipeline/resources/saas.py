@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -14,12 +15,11 @@ from m365_pipeline.resources.http import (
     Page,
     VendorClient,
     VendorError,
-    can_fetch_ahead,
     fetched_ahead,
     path_segment,
     validate_base_url,
 )
-from m365_pipeline.resources.paging import ListRead, require_fields, saas_pages
+from m365_pipeline.resources.paging import ListRead, SaasPager, require_fields
 
 SOURCE = "source S (SaaS management API)"
 USER_REQUIRED = ("id",)
@@ -40,33 +40,39 @@ class SaasClient(VendorClient):
         super().__init__(base_url, {"Authorization": f"Bearer {token}"}, settings)
         self.page_size = page_size
 
-    def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None,
-                    ahead: int = 0) -> Iterator[Page]:
-        """Every page of ``path``; with ``ahead``, that many pages after the first are asked for at once."""
-        def fetch(page_number: int) -> Any:
-            return self.get_json(
+    async def _collection(self, path: str, required: tuple[str, ...], listing: ListRead | None = None,
+                          ahead: int = 0) -> AsyncIterator[Page]:
+        """Every page of ``path``; the pages the first one says follow are asked for ``ahead`` at a time.
+
+        Should a later page report more pages than the first did, those are read one by one; should it
+        report fewer, the pages asked for past the new end are cancelled.
+        """
+        async def fetch(page_number: int) -> Any:
+            return await self.get_json(
                 path, params={"page_size": self.page_size, "page_number": page_number}, page=page_number
             )
 
-        def where(page_number: int) -> Endpoint:
-            return Endpoint(self.source_name, path, page_number)
-
-        def fetch_many(page_numbers: Iterable[int]) -> Iterator[Any]:
-            return fetched_ahead(page_numbers, fetch, ahead=ahead)
-
-        for page_number, items in saas_pages(fetch, where, listing,
-                                             fetch_many if ahead and can_fetch_ahead() else None):
-            endpoint = where(page_number)
+        pager = SaasPager(lambda n: Endpoint(self.source_name, path, n), self.settings.max_pages, listing)
+        endpoint, items = pager.take(await fetch(1))
+        yield endpoint, require_fields(items, required, endpoint)
+        async with aclosing(fetched_ahead(pager.planned, fetch, ahead=ahead)) as bodies:
+            async for body in bodies:
+                endpoint, items = pager.take(body)
+                yield endpoint, require_fields(items, required, endpoint)
+                if pager.next is None:  # a later page said the list got shorter: the rest is cancelled
+                    return
+        while pager.next is not None:
+            endpoint, items = pager.take(await fetch(pager.next))
             yield endpoint, require_fields(items, required, endpoint)
 
-    def user_pages(self, listing: ListRead | None = None) -> Iterator[Page]:
+    def user_pages(self, listing: ListRead | None = None) -> AsyncIterator[Page]:
         """Every page of ``/users``, in order, the later ones fetched ``PAGES_AHEAD`` at a time."""
         return self._collection("/users", USER_REQUIRED, listing, ahead=PAGES_AHEAD)
 
-    def subscription_pages(self, user_id: str) -> list[Page]:
+    async def subscription_pages(self, user_id: str) -> list[Page]:
         """Every page of one user's subscriptions (usually one)."""
         path = f"/users/{path_segment(user_id)}/subscriptions"
-        return list(self._collection(path, SUBSCRIPTION_REQUIRED))
+        return [page async for page in self._collection(path, SUBSCRIPTION_REQUIRED)]
 
 
 class SaasApiResource(VendorApiResource):

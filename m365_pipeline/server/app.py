@@ -23,7 +23,8 @@ from typing import Any
 from m365_pipeline import settings
 from m365_pipeline.publishing import PublishedVersion, export_dir
 
-from . import access
+from .access import Access, preflight
+from .connections import WATCH_VARIABLE, ConnectionWatch
 from .http import ALLOWED_METHODS, HttpError, Response, error_response, parse_query
 from .page import Page
 from .published import Serving
@@ -33,15 +34,19 @@ __all__ = ["API_PREFIX", "Dashboard", "create_app"]
 
 ACCESS_LOG = logging.getLogger("m365_serve.access")
 # The request headers respond() reads, copied before a request is answered in a worker thread.
-REQUEST_HEADERS = ("accept-encoding", "if-none-match", "if-modified-since", "access-control-request-headers")
+REQUEST_HEADERS = ("authorization", "origin", "accept-encoding", "if-none-match", "if-modified-since",
+                   "access-control-request-headers")
 
 
 class Dashboard:
     """Answers every documented path from the current published version."""
 
-    def __init__(self, data_dir: Path, access_log: bool = False):
+    def __init__(self, data_dir: Path, access_log: bool = False, watch: ConnectionWatch | None = None,
+                 access: Access | None = None):
         self.export_root = export_dir(data_dir)
+        self.access = access or Access()
         self.access_log = access_log
+        self.watch = watch
         self._serving = Serving(self.export_root)
         self._page = Page()
 
@@ -51,13 +56,14 @@ class Dashboard:
 
     def respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
         response = self._respond(method, path, query_string, headers)
-        response.headers[:0] = access.cors_headers(headers)
+        response.headers[:0] = self.access.cors_headers(headers)
         return response
 
     def _respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
         try:
             if method == "OPTIONS":
-                return access.preflight(headers)
+                return preflight(headers)
+            self.access.check(headers)
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, f"method {method[:20]} is not allowed; use GET",
                                 [("allow", ALLOWED_METHODS)])
@@ -82,6 +88,8 @@ class Dashboard:
         if scope.proto != "http":
             return
         started = time.perf_counter()
+        if self.watch is not None:
+            self.watch.request_started(scope.client)
         if scope.path == API_PREFIX + "changes" and scope.method in ("GET", "HEAD"):  # may query DuckDB
             headers = {name: scope.headers.get(name) for name in REQUEST_HEADERS}
             response = await asyncio.to_thread(self.respond, scope.method, scope.path, scope.query_string, headers)
@@ -129,4 +137,9 @@ def create_app() -> Dashboard:
         ACCESS_LOG.addHandler(handler)
         ACCESS_LOG.setLevel(logging.INFO)
         ACCESS_LOG.propagate = False
-    return Dashboard(settings.data_dir(), access_log=access_log)
+    watch = None
+    if os.environ.get(WATCH_VARIABLE):  # port, head timeout, keep-alive timeout, max per client
+        port, head, keep_alive, per_client = os.environ[WATCH_VARIABLE].split(",")
+        watch = ConnectionWatch(int(port), float(head), float(keep_alive), int(per_client))
+        watch.start()
+    return Dashboard(settings.data_dir(), access_log=access_log, watch=watch, access=Access.from_environment())

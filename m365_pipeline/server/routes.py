@@ -36,10 +36,13 @@ def _format(params: dict[str, str]) -> str:
 def _file_route(endpoint: str, params: dict[str, str], version: PublishedVersion
                 ) -> tuple[PublishedFile, str | None]:
     if endpoint == "summary":
-        return version.summary(), None
+        return _summary_route(params, version)
     if endpoint == "coverage":
         return _coverage_route(params, version)
     if endpoint == "users":
+        if _format(params) != "json":
+            raise HttpError(400, "format csv is not offered for one organization's users; use "
+                                 "/api/m365/export?format=csv for every user, or leave format out")
         org = params.get("org")
         if not org:
             raise HttpError(400, "missing required parameter: org")
@@ -56,6 +59,19 @@ def _file_route(endpoint: str, params: dict[str, str], version: PublishedVersion
         day = version.published_at.strftime("%Y-%m-%d")
         disposition = f'attachment; filename="m365-users-{day}.csv"'
     return version.export(sort, fmt), disposition
+
+
+def _summary_route(params: dict[str, str], version: PublishedVersion) -> tuple[PublishedFile, str | None]:
+    """GET /api/m365/summary[?format=json|csv]: the per-organization counts; the CSV for billing staff."""
+    fmt = _format(params)
+    published = version.summary(fmt)
+    if fmt == "json":
+        return published, None
+    if published is None:
+        raise HttpError(404, "the summary CSV is not in this published version: it was published before "
+                             "the pipeline wrote it; the next pipeline run publishes it")
+    day = version.published_at.strftime("%Y-%m-%d")
+    return published, f'attachment; filename="m365-summary-{day}.csv"'
 
 
 def _coverage_route(params: dict[str, str], version: PublishedVersion) -> tuple[PublishedFile, str | None]:

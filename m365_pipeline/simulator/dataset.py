@@ -21,6 +21,9 @@ organization_name, so the data always has exactly N organizations.
 N   twin        owner 2's name (merged with owner 2)                 m365 mueller-soehne-at.example
 ==  ==========  =================================================  ===================================
 
+Owner 5's name starts with a CR, and five special users' display names with ``= + - @`` and a tab
+(``FORMULA_NAMES``: CSV injection, rule 16).
+
 Every owner with users has ``users_per_org`` (regular owners: +-20 %) slots, in three contiguous
 segments: *S only* | *both* | *B only*. S serves slots [0, end of both) of each owner, owner after
 owner; B serves slots [end of S only, end) split over the owner's m365 tenants, followed by each
@@ -211,6 +214,11 @@ _SPECIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] =
     ),
     "mueller": (("consultant", "same_org_dup"), (), ()),
 }
+# Names a spreadsheet would run as formulas (CSV injection, rule 16): one per dangerous first character.
+# The first five are special slots' display names (S and B alike); the last is the first regular
+# organization's name prefix.
+FORMULA_NAMES = ('=HYPERLINK("http://x.example","y")', "+Addons Only", "-Non Email", "@Mixed Case",
+                 "\tConsultant", "\r")
 _NULL, _EMPTY = 2, 1  # applicationName modes: 0 = set, 1 = "", 2 = null
 _ZOO = tuple((n, _NULL if n == "Exchange Online Kiosk" else _EMPTY if n == "Office 365 F3" else 0, None)
              for n in ALL_CATALOG_NAMES)
@@ -229,17 +237,19 @@ _SPECIAL_SLOTS: dict[str, dict[str, Any]] = {
     "zoo": {"local": "license.zoo", "subs": _ZOO, "status": "Available"},
     "case_dup": {"local": "case.dup", "subs": ("Microsoft 365 Business Standard",
                                                ("microsoft 365 business standard", 0, "microsoft corp"),
-                                               "Slack Pro"), "status": "EXCLUDED"},
-    "addons_only": {"local": "addons.only", "subs": tuple(n for n, _ in ADDON_SKUS)},
+                                               "Slack Pro"), "status": "EXCLUDED", "display": FORMULA_NAMES[0]},
+    "addons_only": {"local": "addons.only", "subs": tuple(n for n, _ in ADDON_SKUS), "display": FORMULA_NAMES[1]},
     "free_only": {"local": "free.only", "subs": tuple(n for n, _ in FREE_SKUS[:3]) + ("Zoom Workplace",)},
     "non_email_only": {"local": "non.email", "subs": ("Microsoft Power BI Pro", "Microsoft 365 Apps for business",
-                                                      ("Microsoft Copilot", _NULL, None)), "status": "Excluded "},
+                                                      ("Microsoft Copilot", _NULL, None)), "status": "Excluded ",
+                       "display": FORMULA_NAMES[2]},
     "username_null": {"local": "null.username", "username": None, "s_spell": "title"},
     "username_empty": {"local": "empty.username", "username": "", "s_spell": "padded",
                        "subs": ("Exchange Online (Plan 1)",)},
     "display_from_b": {"local": "display.from.b", "s_display": "", "b_name": "Zoë Ångström"},
     "display_blank": {"local": "display.blank", "s_display": "   ", "b_name": ""},
-    "messy_upn": {"local": "mixed.case", "username": "padded", "b_spell": "upper", "status": "  active"},
+    "messy_upn": {"local": "mixed.case", "username": "padded", "b_spell": "upper", "status": "  active",
+                  "display": FORMULA_NAMES[3]},
     "shared_known": {"local": "sales", "subs": (), "s_display": "Sales", "b_name": "Shared Mailbox – Sales",
                      "b_licensed": None},
     "unlicensed_mailbox": {"local": "no.license", "subs": ("Zoom Workplace",), "b_licensed": None, "status": "ACTIVE"},
@@ -249,7 +259,7 @@ _SPECIAL_SLOTS: dict[str, dict[str, Any]] = {
     "b_only_noname": {"local": "backup.noname", "b_name": "", "status": "Pending"},
     "b_only_messy": {"local": "backup.messy", "b_spell": "padded"},
     "consultant": {"local": "consultant", "domain": "freelance-experts.example",
-                   "subs": ("Microsoft 365 Business Premium",)},
+                   "subs": ("Microsoft 365 Business Premium",), "display": FORMULA_NAMES[4]},
     "same_org_dup": {"local": "shared.services", "subs": ("Microsoft 365 E5",)},
 }
 # (role, m365 tenant index) -> accounts listed after the tenant's user slots: the cross-organization
@@ -654,7 +664,7 @@ class Dataset:
         m = self.config.users_per_org
         if role == "regular":
             prefix, slug = ORG_PREFIXES[bits.below(len(ORG_PREFIXES))]
-            name = f"{prefix} {o} {bits.pick(ORG_SUFFIXES)}"
+            name = f"{FORMULA_NAMES[5] if o == NO_TENANTS + 1 else ''}{prefix} {o} {bits.pick(ORG_SUFFIXES)}"
             m365 = (f"{slug}-{o}.example",) + ((f"{slug}-{o}.onmicrosoft.example",) if bits.below(100) < 15 else ())
             gws = f"{slug}-{o}-gws.example" if bits.below(100) < 15 else None
             m += bits.below(2 * (m // 5) + 1) - m // 5  # roughly M users, never the same everywhere
@@ -731,7 +741,7 @@ class Dataset:
                 domain = owner.tenants[1].domain
             elif domain == "gws":
                 domain = next(t.domain for t in owner.tenants if t.type == "gws")
-            display = spec["local"].replace(".", " ").title()
+            display = spec.pop("display", None) or spec["local"].replace(".", " ").title()
             person.__dict__.update({"domain": domain or person.domain, "display": display, "tier": "licensed",
                                     "s_display": display, "b_name": display, **spec})
         return person

@@ -10,7 +10,8 @@ docs/RULES.md leaves room:
 * a UPN with rule-2 accounts in several orgs goes to the one candidate that has an m365 tenant whose
   ``domain`` is the UPN's domain, if exactly one has, else to the first candidate by rule 9;
 * two S records with one key: their subscriptions are united, the display name is the smallest;
-* display names and B names are compared and published stripped;
+* display names and B names are compared and published stripped of spaces (only: a leading tab or CR
+  is the vendor's text, kept as sent, as rule 16's JSON requires);
 * an S user's UPN is ``username`` unless it is null, empty or blank, then ``email``;
 * a subscription whose applicationName and name are both empty is not a license;
 * ``unassigned_users`` counts every user without an organization, licensed or not;
@@ -53,7 +54,7 @@ def is_email_license(name: str) -> bool:
 
 
 def _smallest(names: list[str | None]) -> str | None:
-    stripped = [n.strip() for n in names if n and n.strip()]
+    stripped = [n.strip(" ") for n in names if n and n.strip(" ")]
     return min(stripped, key=rule9) if stripped else None
 
 

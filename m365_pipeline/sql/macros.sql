@@ -16,3 +16,10 @@ CREATE OR REPLACE TEMP MACRO backup_status_key(status) AS
 CREATE OR REPLACE TEMP MACRO csv_field(v) AS
     CASE WHEN regexp_matches(v::VARCHAR, '[,"\r\n]') THEN '"' || replace(v::VARCHAR, '"', '""') || '"'
          ELSE coalesce(v::VARCHAR, '') END;
+-- Rule 16: a CSV text cell starting with = + - @, a tab or a CR gets a leading ' (OWASP's advice on CSV
+-- injection); other values are left as they are. api_bodies.neutralise is the same rule in Python
+-- (test_csv_injection proves them equal); csv_cell is one cell as api_bodies.csv_bytes writes it.
+CREATE OR REPLACE TEMP MACRO csv_neutralise(v) AS
+    CASE WHEN typeof(v) = 'VARCHAR' AND left(v::VARCHAR, 1) IN ('=', '+', '-', '@', chr(9), chr(13))
+         THEN '''' || v::VARCHAR ELSE v::VARCHAR END;
+CREATE OR REPLACE TEMP MACRO csv_cell(v) AS csv_field(csv_neutralise(v));
