@@ -829,6 +829,17 @@ def test_with_fewer_than_two_kept_nights_the_trend_and_changes_views_say_why(con
     assert page.locator("#trend-chart svg").count() == 0 and page.locator("#trend-rows tr").count() == 0
     expect(page.locator("#trend-legend")).to_be_hidden()
     page.keyboard.press("Escape")
+    # The Billing view (issue 23): no kept month, said so, and nothing asked of the billing API.
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if "/billing" in request.url else None)
+    page.get_by_role("tab", name="Billing months").click()
+    expect(page.locator("#billing-message")).to_have_text(
+        "No night is kept yet: a billing month appears with its first published night.")
+    assert asked == []
+    expect(page.get_by_label("Month", exact=True)).to_be_hidden()
+    expect(page.get_by_role("link", name="Download month CSV")).to_be_hidden()
+    page.get_by_role("tab", name="Usage tonight").click()
+    expect(page.locator("#org-table")).to_be_visible()
     seen.assert_clean(page)
 
     # One night kept (the shared published run): its numbers as one point, and no changes yet.

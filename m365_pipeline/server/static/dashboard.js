@@ -1287,9 +1287,13 @@
     try {
       nights = await state.nightsLoaded;
     } catch (err) {
-      billing.started = false; // the next visit tries again
-      showBillingState("message", `The kept nights could not be loaded. ${err.message || err}`);
-      return;
+      if (err.kind === "http" && err.status === 404) {
+        nights = []; // the history's word for "no night is kept yet"
+      } else {
+        billing.started = false; // the next visit tries again
+        showBillingState("message", `The kept nights could not be loaded. ${err.message || err}`);
+        return;
+      }
     }
     billing.months = keptMonths(nights);
     el.billingMonth.closest(".changes__form").hidden = billing.months.length === 0;
