@@ -182,6 +182,14 @@ def billing_rows(page: Page) -> list[list[str]]:
         .map((c) => c.textContent)])""")
 
 
+def billing_button(page: Page, name: str):
+    """The billing row button whose text is exactly ``name`` (text filters ignore case and spacing)."""
+    buttons = page.locator("#billing-rows button.org-link")
+    names = buttons.all_text_contents()
+    assert names.count(name) == 1, (name, names)
+    return buttons.nth(names.index(name))
+
+
 def shown(value: float, basis: str) -> str:
     """A figure as the en-US page writes it: averages with two decimals, counts whole, thousands separated."""
     return f"{value:,.2f}" if basis == "average" else f"{int(value):,}"
@@ -282,7 +290,7 @@ def test_an_organizations_drill_down_lists_its_licenses_for_the_month(context, b
               key=lambda n: expected_orgs[n]["m365_licensed_user_count"]["peak"])
     licenses = expected_licenses(CLOSED, org)
     assert licenses
-    page.locator("#billing-rows button.org-link").filter(has_text=org).first.click()
+    billing_button(page, org).click()
     dialog = page.locator("#billing-dialog")
     expect(dialog).to_be_visible()
     assert page.locator("#billing-org-title").text_content() == org
