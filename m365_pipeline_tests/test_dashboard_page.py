@@ -838,8 +838,15 @@ def test_with_fewer_than_two_kept_nights_the_trend_and_changes_views_say_why(con
     assert asked == []
     expect(page.get_by_label("Month", exact=True)).to_be_hidden()
     expect(page.get_by_role("link", name="Download month CSV")).to_be_hidden()
-    page.get_by_role("tab", name="Usage tonight").click()
+    # The views are tabs: arrow keys move between them, the chosen one alone is shown.
+    billing_tab = page.get_by_role("tab", name="Billing months")
+    assert billing_tab.get_attribute("aria-selected") == "true"
+    expect(page.locator("#org-table")).to_be_hidden()
+    billing_tab.press("ArrowLeft")
+    usage_tab = page.get_by_role("tab", name="Usage tonight")
+    assert usage_tab.get_attribute("aria-selected") == "true" and focused_is(page, usage_tab)
     expect(page.locator("#org-table")).to_be_visible()
+    expect(page.locator("#billing")).to_be_hidden()
     seen.assert_clean(page)
 
     # One night kept (the shared published run): its numbers as one point, and no changes yet.
