@@ -19,9 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-# faketime lets the demo run its past nights at their dates; without it the demo shows one night.
 demo: $(STAMP)
-	@sh scripts/system-packages.sh faketime || echo "[demo] faketime is not installed: the demo will show one night only"
 	$(BIN)/python -m m365_pipeline.demo demo
 
 dev: $(STAMP)

@@ -1,10 +1,11 @@
 """The server: m365-serve against nginx and a stdlib baseline on the same published files, and the gzip exports.
 
-`bench_server`: wrk at 50 connections (1 s warm-up, then REPEATS runs per cell, the median one kept with the
+`bench_server`: wrk -t2 at 50 connections (1 s warm-up, then REPEATS runs per cell, the median one kept with the
 range of all) on the summary and on the users file of the median organization by size, each server one
-worker process on the same cores as wrk: m365-serve, nginx serving the same version directory (`sendfile`,
-`gzip_static`, `access_log off`), and the standard library's ThreadingHTTPServer serving the same bytes from
-memory (bench/stdlib_server.py). Before the load every server's answer is checked against the manifest's size.
+worker process in its own session on the same cores as wrk: m365-serve, nginx serving the same version
+directory (`sendfile`, `gzip_static`, `access_log off`), and the standard library's ThreadingHTTPServer serving
+the same bytes from memory (bench/stdlib_server.py). Before the load every server's answer is checked against
+the manifest's size.
 
 `check_gzip`: every export (format × sort) fetched from m365-serve with `Accept-Encoding: gzip`: the bytes
 sent must be the `.gz` twin made at publish time and inflate to exactly the file, with the framing used and
@@ -34,6 +35,7 @@ from m365_pipeline.publishing import PublishedFile, PublishedVersion, current_ve
 from m365_pipeline.server.app import API_PREFIX
 
 REPEATS = 3  # wrk runs per server and endpoint; the median one is reported
+WRK_THREADS = 2  # wrk -t2 -c50, issue 26's measure
 
 NGINX_CONF = """\
 {user}worker_processes 1;
@@ -131,7 +133,9 @@ def bench_server(children: Children, published: Published, work: Path, duration_
                 root=published.version.path, api=API_PREFIX, summary=published.relative(published.summary),
                 users=published.relative(published.users)))
         log = (work / f"{name.split()[0]}.log").open("w")
-        proc = children.start(name, args, stdout=log, stderr=subprocess.STDOUT)
+        # Each server in its own session (its own autogroup), as a service manager starts it (issue 26, item 8).
+        proc = subprocess.Popen(args, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        children.procs.append((name, proc))
         try:
             wait_for_port(port, proc)
             url = f"http://127.0.0.1:{port}"
@@ -152,9 +156,9 @@ def bench_server(children: Children, published: Published, work: Path, duration_
                         raise RuntimeError(f"{name} {path} ({encoding}): {response.status}, {len(body)} bytes "
                                            f"(expected {expected})")
                     wrk_headers = [f"{k}: {v}" for k, v in headers.items()]
-                    wrk(url + path, connections=50, duration_s=1, headers=wrk_headers)  # warm-up
-                    repeats = sorted((wrk(url + path, connections=50, duration_s=duration_s, headers=wrk_headers)
-                                      for _ in range(REPEATS)), key=lambda r: r["rps"])
+                    wrk(url + path, connections=50, duration_s=1, threads=WRK_THREADS, headers=wrk_headers)  # warm-up
+                    repeats = sorted((wrk(url + path, connections=50, duration_s=duration_s, threads=WRK_THREADS,
+                                          headers=wrk_headers) for _ in range(REPEATS)), key=lambda r: r["rps"])
                     results[encoding][name][endpoint] = {**repeats[len(repeats) // 2],
                                                          "all_rps": [r["rps"] for r in repeats], "bytes": expected}
         finally:

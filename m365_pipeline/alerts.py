@@ -37,6 +37,7 @@ TITLES = {
     "failed": "M365 pipeline: the nightly run failed",
     "held_back": "M365 pipeline: tonight's numbers were held back by a blocking check",
     "missed": f"M365 pipeline: nothing published for more than {MISSED_AFTER_HOURS} hours",
+    "billing_closed": "M365 pipeline: a billing month closed and was sealed",
 }
 _MAX_REASON = 1500
 
@@ -48,6 +49,7 @@ class Alert:
     job: str | None = None
     run_id: str | None = None
     step: str | None = None
+    details: tuple[tuple[str, str], ...] = ()  # more (label, value) facts, ours (never vendor text)
 
     @property
     def link(self) -> str | None:
@@ -74,9 +76,11 @@ def payload(alert: Alert, fmt: str) -> dict:
     reason = reason_text(alert.reason)
     facts = [(label, value) for label, value in (("Job", alert.job), ("Run", alert.run_id),
                                                   ("Step", alert.step), ("Reason", reason)) if value]
+    facts += alert.details
     if fmt == "json":
-        return {"source": "m365-pipeline", "kind": alert.kind, "title": TITLES[alert.kind], "job": alert.job,
-                "run_id": alert.run_id, "step": alert.step, "reason": reason, "link": alert.link}
+        message = {"source": "m365-pipeline", "kind": alert.kind, "title": TITLES[alert.kind], "job": alert.job,
+                   "run_id": alert.run_id, "step": alert.step, "reason": reason, "link": alert.link}
+        return {**message, "details": dict(alert.details)} if alert.details else message
     if fmt == "slack":
         lines = [f"*{TITLES[alert.kind]}*", *(f"*{label}:* {value}" for label, value in facts)]
         if alert.link:

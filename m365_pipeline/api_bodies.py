@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 FORMATS = ("json", "csv")
@@ -38,6 +39,15 @@ CHANGE_FIELDS = (
     "licenses_before", "licenses_after", "has_email_license_before", "has_email_license_after",
 )
 CHANGE_KINDS = ("added", "removed", "moved", "email_gained", "email_lost", "licenses_changed")
+# GET /api/m365/billing (rules 14 and 15): each metric on each basis.
+BILLING_METRICS = ("es_user_count", "m365_licensed_user_count", "backup_seats")
+BILLING_BASES = ("peak", "end", "seat_days", "average")
+BILLING_HEADER = ("month", "closed", "sha256", "nights", "first_night", "last_night", "days")
+BILLING_ORG_FIELDS = ("organization_name", "nights",
+                      *(f"{metric}_{basis}" for metric in BILLING_METRICS for basis in BILLING_BASES))
+BILLING_TOTALS = ("total_organizations", *(f"total_{field}" for field in BILLING_ORG_FIELDS[2:]))
+BILLING_LICENSE_FIELDS = ("license_name", *(f"users_{basis}" for basis in BILLING_BASES))
+BILLING_ITEM_FIELDS = ("organization_name", "item_kind", "item", *BILLING_BASES)
 
 
 # -- encoders -----------------------------------------------------------------------------------------
@@ -137,6 +147,17 @@ def changes_key(fmt: str, night: str) -> str:
     return f"changes:{fmt}:{night}"
 
 
+def billing_key(month: str, part: str, fmt: str) -> str:
+    """A billing month's file: its ``report`` (per organization), ``items`` list, or ``organizations``
+    (every organization's report, one body after the other: the manifest's billing entry gives each
+    one's [offset, length])."""
+    return f"billing:{part}:{fmt}:{month}"
+
+
+def billing_file_name(month: str, part: str, fmt: str) -> str:
+    return f"billing/{month}/{part}.{fmt}"
+
+
 # In each published version: the marts.published_users_history rows of every user whose rows changed
 # on a kept night (see nights.write_changed_users), all m365-serve needs to answer /changes.
 CHANGED_USERS_FILE = "history/changed_users.parquet"
@@ -222,3 +243,46 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
     """GET /api/m365/changes (rule 12) from rows of CHANGE_FIELDS."""
     return body(fmt, CHANGE_FIELDS, rows, {"status": "success", "from": from_collected, "to": to_collected,
                                            "changes": rows, "total_changes": len(rows)})
+
+
+def billing_month_bodies(header: dict[str, Any], organizations: list[dict[str, Any]],
+                         licenses: dict[str, list[dict[str, Any]]], items: list[dict[str, Any]]
+                         ) -> dict[tuple[str, str | None, str], bytes]:
+    """Every body of one billing month (rule 14): {(part, organization or None, fmt): bytes}, parts
+    ``report`` (GET /billing), ``items`` (GET /billing/items) and ``organizations`` (GET /billing?org=).
+
+    ``header`` holds BILLING_HEADER but sha256, which is made here: a closed month's is the SHA-256 of
+    the CSV it answers (rule 15: the report's CSV for the report and each organization, the items' for
+    the items), an open month's is null. Averages are exact hundredths (DECIMAL) written as numbers.
+    """
+    organizations = [_numbers(row) for row in organizations]
+    items = [_numbers(row) for row in items]
+    report_csv = csv_bytes(BILLING_ORG_FIELDS, organizations)
+    items_csv = csv_bytes(BILLING_ITEM_FIELDS, items)
+
+    def head(csv_body: bytes) -> dict[str, Any]:
+        sealed = hashlib.sha256(csv_body).hexdigest() if header["closed"] else None
+        return {"status": "success", **{name: sealed if name == "sha256" else header[name] for name in BILLING_HEADER}}
+
+    totals = {"total_organizations": len(organizations)}
+    for field in BILLING_ORG_FIELDS[2:]:
+        total = sum(row[field] for row in organizations)
+        totals[f"total_{field}"] = round(total, 2) if field.endswith("_average") else total
+    bodies = {
+        ("report", None, "csv"): report_csv,
+        ("report", None, "json"): json_bytes({**head(report_csv), "organizations": organizations, "totals": totals}),
+        ("items", None, "csv"): items_csv,
+        ("items", None, "json"): json_bytes({**head(items_csv), "items": items, "total_items": len(items)}),
+    }
+    for row in organizations:
+        name = row["organization_name"]
+        rows = [_numbers(license) for license in licenses.get(name, [])]
+        bodies[("organizations", name, "csv")] = csv_bytes(BILLING_LICENSE_FIELDS, rows)
+        bodies[("organizations", name, "json")] = json_bytes(
+            {**head(report_csv), "organization": name, "summary": row, "licenses": rows})
+    return bodies
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """DuckDB's DECIMAL averages as JSON numbers (the nearest double of a 2-decimal value prints as it)."""
+    return {name: float(value) if isinstance(value, Decimal) else value for name, value in row.items()}

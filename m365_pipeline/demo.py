@@ -1,11 +1,11 @@
 """``make demo`` and ``make dev``: the whole product on this machine with no vendor account.
 
-demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at its date, under
-      libfaketime, against the simulator as it was that night), then once tonight, and serve the
-      API and dashboard.
+demo: run the ``nightly_refresh`` job for each of the past two weeks' nights (at 23:00 UTC on its
+      date, against the simulator as it was that night; a data directory with kept nights keeps
+      them), then once tonight, and serve the API and dashboard.
 dev:  start the simulator and ``dagster dev`` (UI on :3000) against the same data directory.
 run:  run the ``nightly_refresh`` job once against the configured sources (``make run``).
-Ctrl-C, SIGINT or SIGTERM (to make or to this process) stops every process this started.
+Ctrl-C, SIGTERM to make, or SIGINT or SIGTERM to this process stops every process this started.
 """
 
 from __future__ import annotations
@@ -13,21 +13,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from m365_pipeline.processes import port_is_free, read_simulator_banner, wait_for_port
+from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.settings import DATA_DIR_VARIABLE, DataDirError, prepare_data_dir
+from m365_pipeline.simulator.dataset import MAX_NIGHT
+
+if TYPE_CHECKING:  # Dagster is imported when a run starts: the checks before it answer within a second
+    from dagster import DagsterInstance, JobExecutionResult
 
 BIN = Path(sys.executable).parent
 # The shipped instance settings (one run at a time, run monitoring, retries, no telemetry), defined once.
@@ -131,68 +137,143 @@ def start_simulator(children: Children, env: dict[str, str], port: int, *options
     return banner.env
 
 
-def run_pipeline_once(env: dict[str, str]) -> None:
-    """Run the nightly job in this process, recorded in the Dagster instance `make dev` shows."""
+def nightly_job():
+    """The nightly job, for ``reconstructable``: execute_job takes its executor's config, so a demo
+    run can have its step retries off (execute_in_process always retries)."""
+    from m365_pipeline.definitions import NIGHTLY_JOB, defs
+
+    return defs().resolve_job_def(NIGHTLY_JOB)
+
+
+CONSOLE_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def run_pipeline_once(env: dict[str, str], instance: DagsterInstance | None = None, retries: bool = True) -> None:
+    """Run the nightly job in this process, recorded in ``instance`` (default: the Dagster instance
+    `make dev` shows). Its warnings are printed one line each, a failure as its cause in one line: no
+    Dagster trace reaches the terminal (the run's full log is in the instance). ``retries=False`` (the
+    demo's runs: the simulator has no outage to wait out) turns the job's step retries off, so a stop
+    asked for mid-run is not followed by a retry's sleep of minutes."""
     os.environ.update(env)
-    from dagster import DagsterInstance
+    from dagster import DagsterInstance, execute_job, reconstructable
 
-    from m365_pipeline.definitions import defs
-
-    job = defs().resolve_job_def("nightly_refresh")
     started = time.monotonic()
+    run_config = {**CONSOLE_QUIET, "execution": {"config": {"retries": {"enabled" if retries else "disabled": {}}}}}
     with stop_requests_noted() as stop_requested:
-        with DagsterInstance.get() as instance:
-            result = job.execute_in_process(
-                instance=instance, raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            )
+        with contextlib.ExitStack() as stack:
+            if instance is None:
+                instance = stack.enter_context(DagsterInstance.get())
+            result = stack.enter_context(execute_job(reconstructable(nightly_job), instance=instance,
+                                                     run_config=run_config, raise_on_error=False))
+            for message in run_warnings(instance, result.run_id):
+                say(message)
+            cause = None if result.success else failure_cause(result)
     if stop_requested():
         raise KeyboardInterrupt
-    if not result.success:
-        raise SystemExit("[demo] the pipeline run failed; open `make dev` to see why (the run is in its history)")
+    if cause is not None:
+        raise SystemExit(f"[demo] the pipeline run failed: {cause}")
     say(f"pipeline run {result.run_id[:8]} succeeded in {time.monotonic() - started:.1f} s")
+
+
+def run_warnings(instance: DagsterInstance, run_id: str) -> list[str]:
+    """The run's own warnings (say, "first run into ..."), first line each; its errors are the failure,
+    said once by ``failure_cause``."""
+    return [entry.user_message.strip().splitlines()[0] for entry in instance.all_logs(run_id)
+            if entry.dagster_event is None and entry.level == logging.WARNING and entry.user_message.strip()]
+
+
+def failure_cause(result: JobExecutionResult) -> str:
+    """The innermost error of the first failed step, in one line: what to fix, not Dagster's wrapping."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error is not None:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            return f"{event.step_key}: {error.message.strip().splitlines()[0]}"
+    return "see the run in `make dev`"
 
 
 # -- past nights ----------------------------------------------------------------------------------
 PAST_NIGHTS = 14  # two weeks of history before tonight (docs/RULES.md, rule 11)
-_NIGHT_CHILD = """
-import json, os, sys
-from m365_pipeline.demo import run_pipeline_once
-from m365_pipeline.simulator import Simulator, SimulatorConfig
-with Simulator(SimulatorConfig(night=int(sys.argv[1])), host="127.0.0.1", port=0) as sim:
-    run_pipeline_once({**json.loads(os.environ["M365_DEMO_ENV"]), **sim.env})
-"""
 
 
-def run_past_nights(env: dict[str, str]) -> int:
-    """Run the real job once per past night, oldest first, each in a child process whose clock
-    (libfaketime) says 23:00 UTC on that night's date, against the simulator's data of that night.
-    Returns the simulator night tonight is (0 when the history cannot be made)."""
-    nights = int(env.get("M365_DEMO_PAST_NIGHTS", PAST_NIGHTS))
-    if nights and shutil.which("faketime") is None:
-        say("faketime is not installed (sh scripts/system-packages.sh faketime): serving tonight only, no history")
-        return 0
-    today = dt.datetime.now(dt.UTC).date()
-    for night in range(nights):
-        day = today - dt.timedelta(days=nights - night)
-        say(f"night {night + 1} of {nights + 1}: {day} (the pipeline at 23:00 UTC that day)")
-        child_env = {**env, "TZ": "UTC", "FAKETIME_DONT_FAKE_MONOTONIC": "1", "M365_DEMO_ENV": json.dumps(env)}
-        done = subprocess.run(["faketime", "-f", f"@{day} 23:00:00", sys.executable, "-c", _NIGHT_CHILD,
-                               str(night)], env=child_env)
-        if done.returncode:
-            raise SystemExit(f"[demo] the run for {day} failed; see its message above")
-    say(f"night {nights + 1} of {nights + 1}: tonight")
-    return nights
+def past_night_dates(today: dt.date, count: int) -> list[dt.date]:
+    """The past nights' dates, oldest first: the ``count`` days before ``today``; when those all fall
+    in today's month (after the 14th), the oldest moves to the previous month's last day, so the
+    history always spans a month boundary and the Billing view has a closed month (rules 14-15)."""
+    dates = [today - dt.timedelta(days=back) for back in range(count, 0, -1)]
+    first_of_month = today.replace(day=1)
+    if dates and dates[0] >= first_of_month:
+        dates[0] = first_of_month - dt.timedelta(days=1)
+    return dates
+
+
+def kept_nights(data_dir: Path) -> list[dt.date]:
+    """The nights the served version keeps (rule 11), oldest first; none before the first publish."""
+    manifest = published_manifest(export_dir(data_dir))
+    return [dt.date.fromisoformat(night["date"]) for night in (manifest or {}).get("nights") or []]
+
+
+def history_plan(today: dt.date, count: int, kept: list[dt.date]) -> tuple[list[dt.date], int]:
+    """(past nights to run, the simulator night tonight is). A data directory with kept nights keeps
+    them: the demo adds tonight only, as the simulator's next night (the night count before today),
+    since a past night older than a kept one is refused (rule 11). Otherwise the past nights are the
+    simulator's nights 0.. at ``past_night_dates``, and tonight the one after."""
+    if kept:
+        return [], min(sum(1 for night in kept if night < today), MAX_NIGHT)
+    dates = past_night_dates(today, count)
+    return dates, len(dates)
+
+
+def past_nights_count(env: dict[str, str]) -> int:
+    value = env.get("M365_DEMO_PAST_NIGHTS", "").strip() or str(PAST_NIGHTS)
+    if not value.isdigit() or int(value) > MAX_NIGHT:
+        raise SystemExit(f"[demo] M365_DEMO_PAST_NIGHTS={value!r} is not a number of nights (0-{MAX_NIGHT})")
+    return int(value)
+
+
+def run_past_nights(env: dict[str, str], dates: list[dt.date]) -> None:
+    """Run the real job once per past night, oldest first, back to back in this process: the
+    simulator serves that night's data, and the clock the pipeline reads (Python's, time-machine)
+    says 23:00 UTC on its date. Monotonic clocks and sleeps stay real, so retries, timeouts and
+    Dagster's own waits behave as on the night itself; libfaketime, which this replaced, made every
+    sleep fail with EINVAL. The runs go to an in-memory Dagster instance (no run storage written per
+    event, no compute-log tail processes): the nights they publish are in DuckDB and the served API,
+    and `make dev` shows tonight's run."""
+    import time_machine
+    from dagster import DagsterInstance
+
+    from m365_pipeline.simulator import Simulator, SimulatorConfig
+
+    total = len(dates) + 1
+    with DagsterInstance.ephemeral() as instance:
+        for night, day in enumerate(dates):
+            say(f"night {night + 1} of {total}: {day} (the pipeline at 23:00 UTC that day)")
+            with Simulator(SimulatorConfig(night=night), host="127.0.0.1", port=0) as sim:
+                with time_machine.travel(dt.datetime.combine(day, dt.time(23), dt.UTC)):
+                    try:
+                        run_pipeline_once({**env, **sim.env}, instance, retries=False)
+                    except SystemExit as failed:
+                        raise SystemExit(f"[demo] the run for {day} failed: {failed}".replace(
+                            ": [demo] the pipeline run failed:", ":")) from None
+    say(f"night {total} of {total}: tonight")
 
 
 def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:
     port = ports["M365_DEMO_PORT"]
-    tonight = run_past_nights(env)
-    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"], "--night", str(tonight)))
-    run_pipeline_once(env)
     data_dir = Path(env["M365_DATA_DIR"])
+    kept = kept_nights(data_dir)
+    past, tonight = history_plan(dt.datetime.now(dt.UTC).date(), past_nights_count(env), kept)
+    if kept:
+        say(f"keeping the {len(kept)} nights in {data_dir} ({kept[0]} to {kept[-1]}) and adding tonight;"
+            f" remove {data_dir} for a new history")
+    run_past_nights(env, past)
+    env.update(start_simulator(children, env, ports["M365_DEMO_SIMULATOR_PORT"], "--night", str(tonight)))
+    run_pipeline_once(env, retries=False)
     server = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir",
-                                           str(data_dir), "--no-access-log"], env)
+                                           str(data_dir), "--no-access-log"], env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    threading.Thread(target=forward_server_output, args=(server.stdout,), daemon=True).start()
     wait_until_listening(port, server)
     base = f"http://127.0.0.1:{port}"
     print(f"""
@@ -208,6 +289,14 @@ def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, i
 
   Ctrl-C stops everything this started.
 """, flush=True)
+
+
+def forward_server_output(lines: Iterable[str]) -> None:
+    """m365-serve's own lines, warnings and errors reach the terminal; granian's routine ``[INFO]``
+    lines about starting and stopping workers do not (the banner says where it listens)."""
+    for line in lines:
+        if not line.startswith("[INFO] "):
+            print(line, end="", flush=True)
 
 
 def dev(root: Path, env: dict[str, str], children: Children, ports: dict[str, int]) -> None:

@@ -33,6 +33,7 @@ from isal import igzip
 
 from m365_pipeline.api_bodies import (
     CONTENT_TYPES,
+    billing_key,
     coverage_file_name,
     coverage_key,
     export_key,
@@ -264,6 +265,9 @@ class PublishedVersion:
         self.changed_users: Path | None = path / manifest["changed_users"] if "changed_users" in manifest else None
         self.organization_history: Path | None = \
             path / manifest["organization_history"] if "organization_history" in manifest else None
+        # Rules 14 and 15: the billing months of this version, {month: {closed, organizations: {name:
+        # [json offset, json length, csv offset, csv length] in its organizations files}}}.
+        self.billing_months: dict[str, dict[str, Any]] = manifest.get("billing", {})
 
     def _file(self, entry: dict[str, Any]) -> PublishedFile:
         gz = entry.get("gzip_path")
@@ -293,3 +297,18 @@ class PublishedVersion:
 
     def coverage(self, organization_name: str | None, fmt: str) -> PublishedFile | None:
         return self.files.get(coverage_key(organization_name, fmt))
+
+    def billing(self, month: str, part: str, fmt: str) -> PublishedFile | None:
+        """A billing month's ``report`` or ``items`` file; None for a month this version has not."""
+        return self.files.get(billing_key(month, part, fmt)) if month in self.billing_months else None
+
+    def billing_organization(self, month: str, organization_name: str, fmt: str) -> bytes | None:
+        """One organization's body of a billing month (read from the month's organizations file by its range);
+        None when the month has no such organization."""
+        ranges = self.billing_months.get(month, {}).get("organizations", {}).get(organization_name)
+        if ranges is None:
+            return None
+        offset, length = ranges[0:2] if fmt == "json" else ranges[2:4]
+        with self.files[billing_key(month, "organizations", fmt)].path.open("rb") as bodies:
+            bodies.seek(offset)
+            return bodies.read(length)

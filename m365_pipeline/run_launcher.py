@@ -63,18 +63,24 @@ class LocalRunLauncher(DefaultRunLauncher):
 def record_cli_worker(instance: DagsterInstance, run: DagsterRun) -> None:
     """Tag a run that executes in this process, neither launched by a code server (which records its
     worker itself) nor a step process of a multiprocess run (which ends before its run does)."""
-    if GRPC_INFO_TAG in run.tags or CLI_WORKER_TAG in run.tags or multiprocessing.parent_process() is not None:
+    if GRPC_INFO_TAG in run.tags or _cli_worker(run) or multiprocessing.parent_process() is not None:
         return
     instance.add_run_tags(run.run_id, {CLI_WORKER_TAG: json.dumps(
-        {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})})
+        {"run_id": run.run_id, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})})
+
+
+def _cli_worker(run: DagsterRun) -> dict | None:
+    """The run's own CLI worker tag; one a re-execution or retry inherited from its parent names another run."""
+    cli = json.loads(run.tags.get(CLI_WORKER_TAG) or "{}")
+    return cli if cli.get("run_id") == run.run_id else None
 
 
 def recorded_worker(instance: DagsterInstance, run: DagsterRun) -> tuple[int, float] | None:
     """(pid, when it said it started) of the run's last worker, if that runs on this machine."""
-    if CLI_WORKER_TAG in run.tags:
-        cli = json.loads(run.tags[CLI_WORKER_TAG])
-        return (int(cli["pid"]), float(cli["at"])) if cli.get("host") == socket.gethostname() else None
     grpc = json.loads(run.tags.get(GRPC_INFO_TAG) or "{}")
+    if not grpc:
+        cli = _cli_worker(run)
+        return (int(cli["pid"]), float(cli["at"])) if cli and cli.get("host") == socket.gethostname() else None
     if grpc.get("host") not in LOCAL_HOSTS:
         return None
     for entry in reversed(instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)):

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from m365_pipeline import scrub
 from m365_pipeline.processes import free_port, wait_for_port
 from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig
@@ -25,6 +26,13 @@ def no_source_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sources are configured by each test, never by the developer's shell or a ``.env`` another test loaded."""
     for name in SOURCE_VARIABLES:
         monkeypatch.setenv(name, "")  # blank reads as unset; recorded, so whatever a test sets is undone
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scrubber's process-wide secrets start empty in each test: another test's one-letter token would
+    scrub ordinary letters from this test's texts."""
+    monkeypatch.setattr(scrub, "_remembered", {})
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ EXPECTED_ASSETS = {
     ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
     ("export", "dashboard_api"), ("export", "analytics_db"),
     ("core", "backup_accounts"), ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
+    ("marts", "billing_sealed"),
 }
 
 
@@ -106,7 +107,7 @@ def test_every_step_that_opens_the_duckdb_file_is_in_the_one_pool_and_keeps_what
     defs = load_definitions(monkeypatch, tmp_path)
     ops = defs.resolve_job_def("nightly_refresh").graph.node_defs
     writers = [op for op in ops if "duckdb" in op.required_resource_keys]
-    assert len(writers) == len(ops) == len(EXPECTED_ASSETS) + 4  # two multi-asset nodes, nine checks in 7 ops
+    assert len(writers) == len(ops) == len({node.op.name for node in [*defs.assets, *defs.asset_checks]})
     assert {op.name: op.pool for op in writers} == {op.name: code_location.DUCKDB_POOL for op in writers}
     # Rebuilt in the pool, each asset and check is otherwise the one its module defined.
     originals = {node.op.name: node for module in (raw, core, marts, coverage, export)
@@ -195,3 +196,14 @@ def test_dagster_definitions_validate_accepts_the_code_location(tmp_path):
     proc = subprocess.run([str(BIN / "dagster"), "definitions", "validate", "-m", "m365_pipeline.definitions"],
                           cwd=tmp_path, env=env, capture_output=True, check=False, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("reader", [("core", "license_assignments"), ("core", "users"), ("marts", "org_summary"),
+                                    ("export", "dashboard_api")])
+def test_rule10_every_step_reading_last_collected_runs_after_every_raw_table(monkeypatch, tmp_path, reader):
+    """last_collected is the earliest collected_at of all raw tables: a step that reads it before a raw table
+    lands fails (or dates the night wrong) once steps run in parallel or wait for the pool."""
+    graph = load_definitions(monkeypatch, tmp_path).resolve_asset_graph()
+    upstream = graph.get_ancestor_asset_keys(AssetKey(list(reader)))
+    raw = {key for key in graph.get_all_asset_keys() if key.path[0] == "raw"}
+    assert raw <= upstream, sorted(k.to_user_string() for k in raw - upstream)

@@ -61,6 +61,33 @@ def test_worker_gone_tells_a_live_worker_from_a_dead_one_a_zombie_and_a_reused_p
         zombie.wait()
 
 
+def test_a_cli_worker_tag_counts_only_for_its_own_run_never_for_a_retry_or_reexecution_that_inherited_it(
+        monkeypatch, tmp_path):
+    import json
+    import socket
+
+    from dagster import DagsterRunStatus, instance_for_test
+
+    from m365_pipeline import definitions as code_location
+    from m365_pipeline.run_launcher import CLI_WORKER_TAG, recorded_worker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("M365_DATA_DIR", str(tmp_path / "data"))
+    job = code_location.defs().resolve_job_def(code_location.NIGHTLY_JOB)
+    with instance_for_test() as instance:
+        parent = instance.create_run_for_job(job_def=job, status=DagsterRunStatus.STARTED)
+        tag = {"run_id": parent.run_id, "host": socket.gethostname(), "pid": 4242, "at": 1.5}
+        instance.add_run_tags(parent.run_id, {CLI_WORKER_TAG: json.dumps(tag)})
+        assert recorded_worker(instance, instance.get_run_by_id(parent.run_id)) == (4242, 1.5)
+        child = instance.create_run_for_job(job_def=job, status=DagsterRunStatus.STARTED,
+                                            tags={CLI_WORKER_TAG: json.dumps(tag)})  # as a retry copies tags
+        assert recorded_worker(instance, child) is None  # not judged by its parent's dead process
+        elsewhere = instance.create_run_for_job(job_def=job, status=DagsterRunStatus.STARTED)
+        instance.add_run_tags(elsewhere.run_id, {CLI_WORKER_TAG: json.dumps(
+            {**tag, "run_id": elsewhere.run_id, "host": "another-machine"})})
+        assert recorded_worker(instance, instance.get_run_by_id(elsewhere.run_id)) is None
+
+
 def _worker_pid(api: Dagit, run_id: str) -> int | None:
     events = api("""query ($id: ID!) { runOrError(runId: $id) { ... on Run { eventConnection {
                      events { __typename ... on EngineEvent { message } } } } } }""",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -41,21 +42,34 @@ def _pg_bin(name: str) -> str:
     return found
 
 
+def _pg(as_user: list[str], *args: str, log: Path | None = None) -> None:
+    """Run a PostgreSQL tool; when it fails, fail with its own message (and the server's log)."""
+    done = subprocess.run([*as_user, _pg_bin(args[0]), *args[1:]], capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        server_log = log.read_text(errors="replace") if log is not None and log.exists() else ""
+        pytest.fail(f"{args[0]} exited with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}"
+                    + (f"\nserver log:\n{server_log.strip()}" if server_log else ""), pytrace=False)
+
+
+def cluster_parent(as_user: list[str]) -> str | None:
+    """Where the cluster directory goes: under TMPDIR for ourselves; when root, under the postgres user's
+    home, since TMPDIR may be a private (mode 0700) directory that user cannot reach."""
+    return pwd.getpwnam("postgres").pw_dir if as_user else None
+
+
 @pytest.fixture
 def postgres() -> Iterator[dict[str, str]]:
     """A private PostgreSQL on 127.0.0.1 (as the postgres user when we are root: initdb refuses root)."""
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    home = Path(tempfile.mkdtemp(prefix="m365-pg-"))
+    home = Path(tempfile.mkdtemp(prefix="m365-pg-", dir=cluster_parent(as_user)))
     if as_user:
         shutil.chown(home, "postgres")
     port = free_port()
-    cluster = str(home / "db")
-    subprocess.run([*as_user, _pg_bin("initdb"), "-D", cluster, "-A", "trust", "-U", "dagster"],
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", cluster, "-l", str(home / "log"), "-w", "-o",
-                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True, timeout=120)
+    cluster, log = str(home / "db"), home / "log"
     try:
+        _pg(as_user, "initdb", "-D", cluster, "-A", "trust", "-U", "dagster")
+        _pg(as_user, "pg_ctl", "-D", cluster, "-l", str(log), "-w", "-o",
+            f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start", log=log)
         yield {"M365_DAGSTER_PG_HOST": "127.0.0.1", "M365_DAGSTER_PG_PORT": str(port),
                "M365_DAGSTER_PG_DB": "postgres", "M365_DAGSTER_PG_USER": "dagster",
                "M365_DAGSTER_PG_PASSWORD": "unused-trust-auth"}
@@ -83,7 +97,9 @@ def zone_where_2300_comes_twice(directory: Path, lead_s: int = 120) -> tuple[str
     jump = first + timedelta(seconds=30)
     (directory / "src").write_text(f"Zone M365Test/Soon {hours(before)} - TST {jump:%Y %b %d %H:%M:%S}u\n"
                                    f"\t\t\t{hours(after)} - TSU\n")
-    subprocess.run(["zic", "-d", str(directory / "zones"), str(directory / "src")], check=True, timeout=30)
+    # zic is in /usr/sbin, which a normal user's PATH on Debian leaves out.
+    zic = shutil.which("zic") or shutil.which("zic", path="/usr/sbin:/sbin") or "zic"
+    subprocess.run([zic, "-d", str(directory / "zones"), str(directory / "src")], check=True, timeout=30)
     return "M365Test/Soon", f"{directory / 'zones'}:/usr/share/zoneinfo", first, first + timedelta(minutes=1)
 
 
@@ -250,3 +266,13 @@ def test_production_setup_on_postgresql_schedule_toggle_queue_reexecution_and_al
         if rejecting is not None:
             rejecting.stop()
         hook.server.shutdown()
+
+
+def test_a_failing_postgresql_step_fails_with_the_tools_own_message(tmp_path):
+    """make test under a private TMPDIR once failed here with initdb's message swallowed."""
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    occupied = tmp_path / "not-a-directory"
+    occupied.write_text("")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _pg(as_user, "initdb", "-D", str(occupied / "db"))
+    assert str(failed.value).startswith("initdb exited with 1: initdb: ")  # initdb's own words follow

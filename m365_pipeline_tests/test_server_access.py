@@ -273,3 +273,46 @@ def test_rule17_the_page_and_its_csv_download_work_with_the_browsers_basic_crede
             context.close()
         finally:
             browser.close()
+
+
+# -- the pure parts, case by case ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("authorization", "token"), [
+    ("Bearer abc", "abc"), ("bearer abc", "abc"), ("  Bearer   abc  ", "abc"),
+    ("Basic " + base64.b64encode(b"user:abc").decode(), "abc"),
+    ("Basic " + base64.b64encode(b":abc").decode(), "abc"),  # any user name, also none
+    ("Basic " + base64.b64encode(b"user:a:b").decode(), "a:b"),  # a colon belongs to the password
+    ("Basic " + base64.b64encode("usér:pässwört".encode()).decode(), "pässwört"),
+    (None, None), ("", None), ("Bearer", None), ("Bearer ", None), ("Token abc", None), ("abc", None),
+    ("Basic " + base64.b64encode(b"abc").decode(), None),  # no colon: no password
+    ("Basic " + base64.b64encode(b"user:").decode(), None), ("Basic !!!", None),
+    ("Basic " + base64.b64encode(b"\xff:\xfe").decode(), None),
+])
+def test_rule17_the_token_presented(authorization, token):
+    from m365_pipeline.server.access import presented_token
+
+    assert presented_token(authorization) == token
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("alice\n", "is not `NAME SHA256HEX`"),
+    ("alice qofqGZ0CBpPwbKX7wnid6Fxr_kxUcWTr7U6JJAlKf3s\n", "is not `NAME SHA256HEX`"),
+    (f"alice {'a' * 63}\n", "is not `NAME SHA256HEX`"),
+    (f"alice {'a' * 64} extra\n", "is not `NAME SHA256HEX`"),
+    (f"al/ice {'a' * 64}\n", "the name must be"),
+    (f"alice {'a' * 64}\nalice {'b' * 64}\n", "repeats a name or a token"),
+    (f"alice {'a' * 64}\nbob {'A' * 64}\n", "repeats a name or a token"),
+])
+def test_rule17_a_bad_tokens_file_line_is_named_and_never_quoted(text, error, tmp_path):
+    from m365_pipeline.server.access import TokensFileError, parse_tokens
+
+    with pytest.raises(TokensFileError, match=re.escape(error)) as raised:
+        parse_tokens(text, tmp_path / "tokens")
+    assert "qofqGZ0" not in str(raised.value) and "aaaa" not in str(raised.value)
+
+
+def test_rule17_a_tokens_file_with_comments_and_blank_lines():
+    from m365_pipeline.server.access import parse_tokens
+
+    text = f"# who may read\n\nalice {'a' * 64}  # laptop\n  bob-2 {'B' * 64}\n"
+    assert parse_tokens(text, Path("tokens")) == {"a" * 64: "alice", "b" * 64: "bob-2"}

@@ -74,7 +74,7 @@ def test_rule19_an_error_page_echoing_our_token_reaches_the_message_scrubbed(ven
     with client(served.url, max_retries=0) as c, pytest.raises(VendorError) as failure:
         c.get_json("/users")
     message = str(failure.value)
-    assert TOKEN not in message and f"Bearer [{c.source_name} token]" in message and f"HTTP {status}" in message
+    assert TOKEN not in message and "Bearer [configured token]" in message and f"HTTP {status}" in message
 
 
 def test_rule19_source_b_owner_tokens_learned_during_the_pull_are_scrubbed_from_what_the_vendor_echoes(vendor):

@@ -101,7 +101,8 @@ def license_rules(context: AssetExecutionContext, duckdb: DuckDBResource) -> Mat
 
 @asset(
     key=["core", "license_assignments"], group_name=GROUP, kinds={"duckdb"},
-    deps=[RAW["saas_users"], RAW["saas_user_subscriptions"], license_rules],
+    # Every raw table: last_collected (the catalog's first_seen) reads them all.
+    deps=[*RAW.values(), license_rules],
     metadata=table_metadata("core.license_assignments", LICENSE_ASSIGNMENTS_SCHEMA),
 )
 def license_assignments(context: AssetExecutionContext, duckdb: DuckDBResource) -> MaterializeResult:

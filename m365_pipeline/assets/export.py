@@ -36,6 +36,7 @@ from m365_pipeline.api_bodies import (
     summary_totals,
     users_body,
 )
+from m365_pipeline.assets.billing import SEALED_PREVIEW, SEALED_SPEC, announce_sealed_months, seal_and_write
 from m365_pipeline.assets.core import users
 from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_files
 from m365_pipeline.assets.marts import org_summary
@@ -85,7 +86,7 @@ SUMMARY_SQL = """
         ),
     ),
     # Only published nights count (rule 11): the night is recorded by the publish step itself.
-    *[spec.replace_attributes(deps=[org_summary, users]) for spec in NIGHT_SPECS],
+    *[spec.replace_attributes(deps=[org_summary, users]) for spec in (*NIGHT_SPECS, SEALED_SPEC)],
 ])
 def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: SaasApiResource,
                   backup: BackupApiResource):
@@ -110,9 +111,10 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
             night, _ = record_night(conn, published_manifest(root))
             history = write_history_files(conn, writer)
             changed_users = write_changed_users(conn, writer)
+            billing, sealed_now = seal_and_write(conn, writer, night)
             # The sources tonight's numbers came from: the next night must not silently lose one.
             writer.seal({"last_collected": last_collected, "totals": totals, **history, "changed_users": changed_users,
-                         "sources": configured_sources(saas, backup)})
+                         "sources": configured_sources(saas, backup), **billing})
             conn.commit()
             recorded = True  # the night counts once the swap makes it current; a kill in between is undone next run
             writer.swap()
@@ -126,6 +128,7 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
             conn.close()  # dagster_duckdb closes only on success; a failed run must not hold the file
             writer.abandon()
             raise
+        announced = announce_sealed_months(conn, context.log, context.run_id, context.job_name)
         night_results = _night_results(conn, night)
     context.log.info(f"published version {writer.version_id} to {root / 'current'}")
     size = sum((writer.path / entry["path"]).stat().st_size for entry in writer.files.values())
@@ -138,6 +141,9 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
         "last_collected": last_collected or "never",
         "query_time_ms": query_time_ms,
         "nights_kept": len(history["nights"]),
+        "billing_months": len(billing["billing"]),
+        "billing_months_sealed_now": ", ".join(sealed_now) or "none",
+        "billing_months_announced": announced,
         **totals,
         **coverage,
         "preview": MetadataValue.md(_preview(organizations)),
@@ -161,7 +167,7 @@ def _night_results(conn, night: str) -> list[MaterializeResult]:
         MaterializeResult(asset_key=spec.key, metadata=table_result(
             conn, spec.metadata["dagster/table_name"], preview_sql=preview, collection_date=night,
             nights_kept=nights).metadata)
-        for spec, preview in zip(NIGHT_SPECS, NIGHT_PREVIEWS, strict=True)
+        for spec, preview in zip((*NIGHT_SPECS, SEALED_SPEC), (*NIGHT_PREVIEWS, SEALED_PREVIEW), strict=True)
     ]
 
 

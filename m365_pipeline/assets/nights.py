@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from dagster import AssetKey, AssetSpec, TableColumn, TableSchema
+from dagster import AssetKey, AssetSpec, Failure, TableColumn, TableSchema
 
 from m365_pipeline.api_bodies import (
     CHANGED_USERS_FILE,
@@ -45,7 +45,8 @@ NIGHTS_KEY = AssetKey(["marts", "nights"])
 USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
 SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
 # Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
-NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql")
+NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql",
+             "marts_billing.sql")
 
 NIGHTS_SCHEMA = table_schema(
     ("collection_date", "DATE", "UTC date of last_collected; at most one night per date."),
@@ -77,8 +78,11 @@ NIGHT_SPECS = [
 ]
 
 
-class NightOutOfOrder(RuntimeError):
-    pass
+class NightOutOfOrder(Failure):
+    """A clock set back before the latest kept night: the step's retries (minutes later) cannot help."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message, allow_retries=False)
 
 
 def record_night(conn: duckdb.DuckDBPyConnection, served: dict[str, Any] | None) -> tuple[str, str]:

@@ -258,7 +258,7 @@ class VendorClient:
         if problem is not None:
             raise VendorError(f"{self.source_name}: {problem}: check {self.auth_variables}")
         for value in headers.values():
-            remember_secret(value.removeprefix("Bearer "), f"{self.source_name} token")
+            remember_secret(value.removeprefix("Bearer "), "configured token")
         self._headers = {"Accept": "application/json", "User-Agent": "m365-pipeline", **headers}
         parts = urlsplit(base_url)
         # Percent-encoded once (as a browser would), so each call only appends its own encoded path.

@@ -151,6 +151,13 @@ class Access:
         if not any([hmac.compare_digest(presented, known) for known in self._digests]):  # every one, in constant time
             raise HttpError(401, "the token is not valid", [CHALLENGE])
 
+    def cors_key(self, headers: Any) -> str | None:
+        """What ``cors_headers`` depends on: nothing without tokens, else the origin if it is allowed."""
+        if self.tokens_path is None:
+            return None
+        origin = headers.get("origin")
+        return origin if origin in self.cors_origins else ""
+
     def cors_headers(self, headers: Any) -> list[tuple[str, str]]:
         if self.tokens_path is None:
             return [("access-control-allow-origin", "*"), EXPOSED]

@@ -25,7 +25,7 @@ from m365_pipeline.publishing import PublishedVersion, export_dir
 
 from .access import Access, preflight
 from .connections import WATCH_VARIABLE, ConnectionWatch
-from .http import ALLOWED_METHODS, HttpError, Response, error_response, parse_query
+from .http import ALLOWED_METHODS, HttpError, Response, accepts_gzip, error_response, parse_query
 from .page import Page
 from .published import Serving
 from .routes import API_PREFIX, ENDPOINTS, route
@@ -33,6 +33,7 @@ from .routes import API_PREFIX, ENDPOINTS, route
 __all__ = ["API_PREFIX", "Dashboard", "create_app"]
 
 ACCESS_LOG = logging.getLogger("m365_serve.access")
+MAX_ANSWERS = 4096  # bodies are the byte cache's own objects (or /changes' cached ones): only headers are added
 # The request headers respond() reads, copied before a request is answered in a worker thread.
 REQUEST_HEADERS = ("authorization", "origin", "accept-encoding", "if-none-match", "if-modified-since",
                    "access-control-request-headers")
@@ -49,21 +50,45 @@ class Dashboard:
         self.watch = watch
         self._serving = Serving(self.export_root)
         self._page = Page()
+        # 200s of unconditional requests by (path, query, gzip, CORS variant), for one version target.
+        self._answers: tuple[str | None, dict[tuple, Response]] = (None, {})
 
     def current(self) -> PublishedVersion | None:
         """The version ``current`` points at now."""
         return self._serving.current()[0]
 
     def respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
-        response = self._respond(method, path, query_string, headers)
+        """The answer; an unconditional GET or HEAD that was a 200 before on this version is answered from
+        ``_answers`` (the same headers and bytes, made once), after the token check as every request."""
+        if method not in ("GET", "HEAD") or headers.get("if-none-match") is not None or \
+                headers.get("if-modified-since") is not None:
+            return self._finish(self._respond(method, path, query_string, headers), headers)
+        try:
+            self.access.check(headers)
+        except HttpError as exc:
+            return self._finish(error_response(exc.status, exc.message, exc.headers), headers)
+        target = self._serving.target()
+        key = (path, query_string, accepts_gzip(headers.get("accept-encoding")), self.access.cors_key(headers))
+        answers = self._answers
+        if answers[0] == target and (known := answers[1].get(key)) is not None:
+            return known
+        response = self._finish(self._respond(method, path, query_string, headers, checked=True), headers)
+        if response.status == 200 and response.file is None:
+            if answers[0] != target or len(answers[1]) >= MAX_ANSWERS:
+                answers = self._answers = (target, {})  # a new version (or too many): start again
+            answers[1][key] = response
+        return response
+
+    def _finish(self, response: Response, headers: Any) -> Response:
         response.headers[:0] = self.access.cors_headers(headers)
         return response
 
-    def _respond(self, method: str, path: str, query_string: str, headers: Any) -> Response:
+    def _respond(self, method: str, path: str, query_string: str, headers: Any, checked: bool = False) -> Response:
         try:
             if method == "OPTIONS":
                 return preflight(headers)
-            self.access.check(headers)
+            if not checked:
+                self.access.check(headers)
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, f"method {method[:20]} is not allowed; use GET",
                                 [("allow", ALLOWED_METHODS)])
@@ -87,7 +112,7 @@ class Dashboard:
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
-        started = time.perf_counter()
+        started = time.perf_counter() if self.access_log else 0.0
         if self.watch is not None:
             self.watch.request_started(scope.client)
         if scope.path == API_PREFIX + "changes" and scope.method in ("GET", "HEAD"):  # may query DuckDB

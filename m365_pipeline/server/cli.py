@@ -2,7 +2,8 @@
 
 granian (a Rust HTTP server) carries the connections, so idle, slow and TLS clients never
 hold up others; the Python app answers from precomputed bytes (``/changes`` and ``/history?org``
-are made from the published version's files, see ``server/app.py``).
+are made from the published version's files, see ``server/routes.py``); idle connections are closed
+by ``server/connections.py``.
 """
 
 from __future__ import annotations

@@ -72,16 +72,19 @@ class ConnectionWatch:
                  max_per_client: int = MAX_CONNECTIONS_PER_CLIENT, interval: float = SCAN_INTERVAL_S):
         self.port, self.head_timeout, self.keep_alive_timeout = port, head_timeout, keep_alive_timeout
         self.max_per_client, self.interval = max_per_client, interval
-        self._requests: dict[tuple[str, int], float] = {}  # peer -> when its last request started
+        self._started: dict[str, float] = {}  # granian's client string -> when its last request started
+        self._requests: dict[tuple[str, int], float] = {}  # the same by getpeername's (host, port), per scan
         self._first_seen: dict[int, float] = {}  # socket inode -> when first listed
         self._stop = threading.Event()
 
     def request_started(self, client: str) -> None:
-        key = _peer_key(client)
-        if key is not None:
-            self._requests[key] = time.monotonic()
+        self._started[client] = time.monotonic()  # parsed by the watch thread, not on every request
 
     def start(self) -> None:
+        if not (hasattr(socket, "TCP_INFO") and os.path.isdir("/proc/self/fd")):  # Linux only
+            LOG.warning("m365-serve: connections that send nothing are not closed on this system (the watch "
+                        "reads Linux's /proc and TCP_INFO); put a reverse proxy in front")
+            return
         threading.Thread(target=self._run, name="connection-watch", daemon=True).start()
 
     def stop(self) -> None:
@@ -97,6 +100,9 @@ class ConnectionWatch:
     def scan(self) -> list[Connection]:
         """Close what the rules say, once; returns the connections closed (for tests and the log)."""
         now = time.monotonic()
+        for client, started in list(self._started.items()):
+            if (key := _peer_key(client)) is not None:
+                self._requests[key] = max(started, self._requests.get(key, started))
         connections = self._connections(now)
         closing: dict[int, Connection] = {}
         by_peer: dict[str, list[Connection]] = defaultdict(list)
@@ -120,6 +126,9 @@ class ConnectionWatch:
         live = {conn.peer for conn in connections} - {conn.peer for conn in closing.values()}
         for peer in [peer for peer, started in self._requests.items() if peer not in live and started < now]:
             self._requests.pop(peer, None)
+        for client in [client for client, started in list(self._started.items()) if started < now]:
+            if _peer_key(client) not in self._requests:
+                self._started.pop(client, None)
         return list(closing.values())
 
     def _connections(self, now: float) -> list[Connection]:

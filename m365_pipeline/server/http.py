@@ -3,6 +3,7 @@ conditional requests and query parsing (RFC 9110)."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -42,6 +43,7 @@ def error_response(status: int, message: str, extra: list[tuple[str, str]] | Non
                              ("cache-control", "no-store"), *(extra or [])], body)
 
 
+@functools.lru_cache(maxsize=256)  # browsers send a handful of distinct values; parsed once each
 def accepts_gzip(accept_encoding: str | None) -> bool:
     """RFC 9110 content negotiation for one coding: gzip (or *) with a non-zero q-value."""
     if not accept_encoding:
@@ -122,6 +124,8 @@ def represent(body: bytes) -> Representation:
 
 def parse_query(query_string: str) -> dict[str, str]:
     """Form-style decoding (%XX and + for space); each parameter at most once."""
+    if not query_string:
+        return {}
     if len(query_string) > MAX_QUERY_LENGTH:
         raise HttpError(414, f"query string longer than {MAX_QUERY_LENGTH} characters")
     try:

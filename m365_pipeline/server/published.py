@@ -126,14 +126,21 @@ class Serving:
 
     def __init__(self, export_root: Path):
         self.export_root = export_root
+        self._link = str(export_root / CURRENT)  # read on every request: a str, not a Path to join each time
         self._lock = threading.Lock()
         self._target: str | None = None
         self._serving: tuple[PublishedVersion | None, Changes | None, ByteCache] = (None, None, ByteCache())
 
-    def current(self) -> tuple[PublishedVersion | None, Changes | None, ByteCache]:
+    def target(self) -> str | None:
+        """Where ``current`` points now (one readlink): a version's name, or None."""
         try:
-            target = os.readlink(self.export_root / CURRENT)
+            return os.readlink(self._link)
         except OSError:
+            return None
+
+    def current(self) -> tuple[PublishedVersion | None, Changes | None, ByteCache]:
+        target = self.target()
+        if target is None:
             return None, None, self._serving[2]
         if target != self._target:
             with self._lock:

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, changes_body, history_body
+from m365_pipeline.api_bodies import CONTENT_TYPES, FORMATS, SORT_FIELDS, changes_body, changes_key, history_body
 from m365_pipeline.history_api import BadDate, night_a, parse_date
 from m365_pipeline.publishing import PublishedFile, PublishedVersion
 
@@ -15,13 +15,16 @@ from .http import HttpError, Response, represent
 from .published import ByteCache, Changes, file_response, generated_response
 
 API_PREFIX = "/api/m365/"
-ENDPOINTS = ("summary", "users", "export", "history", "changes", "coverage")
+ENDPOINTS = ("summary", "users", "export", "history", "changes", "coverage", "billing", "billing/items")
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def route(endpoint: str, params: dict[str, str], version: PublishedVersion, changes: Changes | None,
           cache: ByteCache, headers: Any) -> Response:
     if endpoint in ("history", "changes"):
         return _nights_route(endpoint, params, version, changes, cache, headers)
+    if endpoint.startswith("billing"):
+        return _billing_route(endpoint, params, version, cache, headers)
     published, disposition = _file_route(endpoint, params, version)
     return file_response(headers, published, version, disposition, cache)
 
@@ -95,6 +98,39 @@ def _coverage_route(params: dict[str, str], version: PublishedVersion) -> tuple[
     return published, disposition
 
 
+# -- billing months (docs/RULES.md, rules 14 and 15) -------------------------------------------
+def _billing_route(endpoint: str, params: dict[str, str], version: PublishedVersion, cache: ByteCache,
+                   headers: Any) -> Response:
+    """GET /api/m365/billing[?month][&org][&format] and /billing/items[?month][&format]: the month's files as
+    the publish step wrote them (a closed month's are its sealed bytes)."""
+    fmt = _format(params)
+    month = params.get("month")
+    if month is None:
+        if not version.nights:
+            raise HttpError(404, "no night is kept yet, so there is no billing month")
+        month = version.nights[-1]["date"][:7]  # tonight's night's month
+    elif not _MONTH.fullmatch(month):
+        raise HttpError(400, f"month must be written YYYY-MM (01 to 12), not {month[:40]!r}")
+    if month not in version.billing_months:
+        raise HttpError(404, f"no billing month {month}: no night is kept in it")
+    org = params.get("org")
+    if endpoint == "billing/items" and org is not None:
+        raise HttpError(400, "billing/items lists every organization; leave org out, or use /api/m365/billing?org=")
+    suffix = "-items" if endpoint == "billing/items" else ""
+    if org is None:
+        disposition = f'attachment; filename="m365-billing-{month}{suffix}.csv"' if fmt == "csv" else None
+        part = "items" if endpoint == "billing/items" else "report"
+        return file_response(headers, version.billing(month, part, fmt), version, disposition, cache)
+    if not org:
+        raise HttpError(400, "parameter org is empty; omit it for every organization")
+    body = version.billing_organization(month, org, fmt)
+    if body is None:
+        raise HttpError(404, f"organization not in the billing report of {month}: {org[:200]}")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", org).strip("-")[:60].rstrip("-")
+    disposition = f'attachment; filename="m365-billing-{month}-{slug}.csv"' if fmt == "csv" else None
+    return generated_response(headers, version, represent(body), CONTENT_TYPES[fmt], disposition)
+
+
 # -- history and changes (docs/RULES.md, rules 11 and 12) ------------------------------------
 def _nights_route(endpoint: str, params: dict[str, str], version: PublishedVersion, changes: Changes | None,
                   cache: ByteCache, headers: Any) -> Response:
@@ -143,12 +179,12 @@ def _changes_of_an_older_version(headers: Any, version: PublishedVersion, night:
                                  fmt: str, disposition: str | None, cache: ByteCache) -> Response:
     """Versions published before the changed users' history held a changes file per kept night (from
     it to their tonight): served as they are, or selected for ``org``, until the next run publishes."""
-    if f"changes:json:{night}" not in version.files:
+    if changes_key("json", night) not in version.files:
         raise HttpError(404, "changes are not available in this version: it was published before the "
                              "pipeline kept them; the next pipeline run publishes them")
     if org is None:
-        return file_response(headers, version.files[f"changes:{fmt}:{night}"], version, disposition, cache)
-    published = json.loads(version.files[f"changes:json:{night}"].path.read_bytes())
+        return file_response(headers, version.files[changes_key(fmt, night)], version, disposition, cache)
+    published = json.loads(version.files[changes_key("json", night)].path.read_bytes())
     rows = [row for row in published["changes"]
             if org in (row["organization_name"], row["previous_organization_name"])]
     body = changes_body(published["from"], published["to"], rows, fmt)

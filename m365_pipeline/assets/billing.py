@@ -1,0 +1,154 @@
+"""Billing months (docs/RULES.md, rules 14 and 15): computed, sealed and published by the publish step.
+
+The figures are the stored macros of sql/marts_billing.sql (marts.billing_month, billing_licenses_all,
+billing_items), run inside the publish step's transaction right after tonight's night is recorded. A
+month with a later kept night is closed: the first run that publishes such a night writes its bodies
+into marts.billing_sealed (rule 15), and every later version publishes exactly those bytes. The one
+open month (tonight's) is computed afresh at each publish. After the version is current, each newly
+sealed month is announced once to the alert webhook.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import duckdb
+from dagster import AssetKey, AssetSpec
+
+from m365_pipeline import alerts
+from m365_pipeline.api_bodies import (
+    BILLING_BASES,
+    BILLING_METRICS,
+    CONTENT_TYPES,
+    billing_file_name,
+    billing_key,
+    billing_month_bodies,
+)
+from m365_pipeline.duckdb_helpers import table_metadata, table_schema
+from m365_pipeline.publishing import VersionWriter
+
+BILLING_SQL = "marts_billing.sql"
+SEALED_KEY = AssetKey(["marts", "billing_sealed"])
+SEALED_SCHEMA = table_schema(
+    ("month", "VARCHAR", "The billing month, YYYY-MM (rule 14)."),
+    ("part", "VARCHAR", "report (GET /billing), items (GET /billing/items) or organizations (GET /billing?org=)."),
+    ("organization_name", "VARCHAR", "The organization of an organizations body; null for the others."),
+    ("fmt", "VARCHAR", "json or csv."),
+    ("body", "BLOB", "The exact bytes the API answers for this month, from its sealing on (rule 15)."),
+    ("sealed_by", "DATE", "The night whose publish closed the month and sealed it."),
+    ("announced_at", "TIMESTAMPTZ", "When the month's close was announced (or found no webhook to announce to)."),
+)
+SEALED_SPEC = AssetSpec(
+    SEALED_KEY, group_name="marts", kinds={"duckdb"},
+    description="One row = one body of a closed billing month, sealed (rule 15): written once by the first run "
+                "that publishes a night after the month, never rewritten. marts.billing_month(m), "
+                "marts.billing_licenses(m, org) and marts.billing_items(m) compute any month from the kept nights.",
+    metadata=table_metadata("marts.billing_sealed", SEALED_SCHEMA),
+)
+SEALED_PREVIEW = """
+    SELECT month, any_value(sealed_by) AS sealed_by,
+           count(*) FILTER (WHERE part = 'organizations') // 2 AS organizations, any_value(announced_at) AS announced_at
+    FROM marts.billing_sealed GROUP BY month ORDER BY month DESC LIMIT 14"""
+
+
+def month_bodies(conn: duckdb.DuckDBPyConnection, month: str) -> dict[tuple[str, str | None, str], bytes]:
+    """Every body of ``month`` from the kept nights now (api_bodies.billing_month_bodies)."""
+    closed, nights, first_night, last_night, days = conn.execute(
+        "SELECT * FROM marts.billing_month_header($1)", [month]).fetchone()
+    header = {"month": month, "closed": bool(closed), "nights": nights, "first_night": first_night.isoformat(),
+              "last_night": last_night.isoformat(), "days": days}
+    licenses: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in _dicts(conn.execute("SELECT * FROM marts.billing_licenses_all($1)", [month])):
+        licenses[row.pop("organization_name")].append(row)
+    return billing_month_bodies(header, _dicts(conn.execute("SELECT * FROM marts.billing_month($1)", [month])),
+                                licenses, _dicts(conn.execute("SELECT * FROM marts.billing_items($1)", [month])))
+
+
+def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonight: str
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """In the open transaction, after tonight's night is recorded: seal every closed month not sealed yet,
+    then write every sealed month (its sealed bytes) and the open month into the version.
+
+    Returns the manifest's ``billing`` entry and the months sealed now.
+    """
+    months = [m for (m,) in conn.execute(
+        "SELECT DISTINCT strftime(collection_date, '%Y-%m') FROM marts.nights ORDER BY 1").fetchall()]
+    sealed = {m for (m,) in conn.execute("SELECT DISTINCT month FROM marts.billing_sealed").fetchall()}
+    sealing_now = [m for m in months if m < tonight[:7] and m not in sealed]
+    for month in sealing_now:
+        conn.executemany("INSERT INTO marts.billing_sealed VALUES ($1, $2, $3, $4, $5, $6::DATE, NULL)",
+                         [[month, part, org, fmt, body, tonight]
+                          for (part, org, fmt), body in month_bodies(conn, month).items()])
+    entry: dict[str, Any] = {}
+    for month in sorted(sealed | set(sealing_now)):
+        rows = conn.execute("SELECT part, organization_name, fmt, body FROM marts.billing_sealed WHERE month = $1",
+                            [month]).fetchall()
+        entry[month] = _write_month(writer, month, {(part, org, fmt): body for part, org, fmt, body in rows}, True)
+    open_month = months[-1] if months else None
+    if open_month is not None and open_month not in entry:
+        entry[open_month] = _write_month(writer, open_month, month_bodies(conn, open_month), False)
+    return {"billing": entry}, sealing_now
+
+
+def _write_month(writer: VersionWriter, month: str, bodies: dict[tuple[str, str | None, str], bytes],
+                 closed: bool) -> dict[str, Any]:
+    """The month's files: report and items (each JSON and CSV) and every organization's bodies back to back in
+    one file per format; returns the manifest's entry for the month, {closed, organizations: {name: [json
+    offset, json length, csv offset, csv length]}}."""
+    for part in ("report", "items"):
+        for fmt in ("json", "csv"):
+            writer.write_bytes(billing_key(month, part, fmt), billing_file_name(month, part, fmt),
+                               bytes(bodies[(part, None, fmt)]), CONTENT_TYPES[fmt])
+    names = sorted({org for part, org, _ in bodies if part == "organizations"})
+    ranges: dict[str, list[int]] = {name: [] for name in names}
+    for fmt in ("json", "csv"):
+        path = writer.adopt(billing_key(month, "organizations", fmt), billing_file_name(month, "organizations", fmt),
+                            CONTENT_TYPES[fmt])
+        with path.open("wb") as out:
+            for name in names:
+                body = bytes(bodies[("organizations", name, fmt)])
+                ranges[name] += [out.tell(), len(body)]
+                out.write(body)
+    return {"closed": closed, "organizations": ranges}
+
+
+def announce_sealed_months(conn: duckdb.DuckDBPyConnection, log: Any, run_id: str | None, job: str | None) -> int:
+    """After the version is current: announce each sealed month not announced yet, once (the mark is set in
+    DuckDB once the webhook took it, or when none is configured). A webhook that fails leaves the month
+    for the next publishing run, and never fails this one: its night is already served."""
+    announced = 0
+    for month, body in conn.execute("""
+            SELECT month, body FROM marts.billing_sealed
+            WHERE part = 'report' AND fmt = 'json' AND announced_at IS NULL ORDER BY month""").fetchall():
+        try:
+            sent = alerts.send(closed_month_alert(month, bytes(body), run_id, job))
+        except Exception as exc:
+            log.warning(f"the close of billing month {month} was not announced: {exc}")
+            continue
+        conn.execute("UPDATE marts.billing_sealed SET announced_at = now() WHERE month = $1", [month])
+        announced += sent
+    return announced
+
+
+def closed_month_alert(month: str, report_json: bytes, run_id: str | None, job: str | None) -> alerts.Alert:
+    """The "billing month closed" message: the month, its customers, the totals on every basis and the seal."""
+    import json
+
+    report = json.loads(report_json)
+    totals = report["totals"]
+    labels = {"es_user_count": "ES users", "m365_licensed_user_count": "M365-licensed users",
+              "backup_seats": "Backup seats"}
+    details = [("Month", month), ("Customers", str(totals["total_organizations"]))]
+    details += [(labels[metric], ", ".join(f"{basis.replace('_', '-')} {totals[f'total_{metric}_{basis}']}"
+                                            for basis in BILLING_BASES)) for metric in BILLING_METRICS]
+    details.append(("SHA-256 of the month's CSV", report["sha256"]))
+    reason = (f"billing month {month} closed with {report['nights']} kept nights "
+              f"({report['first_night']} to {report['last_night']}) and is sealed: "
+              f"GET /api/m365/billing?month={month} answers these numbers from now on")
+    return alerts.Alert("billing_closed", reason, job=job, run_id=run_id, details=tuple(details))
+
+
+def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
