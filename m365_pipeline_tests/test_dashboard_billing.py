@@ -2,10 +2,6 @@
 Chromium against a real m365-serve, on three nights the real pipeline published at their dates (libfaketime)
 from the evolving simulator, across a month boundary: February 2026 is closed (a March night exists) and
 March is open. Expected figures come from the simulator's ground truth of each night, read by rule 14 here.
-
-BILLING BACKEND PENDING: these tests need ``GET /api/m365/billing`` (issue 23, outcome 4). While the
-``m365-serve`` under test answers that path with 404 "not found" (a path it does not know), every test here
-skips, and says so; once the endpoint exists they run for real, with nothing to change.
 """
 
 from __future__ import annotations
@@ -67,26 +63,9 @@ def serve(data_dir: Path, log_path: Path) -> tuple[str, Any]:
     return f"http://127.0.0.1:{port}", proc
 
 
-def billing_is_served(tmp: Path) -> bool:
-    """False while m365-serve does not know the billing path (its 404 says "not found", the unknown-path answer;
-    a known endpoint over an empty data directory says that nothing is published)."""
-    empty = tmp / "empty"
-    empty.mkdir()
-    base_url, proc = serve(empty, tmp / "probe.log")
-    try:
-        answer = requests.get(base_url + "/api/m365/billing", timeout=10)
-        return not (answer.status_code == 404 and answer.json().get("error") == "not found")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def billing_nights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("dashboard-billing")
-    if not billing_is_served(tmp):
-        pytest.skip("BILLING BACKEND PENDING: m365-serve answers /api/m365/billing with 404 \"not found\" "
-                    "(issue 23, outcome 4 not merged yet)")
     data_dir = tmp / "data"
     for day, night in NIGHTS.items():
         with Simulator(config(night), host="127.0.0.1", port=0) as sim:
