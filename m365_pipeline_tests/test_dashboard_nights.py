@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .test_dashboard_page import (  # noqa: F401 (browser and context are fixtur
     browser,
     changes_shown,
     context,
+    download_with_bom,
     new_context,
     open_dashboard,
     org_button,
@@ -195,16 +197,11 @@ def expected_csv(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def download_changes_csv(page: Page, base_url: str, params: dict[str, str], night_a: str) -> bytes:
-    """Click the Changes view's CSV link; the file must be the API's own CSV of ``params``, named
-    after the nights it compares."""
-    link = page.get_by_role("link", name="Download changes CSV")
-    with page.expect_download() as info:
-        link.click()
-    assert info.value.suggested_filename == f"m365-changes-{night_a}-to-{TONIGHT}.csv"
-    body = Path(info.value.path()).read_bytes()
+    """Click the Changes view's CSV link; the file must be the API's own CSV of ``params`` after a byte-order
+    mark, named after the nights it compares. Returns the API's bytes."""
     api = requests.get(base_url + "/api/m365/changes", params={**params, "format": "csv"}, timeout=10)
-    assert api.status_code == 200 and body == api.content
-    return body
+    assert api.headers["Content-Disposition"] == f'attachment; filename="m365-changes-{night_a}-to-{TONIGHT}.csv"'
+    return download_with_bom(page, page.get_by_role("link", name="Download changes CSV"), api)[3:]
 
 
 def test_the_changes_view_lists_exactly_the_changes_since_a_chosen_night_and_downloads_them(context, kept_nights):  # noqa: F811
@@ -291,3 +288,156 @@ def test_the_changes_view_and_the_trend_chart_fit_the_screen(browser, kept_night
         seen.assert_clean(page)
     finally:
         ctx.close()
+
+
+# -- issue 26, item 7: the dashboard, again ---------------------------------------------------------
+
+def tonight_truth() -> dict[str, Any]:
+    return ground_truth(config(NIGHTS[TONIGHT]))
+
+
+def arrivals_and_departures(changes: list[dict[str, Any]]) -> tuple[Counter, Counter]:
+    """Per organization, users added or moved in / removed or moved out (the "Since last night" cells)."""
+    arrived, left = Counter(), Counter()
+    for row in changes:
+        if row["change"] in ("added", "moved"):
+            arrived[row["organization_name"]] += 1
+        if row["change"] == "removed":
+            left[row["organization_name"]] += 1
+        if row["change"] == "moved":
+            left[row["previous_organization_name"]] += 1
+    return arrived, left
+
+
+def test_under_a_search_the_total_row_sums_every_shown_column(context, kept_nights):  # noqa: F811
+    truth = tonight_truth()
+    arrived, left = arrivals_and_departures(expected_changes(users(NIGHTS[PREVIOUS]), users(NIGHTS[TONIGHT])))
+    coverage = {o["organization_name"]: o for o in truth["coverage"]["organizations"]}
+    page, seen = open_dashboard(context, kept_nights)
+    expect(page.locator("#delta-heading")).to_be_visible()
+    expect(page.locator("#coverage-head")).to_be_visible()
+    search = page.get_by_label("Search organizations")
+    for term in ("acme", "müller", "s"):
+        shown = [o for o in truth["organizations"] if term in o["organization_name"].lower()]
+        assert 1 < len(shown) < len(truth["organizations"]), term
+        search.fill(term)
+        names = [o["organization_name"] for o in shown]
+        expect(page.locator("#total-orgs")).to_have_text(f"of {len(shown)} shown organizations")
+        assert page.locator("#total-es").inner_text() == f"{sum(o['es_user_count'] for o in shown):,}"
+        assert page.locator("#total-m365").inner_text() == f"{sum(o['m365_licensed_user_count'] for o in shown):,}"
+        assert page.locator("#total-delta").inner_text() == \
+            f"+{sum(arrived[n] for n in names)} / \u2212{sum(left[n] for n in names)}", term
+        es = sum(coverage[n]["es_user_count"] for n in names)
+        backed = sum(coverage[n]["es_users_backed_up"] for n in names)
+        assert page.locator("#total-coverage").inner_text() == \
+            ("No email users" if es == 0 else f"{backed:,} of {es:,} protected"), term
+    # One match: the counts read in the singular.
+    search.fill("grüner")
+    expect(page.locator("#total-orgs")).to_have_text("of 1 shown organization")
+    assert page.locator("#org-count").inner_text() == f"1 of {len(truth['organizations'])} organizations"
+    # Cleared: the API's own totals again, the coverage total included.
+    search.fill("")
+    totals = truth["coverage"]["totals"]
+    expect(page.locator("#total-orgs")).to_have_text(f"{len(truth['organizations'])} organizations")
+    assert page.locator("#total-coverage").inner_text() == \
+        f"{totals['total_es_users_backed_up']:,} of {totals['total_es_users']:,} protected"
+    seen.assert_clean(page)
+
+
+NARROW = {"width": 390, "height": 844}
+
+
+def test_at_390_px_every_column_of_the_organization_table_can_be_reached(browser, kept_nights):  # noqa: F811
+    ctx = new_context(browser, NARROW)
+    try:
+        page, seen = open_dashboard(ctx, kept_nights)
+        expect(page.locator("#delta-heading")).to_be_visible()
+        expect(page.locator("#coverage-head")).to_be_visible()
+        # The page itself never scrolls sideways; the table does, inside its panel.
+        assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+        headers = page.locator("#org-table thead th")
+        assert headers.count() == 5
+        for i in range(headers.count()):
+            header = headers.nth(i)
+            header.scroll_into_view_if_needed()
+            box = header.bounding_box()
+            assert box and box["width"] > 20, (i, box)
+            assert 0 <= box["x"] and box["x"] + box["width"] <= NARROW["width"] + 1, (header.inner_text(), box)
+            expect(header).to_be_visible()
+        # The last column's cells are readable too, with the name column still beside them.
+        first_row = page.locator("#org-rows tr").first
+        cell = first_row.locator(".coverage-cell")
+        cell.scroll_into_view_if_needed()
+        name_box = first_row.locator("th").bounding_box()
+        cell_box = cell.bounding_box()
+        assert name_box["x"] >= 0 and cell_box["x"] + cell_box["width"] <= NARROW["width"] + 1
+        assert name_box["x"] + name_box["width"] <= cell_box["x"] + 1  # the sticky name does not cover it
+        save_screenshot(page, "dashboard-390-scrolled.png")
+        seen.assert_clean(page)
+    finally:
+        ctx.close()
+
+
+def license_diff(before: str, after: str) -> str:
+    """What the page says a change added and removed: rule 6's names split on ", ", compared ignoring case."""
+    was = {n.lower() for n in before.split(", ") if n}
+    now = {n.lower() for n in after.split(", ") if n}
+    return " ".join([f"+{n}" for n in after.split(", ") if n and n.lower() not in was]
+                    + [f"\u2212{n}" for n in before.split(", ") if n and n.lower() not in now])
+
+
+def test_changes_say_what_was_added_and_removed_and_count_in_good_english(context, kept_nights):  # noqa: F811
+    since_first = expected_changes(users(NIGHTS[FIRST]), users(NIGHTS[TONIGHT]))
+    page, seen = open_dashboard(context, kept_nights)
+    page.get_by_label("Since the night of").fill(FIRST)
+    expect(page.locator("#changes-summary")).to_contain_text(f"from the night of {night_label(FIRST)}")
+    diffs = page.evaluate("""() => [...document.querySelectorAll('#changes-rows tr')].map((tr) => [
+        tr.querySelector('.change-upn').textContent, tr.querySelector('.change-diff')?.textContent ?? ''])""")
+    expected = [[r["user_principal_name"], license_diff(r["licenses_before"] or "", r["licenses_after"] or "")
+                 if r["licenses_before"] is not None and r["licenses_after"] is not None else ""]
+                for r in since_first]
+    assert diffs == expected
+    changed = [d for (upn, d), r in zip(diffs, since_first, strict=True) if r["change"] == "licenses_changed"]
+    assert changed and all(d for d in changed)  # every "Licenses changed" row says what changed
+    assert any("+" in d and "\u2212" in d for d in changed)
+    # A change with no license names on one side shows a dash, not an empty "Before:"/"After:".
+    blank = [r for r in since_first if "" in (r["licenses_before"], r["licenses_after"])]
+    assert blank
+    for row in page.locator("#changes-rows tr").all():
+        for side in ("before", "after"):
+            assert row.locator(f".change-licenses-{side}").inner_text().strip() != ""
+    # Counts of one read in the singular: pick an organization with exactly one license change.
+    per_org = Counter(r["organization_name"] for r in since_first if r["change"] == "licenses_changed")
+    org = next(o for o, n in per_org.items() if n == 1)
+    page.get_by_label("Organization", exact=True).select_option(org)
+    expect(page.locator("#changes-summary")).to_contain_text(f" in {org} from")
+    summary = page.locator("#changes-summary").inner_text()
+    assert "1 license change" in summary and "1 licenses" not in summary
+    assert not re.search(r"(?<![\d,])1 (changes|license changes)\b", summary), summary
+    seen.assert_clean(page)
+
+
+def test_the_drill_down_explains_backup_badges_and_users_known_only_from_the_backup(context, kept_nights):  # noqa: F811
+    truth = tonight_truth()
+    org = max(truth["users"], key=lambda o: sum(u["licenses"] == "" for u in truth["users"][o]))
+    backup_only = [u["user_principal_name"] for u in truth["users"][org] if u["licenses"] == ""]
+    assert backup_only and any(u["has_email_license"] for u in truth["users"][org] if u["licenses"] == "")
+    page, seen = open_dashboard(context, kept_nights)
+    expect(page.locator("#coverage-head")).to_be_visible()
+    org_button(page, org).click()
+    expect(page.locator("#users-backup-head")).to_be_visible()
+    # Every badge the table can show has its line in the legend.
+    legend = page.locator("#backup-legend")
+    expect(legend).to_be_visible()
+    assert legend.locator("dt").all_inner_texts() == ["Backed up", "Excluded", "Not added", "Not in backup"]
+    shown_badges = set(page.locator("#user-rows .user-backup .badge").all_inner_texts())
+    assert shown_badges and shown_badges <= set(legend.locator("dt").all_inner_texts())
+    assert all(text.strip() for text in legend.locator("dd").all_inner_texts())
+    # The users with no license names (source S does not know them) say why, ES badge or not.
+    rows = page.evaluate("""() => [...document.querySelectorAll('#user-rows tr')].map((tr) => [
+        tr.querySelector('.user-upn').textContent, tr.querySelector('.user-licenses').textContent,
+        Boolean(tr.querySelector('.badge--es'))])""")
+    explained = [upn for upn, text, _ in rows if "Known only from the backup" in text]
+    assert explained == backup_only
+    assert any(es for upn, _, es in rows if upn in backup_only)
+    seen.assert_clean(page)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -166,21 +167,43 @@ def focused_is(page: Page, locator) -> bool:
 
 
 def changes_shown(page: Page) -> list[dict[str, Any]]:
-    """The Changes table's rows, read back into rule 12's fields ("—" is null; Yes/No the booleans)."""
+    """The Changes table's rows, read back into rule 12's fields ("—" is null, or "" when marked as no license
+    names; Yes/No the booleans)."""
     rows = page.evaluate("""() => [...document.querySelectorAll('#changes-rows tr')].map((tr) => ({
         organization_name: tr.querySelector('.change-org__name').textContent,
         previous_organization_name: tr.querySelector('.change-org__previous')?.textContent ?? null,
         user_principal_name: tr.querySelector('.change-upn').textContent,
         display_name: tr.querySelector('.change-name').textContent,
         change: tr.dataset.change,
-        licenses_before: tr.querySelector('.change-licenses-before').textContent,
-        licenses_after: tr.querySelector('.change-licenses-after').textContent,
+        licenses_before: tr.querySelector('.change-licenses-before.is-no-names') ? ''
+            : tr.querySelector('.change-licenses-before').textContent,
+        licenses_after: tr.querySelector('.change-licenses-after.is-no-names') ? ''
+            : tr.querySelector('.change-licenses-after').textContent,
         has_email_license_before: tr.querySelector('.change-email-before').textContent,
         has_email_license_after: tr.querySelector('.change-email-after').textContent}))""")
     read = {"—": None, "Yes": True, "No": False}
     return [{**row, **{k: read.get(row[k], row[k]) for k in ("licenses_before", "licenses_after",
                                                               "has_email_license_before", "has_email_license_after")}}
             for row in rows]
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def download_with_bom(page: Page, link, api: requests.Response) -> bytes:
+    """Click a download link of the page (issue 26, item 6): the saved file is a UTF-8 byte-order mark and
+    then exactly the API's bytes, under the file name of the API's Content-Disposition (else the link's own
+    ``download`` name). Returns the file."""
+    assert api.status_code == 200, api.text
+    with page.expect_download() as info:
+        link.click()
+    header = Message()
+    header["content-disposition"] = api.headers.get("Content-Disposition", "")
+    assert info.value.suggested_filename == (header.get_filename() or link.get_attribute("download"))
+    body = Path(info.value.path()).read_bytes()
+    assert body[:3] == UTF8_BOM and not api.content.startswith(UTF8_BOM)
+    assert body[3:] == api.content
+    return body
 
 
 def dialog_is_open(page: Page) -> bool:
@@ -467,7 +490,8 @@ def test_drill_down_lists_exactly_the_organizations_users_with_keyboard_focus(co
 
     rows = page.evaluate("""() => [...document.querySelectorAll('#user-rows tr')].map((tr) => ({
         upn: tr.querySelector('.user-upn').textContent, name: tr.querySelector('.user-name').textContent,
-        licenses: tr.querySelector('.user-licenses').textContent, es: !!tr.querySelector('.badge--es')}))""")
+        licenses: tr.querySelector('.user-licenses').firstChild.textContent,
+            es: !!tr.querySelector('.badge--es')}))""")
     assert [r["upn"] for r in rows] == [u["user_principal_name"] for u in expected_users]
     assert rows == [{"upn": u["user_principal_name"], "name": u["display_name"], "licenses": u["licenses"] or "—",
                      "es": u["has_email_license"]} for u in expected_users]
@@ -504,19 +528,20 @@ def test_drill_down_lists_exactly_the_organizations_users_with_keyboard_focus(co
     seen.assert_clean(page)
 
 
-def test_export_button_downloads_the_csv_export(context, session_server):
+def test_export_button_downloads_the_csv_export_with_a_byte_order_mark_for_excel(context, session_server, published):
+    """Issue 26, item 6: the page's download is U+FEFF + the API's documented bytes (which have none), so
+    Excel reads it as UTF-8 and keeps "Müller & Söhne" intact."""
     page, seen = open_dashboard(context, session_server.base_url)
     link = page.get_by_role("link", name="Export to CSV")
     expect(link).to_be_visible()
-    with page.expect_download() as info:
-        link.click()
-    download = info.value
-    assert re.fullmatch(r"m365-users-\d{4}-\d{2}-\d{2}\.csv", download.suggested_filename)
     api = requests.get(session_server.base_url + "/api/m365/export", params={"format": "csv"}, timeout=10)
-    assert api.status_code == 200
-    body = Path(download.path()).read_bytes()
-    assert body == api.content
-    assert body.startswith(b"organization_name,user_principal_name,display_name,licenses,has_email_license")
+    assert re.fullmatch(r'attachment; filename="m365-users-\d{4}-\d{2}-\d{2}\.csv"', api.headers["Content-Disposition"])
+    body = download_with_bom(page, link, api)
+    text = body.decode("utf-8-sig")
+    assert text.startswith("organization_name,user_principal_name,display_name,licenses,has_email_license")
+    mueller = next(o["organization_name"] for o in published.truth["organizations"]
+                   if "Müller" in o["organization_name"])
+    assert mueller.startswith("Müller & Söhne") and f"{mueller}," in text.replace('"', "")
     seen.assert_clean(page)
 
 
@@ -678,13 +703,10 @@ def test_drill_down_shows_backup_status_and_mailboxes_without_email_license_and_
     assert note.inner_text() == "Backup: " + expected_coverage_text(org["es_user_count"], org["es_users_backed_up"])
     assert "is-short" in note.get_attribute("class")
 
-    link = page.get_by_role("link", name="Download coverage CSV")
-    with page.expect_download() as info:
-        link.click()
-    body = Path(info.value.path()).read_bytes()
     api = requests.get(session_server.base_url + "/api/m365/coverage", params={"org": name, "format": "csv"},
                        timeout=10)
-    assert body == api.content and body.startswith(",".join(COVERAGE_USER_FIELDS).encode() + b"\r\n")
+    body = download_with_bom(page, page.get_by_role("link", name="Download coverage CSV"), api)[3:]
+    assert body.startswith(",".join(COVERAGE_USER_FIELDS).encode() + b"\r\n")
     assert len(body.decode().splitlines()) == len(rows) + 1
     save_screenshot(page, "dashboard-coverage-drill-down-desktop.png")
     page.keyboard.press("Escape")
@@ -737,6 +759,9 @@ def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view
         change(HOSTILE_SCRIPT, "gone@evil.example", "<script>alert(5)</script>", "removed", ("Office 365 E3", True),
                None),
         change(HOSTILE_CJK, "sato@test.example.jp", "佐藤 花子", "added", None, ("Microsoft 365 E5", True)),
+        # Known only from the backup (rule 6): no license names on either night.
+        change(HOSTILE_SCRIPT, "backup.only@evil.example", "<u>Backup</u>", "moved", ("", True), ("", True),
+               previous=HOSTILE_QUOTES),
     ], key=lambda r: (rule9(r["organization_name"]), rule9(r["user_principal_name"])))
     # The history rows those changes come from: each user's state before (first night) and after (second).
     history = [
@@ -747,7 +772,9 @@ def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view
     users_history += [(HOSTILE_SCRIPT, "gone@evil.example", "<script>alert(5)</script>", "Office 365 E3", True, first,
                        second),
                       (HOSTILE_CJK, "sato@test.example.jp", "佐藤 花子", "Microsoft 365 E5", True, second, None),
-                      (HOSTILE_SCRIPT, "kept@evil.example", "<i>Kept</i>", "Office 365 E3", True, first, None)]
+                      (HOSTILE_SCRIPT, "kept@evil.example", "<i>Kept</i>", "Office 365 E3", True, first, None),
+                      (HOSTILE_QUOTES, "backup.only@evil.example", "<u>Backup</u>", "", True, first, second),
+                      (HOSTILE_SCRIPT, "backup.only@evil.example", "<u>Backup</u>", "", True, second, None)]
     write_published(data_dir, organizations, users, iso_z(datetime.now(UTC)), hostile_coverage(users), nights=nights,
                     users_history=users_history)
     server = start_server(data_dir)
@@ -755,13 +782,21 @@ def test_markup_in_names_renders_as_text_in_the_trend_chart_and_the_changes_view
 
     expect(page.locator("#changes-table")).to_be_visible()
     assert changes_shown(page) == rows
+    # Issue 26: the moved user with no license names reads "Before: —" and "After: —", not blanks.
+    moved_blank = page.locator("#changes-rows tr", has=page.get_by_text("backup.only@evil.example", exact=True))
+    assert moved_blank.locator(".change-line").all_inner_texts() == ["Before: —", "After: —"]
+    assert moved_blank.locator(".change-diff").count() == 0
+    # The moved user whose licenses grew says what was added.
+    moved = page.locator("#changes-rows tr", has=page.get_by_text("x@evil.example", exact=True))
+    assert moved.locator(".change-diff").inner_text() == "+Microsoft 365 Business Premium"
     assert page.locator("#changes-org option").all_text_contents() == \
         ["All organizations"] + sorted(tonight, key=rule9)
     page.get_by_label("Organization", exact=True).select_option(HOSTILE_SCRIPT)  # the exact name, markup and all
-    expect(page.locator("#changes-rows tr")).to_have_count(2)
-    assert page.locator("#changes-rows .change-upn").all_text_contents() == ["gone@evil.example", "x@evil.example"]
+    expect(page.locator("#changes-rows tr")).to_have_count(3)
+    assert page.locator("#changes-rows .change-upn").all_text_contents() == \
+        ["backup.only@evil.example", "gone@evil.example", "x@evil.example"]
     expect(page.locator("#changes-summary")).to_contain_text(f"in {HOSTILE_SCRIPT} from the night of Mar 1, 2026")
-    assert page.locator("#changes img, #changes script, #changes b").count() == 0
+    assert page.locator("#changes img, #changes script, #changes b, #changes u").count() == 0
 
     org_button(page, HOSTILE_SCRIPT).click()
     expect(page.locator("#trend-chart svg")).to_be_visible()
@@ -794,6 +829,24 @@ def test_with_fewer_than_two_kept_nights_the_trend_and_changes_views_say_why(con
     assert page.locator("#trend-chart svg").count() == 0 and page.locator("#trend-rows tr").count() == 0
     expect(page.locator("#trend-legend")).to_be_hidden()
     page.keyboard.press("Escape")
+    # The Billing view (issue 23): no kept month, said so, and nothing asked of the billing API.
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if "/billing" in request.url else None)
+    page.get_by_role("tab", name="Billing months").click()
+    expect(page.locator("#billing-message")).to_have_text(
+        "No night is kept yet: a billing month appears with its first published night.")
+    assert asked == []
+    expect(page.get_by_label("Month", exact=True)).to_be_hidden()
+    expect(page.get_by_role("link", name="Download month CSV")).to_be_hidden()
+    # The views are tabs: arrow keys move between them, the chosen one alone is shown.
+    billing_tab = page.get_by_role("tab", name="Billing months")
+    assert billing_tab.get_attribute("aria-selected") == "true"
+    expect(page.locator("#org-table")).to_be_hidden()
+    billing_tab.press("ArrowLeft")
+    usage_tab = page.get_by_role("tab", name="Usage tonight")
+    assert usage_tab.get_attribute("aria-selected") == "true" and focused_is(page, usage_tab)
+    expect(page.locator("#org-table")).to_be_visible()
+    expect(page.locator("#billing")).to_be_hidden()
     seen.assert_clean(page)
 
     # One night kept (the shared published run): its numbers as one point, and no changes yet.

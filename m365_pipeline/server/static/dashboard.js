@@ -18,6 +18,10 @@
       since, ...(name ? { org: name } : {}), ...(format ? { format } : {}) })}`,
     coverage: (name, format) => `api/m365/coverage?${new URLSearchParams({
       ...(name === undefined ? {} : { org: name }), ...(format ? { format } : {}) })}`,
+    billing: (month, name, format) => `api/m365/billing?${new URLSearchParams({
+      month, ...(name === undefined ? {} : { org: name }), ...(format ? { format } : {}) })}`,
+    billingItems: (month, format) => `api/m365/billing/items?${new URLSearchParams({
+      month, ...(format ? { format } : {}) })}`,
   };
   const STALE_AFTER_MS = 24 * 60 * 60 * 1000;
   const REQUEST_TIMEOUT_MS = 20000;
@@ -46,6 +50,20 @@
     changesOrg: $("changes-org"), changesCsv: $("changes-csv"), changesSummary: $("changes-summary"),
     changesLoading: $("changes-loading"), changesMessage: $("changes-message"),
     changesMessageText: $("changes-message-text"), changesTable: $("changes-table"), changesRows: $("changes-rows"),
+    backupLegend: $("backup-legend"), downloadError: $("download-error"),
+    tabUsage: $("tab-usage"), tabBilling: $("tab-billing"), viewUsage: $("view-usage"), viewBilling: $("view-billing"),
+    billingMonth: $("billing-month"), billingBasis: $("billing-basis"), billingSearch: $("billing-search"),
+    billingCount: $("billing-count"), billingStatus: $("billing-status"), billingState: $("billing-state"),
+    billingCsv: $("billing-csv"), billingItemsCsv: $("billing-items-csv"), billingLoading: $("billing-loading"),
+    billingMessage: $("billing-message"), billingMessageText: $("billing-message-text"),
+    billingTable: $("billing-table"), billingRows: $("billing-rows"), billingTotalOrgs: $("billing-total-orgs"),
+    billingTotalEs: $("billing-total-es"), billingTotalM365: $("billing-total-m365"),
+    billingTotalBackup: $("billing-total-backup"),
+    billingDialog: $("billing-dialog"), billingOrgMonth: $("billing-org-month"), billingOrgTitle: $("billing-org-title"),
+    billingOrgMeta: $("billing-org-meta"), billingOrgClose: $("billing-org-close"), billingOrgCsv: $("billing-org-csv"),
+    billingOrgLoading: $("billing-org-loading"), billingOrgMessage: $("billing-org-message"),
+    billingOrgMessageText: $("billing-org-message-text"), billingOrgTable: $("billing-org-table"),
+    billingOrgCaption: $("billing-org-caption"), billingOrgRows: $("billing-org-rows"),
   };
 
   const numberFormat = new Intl.NumberFormat();
@@ -55,6 +73,8 @@
   });
   const relativeFormat = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
   const fmt = (n) => numberFormat.format(Number(n) || 0);
+  /** "1 organization", "2 organizations": every count the page writes goes through here. */
+  const plural = (n, one, many) => `${fmt(n)} ${Number(n) === 1 ? one : many}`;
 
   const state = {
     organizations: [], // [{org, row, button, lowerName}]
@@ -160,6 +180,7 @@
       renderSummary(body, headers);
       const nights = loadNights(controller.signal);
       state.nightsLoaded = nights;
+      resetBilling();
       loadDeltas(controller.signal, nights);
       initChanges(controller.signal, nights);
       showState("content");
@@ -275,21 +296,26 @@
       fragment.append(row);
     }
     el.orgRows.replaceChildren(fragment);
-    el.orgCount.textContent = `${fmt(shown)} of ${fmt(state.organizations.length)} organizations`;
+    el.orgCount.textContent = `${fmt(shown)} of ${plural(state.organizations.length, "organization",
+      "organizations")}`;
     renderTotals(needle === "" ? null : state.organizations.filter((item) => !item.row.hidden));
     for (const th of el.orgTable.tHead.querySelectorAll("th[data-key]")) {
       th.setAttribute("aria-sort", th.dataset.key === state.sortKey ? state.sortDir : "none");
     }
   }
 
-  /** The Total row sums what is shown: the API's totals unfiltered, else the matching organizations. */
+  /** The Total row sums what is shown, in every column: the API's totals unfiltered, else the sums of the
+   * matching organizations' rows (their deltas and backup coverage included). */
   function renderTotals(matching) {
     if (!state.totals) return;
     const sum = (key) => matching.reduce((s, item) => s + (Number(item.org[key]) || 0), 0);
     el.totalOrgs.textContent = matching
-      ? `of ${fmt(matching.length)} shown organizations` : `${fmt(state.totals.organizations)} organizations`;
+      ? `of ${plural(matching.length, "shown organization", "shown organizations")}`
+      : plural(state.totals.organizations, "organization", "organizations");
     el.totalEs.textContent = fmt(matching ? sum("es_user_count") : state.totals.es);
     el.totalM365.textContent = fmt(matching ? sum("m365_licensed_user_count") : state.totals.m365);
+    renderDeltaTotal(matching);
+    renderCoverageTotal(matching);
   }
 
   function onSortClick(event) {
@@ -341,33 +367,63 @@
     return Array.isArray(body.history) ? body.history.filter((n) => typeof n.date === "string") : [];
   }
 
+  const deltaView = { changes: null, deltas: null, since: "" };
+  const ZERO_DELTA = Object.freeze({ in: 0, out: 0 });
+
   /** The delta column appears only when an earlier night is kept to compare tonight with. */
   async function loadDeltas(signal, nightsLoaded) {
+    deltaView.changes = null;
     try {
       const nights = await nightsLoaded;
       if (nights.length < 2) return;
       const { body } = await fetchJson(API.changes, signal);
       const changes = Array.isArray(body.changes) ? body.changes : [];
-      const since = nights[nights.length - 2].date;
-      const deltas = deltasOf(changes);
-      const zero = { in: 0, out: 0 };
+      deltaView.changes = changes;
+      deltaView.since = nights[nights.length - 2].date;
+      deltaView.deltas = deltasOf(changes);
       for (const item of state.organizations) {
         item.row.querySelector(".col-delta")?.remove();
         // Before the coverage cell when that loaded first: the columns follow the header's order.
-        item.row.insertBefore(deltaCell(deltas.get(String(item.org[NAME_KEY])) || zero, since),
-          item.row.querySelector(".coverage-cell"));
+        item.row.insertBefore(deltaCell(deltaOf(item), deltaView.since), item.row.querySelector(".coverage-cell"));
       }
-      const total = [...deltas.values()].reduce((s, e) => ({ in: s.in + e.in, out: s.out + e.out }), zero);
-      const totalIn = changes.filter((c) => c.change === "added").length;
-      const totalOut = changes.filter((c) => c.change === "removed").length;
-      el.totalDelta.textContent = deltaText({ in: totalIn, out: totalOut });
-      el.totalDelta.title = `${fmt(totalIn)} added, ${fmt(totalOut)} removed since ${since}`
-        + ` (${fmt(total.in - totalIn)} moved between organizations)`;
       el.deltaHeading.hidden = false;
       el.totalDelta.hidden = false;
+      renderDeltaTotal(currentMatches());
     } catch (_) {
       // The counts stand without the delta column; nothing to tell the viewer beyond its absence.
     }
+  }
+
+  function deltaOf(item) {
+    return deltaView.deltas.get(String(item.org[NAME_KEY])) || ZERO_DELTA;
+  }
+
+  /** The organizations the search shows, or null when nothing is searched (the whole population). */
+  function currentMatches() {
+    const needle = el.orgSearch.value.trim() ? el.orgSearch.value.toLowerCase() : "";
+    return needle === "" ? null : state.organizations.filter((item) => !item.row.hidden);
+  }
+
+  /** Unfiltered: everyone added and removed since the previous night, customers that left included (a move
+   * between two organizations changes no total). Under a search: the sum of the shown rows. */
+  function renderDeltaTotal(matching) {
+    const changes = deltaView.changes;
+    if (!changes) return;
+    const since = deltaView.since;
+    if (matching) {
+      const total = matching.reduce((s, item) => ({ in: s.in + deltaOf(item).in, out: s.out + deltaOf(item).out }),
+        { in: 0, out: 0 });
+      el.totalDelta.textContent = deltaText(total);
+      el.totalDelta.title = `The shown organizations' rows added up: ${fmt(total.in)} added or moved in, `
+        + `${fmt(total.out)} removed or moved out since ${since}`;
+      return;
+    }
+    const totalIn = changes.filter((c) => c.change === "added").length;
+    const totalOut = changes.filter((c) => c.change === "removed").length;
+    const moved = changes.filter((c) => c.change === "moved").length;
+    el.totalDelta.textContent = deltaText({ in: totalIn, out: totalOut });
+    el.totalDelta.title = `${fmt(totalIn)} added, ${fmt(totalOut)} removed since ${since}`
+      + ` (${plural(moved, "user", "users")} moved between organizations)`;
   }
 
   // -- freshness --------------------------------------------------------------------------
@@ -464,6 +520,11 @@
     upn.dataset.label = "UPN";
     const lic = make("td", licenses ? "user-licenses" : "user-licenses is-empty", licenses || "—");
     lic.dataset.label = "Licenses";
+    if (!licenses) {
+      // Rule 6: a published user with no license names is one source S does not know; the backup's
+      // licensed mailbox stands in, for the email flag too.
+      lic.append(make("span", "user-licenses__why", BACKUP_ONLY_NOTE));
+    }
     const email = make("td", "center user-es");
     email.dataset.label = "Email";
     if (esLicensed) {
@@ -479,6 +540,9 @@
     return row;
   }
 
+  const BACKUP_ONLY_NOTE = "Known only from the backup: the SaaS source does not list this user, so there are no "
+    + "license names; the backup's licensed mailbox counts instead (with the ES badge, as an email user).";
+
   function renderUsers() {
     const all = drill.users;
     const query = el.userSearch.value;
@@ -493,15 +557,15 @@
       showUsersState("empty");
       return;
     }
-    const shown = needle === "" ? `${fmt(all.length)} ${all.length === 1 ? "user" : "users"}`
-      : `${fmt(matches.length)} of ${fmt(all.length)} users`;
+    const shown = needle === "" ? plural(all.length, "user", "users")
+      : `${fmt(matches.length)} of ${plural(all.length, "user", "users")}`;
     el.usersCount.textContent = `${shown} · ${fmt(esCount)} with an email (ES) license`;
     const fragment = document.createDocumentFragment();
     for (const user of matches) fragment.append(userRow(user));
     if (matches.length === 0) {
       const row = make("tr", "no-match");
       const cell = make("td", "", `No users match “${query.trim()}”.`);
-      cell.colSpan = 4;
+      cell.colSpan = drillCoverage.byUpn ? 5 : 4;
       row.append(cell);
       fragment.append(row);
     }
@@ -530,7 +594,7 @@
   // -- backup coverage (docs/RULES.md, rule 13) ------------------------------------------------
   // Optional: when source B is not configured the API answers 404 and the page shows no coverage.
 
-  const coverage = { byName: null, controller: null };
+  const coverage = { byName: null, totals: null, controller: null };
   const drillCoverage = { rows: null, byUpn: null, controller: null };
   const BACKUP_LABELS = {
     active: "Backed up", excluded: "Excluded", available: "Not added", none: "Not in backup",
@@ -594,10 +658,25 @@
       if (show) item.row.append(entry ? fillCoverage(make("td", "num coverage-cell"), organizationCounts(entry))
         : make("td", "num coverage-cell is-zero", "—"));
     }
-    if (show) {
-      fillCoverage(el.totalCoverage, { es: totals.total_es_users, backedUp: totals.total_es_users_backed_up,
-        missing: totals.total_es_users_not_backed_up, unbilled: totals.total_backed_up_without_email_license });
+    coverage.totals = show ? totals : null;
+    renderCoverageTotal(currentMatches());
+  }
+
+  /** The coverage total: the API's totals unfiltered, else the shown organizations' counts added up. */
+  function renderCoverageTotal(matching) {
+    if (!coverage.byName || !coverage.totals) return;
+    const totals = coverage.totals;
+    let counts = { es: totals.total_es_users, backedUp: totals.total_es_users_backed_up,
+      missing: totals.total_es_users_not_backed_up, unbilled: totals.total_backed_up_without_email_license };
+    if (matching) {
+      counts = { es: 0, backedUp: 0, missing: 0, unbilled: 0 };
+      for (const item of matching) {
+        const entry = coverage.byName.get(String(item.org[NAME_KEY]));
+        if (!entry) continue;
+        for (const [key, value] of Object.entries(organizationCounts(entry))) counts[key] += Number(value) || 0;
+      }
     }
+    fillCoverage(el.totalCoverage, counts);
   }
 
   async function loadUserCoverage(name) {
@@ -630,6 +709,7 @@
       el.coverageCsv.href = API.coverage(String(entry.organization_name), "csv");
     }
     el.usersBackupHead.hidden = !drillCoverage.byUpn;
+    el.backupLegend.hidden = !drillCoverage.byUpn;
     el.unbilled.hidden = !drillCoverage.rows;
     if (!drillCoverage.rows) return;
     const unbilled = drillCoverage.rows.filter((r) => r.backup_status === "active" && r.has_email_license !== true);
@@ -672,7 +752,6 @@
     return (short ? nightShortFormat : nightFormat).format(day);
   }
 
-  const plural = (n, one, many) => `${fmt(n)} ${n === 1 ? one : many}`;
   const compactFormat = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
 
   // -- trend chart in the drill-down (docs/RULES.md, rule 11) ----------------------------------
@@ -843,6 +922,13 @@
     added: "Added", removed: "Removed", moved: "Moved", email_gained: "Email gained", email_lost: "Email lost",
     licenses_changed: "Licenses changed",
   };
+  /** How the summary counts each kind: [one, many] ("1 license change", not "1 licenses changed"). */
+  const CHANGE_COUNTS = {
+    added: ["added", "added"], removed: ["removed", "removed"], moved: ["moved", "moved"],
+    email_gained: ["gained an email license", "gained an email license"],
+    email_lost: ["lost the email license", "lost the email license"],
+    licenses_changed: ["license change", "license changes"],
+  };
   const CHANGES_SHOWN_MAX = 2000; // more rows than anyone reads on a page: the CSV has them all
   const changesView = { nights: [], controller: null };
 
@@ -944,7 +1030,7 @@
     const to = typeof body.to === "string" ? body.to.slice(0, 10) : "";
     const scope = org ? ` in ${org}` : "";
     const counts = Object.keys(CHANGE_LABELS).map((kind) => [kind, changes.filter((c) => c.change === kind).length])
-      .filter(([, n]) => n > 0).map(([kind, n]) => `${fmt(n)} ${CHANGE_LABELS[kind].toLowerCase()}`);
+      .filter(([, n]) => n > 0).map(([kind, n]) => plural(n, ...CHANGE_COUNTS[kind]));
     const range = `from the night of ${formatNight(from)} to ${formatNight(to)}`;
     const nearest = from !== since ? ` (the latest kept night on or before ${formatNight(since)})` : "";
     if (changes.length === 0) {
@@ -960,8 +1046,25 @@
     showChangesState("table");
   }
 
-  function optionalText(value) {
-    return value === null || value === undefined ? "—" : String(value);
+  /** A licenses field of a change: a dash when absent (null) or when the user has no license names (""). */
+  function licensesText(value) {
+    return value === null || value === undefined || value === "" ? "—" : String(value);
+  }
+
+  /** Rule 6's licenses as a list: split on ", ", one entry per name ignoring case. */
+  function licenseNames(value) {
+    if (typeof value !== "string" || value === "") return [];
+    const seen = new Map();
+    for (const name of value.split(", ")) if (!seen.has(name.toLowerCase())) seen.set(name.toLowerCase(), name);
+    return [...seen.values()];
+  }
+
+  /** What a change added and removed: names compared ignoring case, as rule 6 counts them once. */
+  function licenseDiff(before, after) {
+    const was = new Set(licenseNames(before).map((n) => n.toLowerCase()));
+    const now = new Set(licenseNames(after).map((n) => n.toLowerCase()));
+    return { added: licenseNames(after).filter((n) => !was.has(n.toLowerCase())),
+      removed: licenseNames(before).filter((n) => !now.has(n.toLowerCase())) };
   }
 
   function emailText(value) {
@@ -990,16 +1093,413 @@
     licenses.dataset.label = "Licenses";
     const email = make("td", "center change-email");
     email.dataset.label = "Email license";
+    const before = change.licenses_before;
+    const after = change.licenses_after;
+    if (typeof before === "string" && typeof after === "string") {
+      const { added, removed } = licenseDiff(before, after);
+      if (added.length || removed.length) {
+        const diff = make("span", "change-diff");
+        for (const name of added) diff.append(make("span", "change-diff__added", `+${name}`), " ");
+        for (const name of removed) diff.append(make("span", "change-diff__removed", `\u2212${name}`), " ");
+        diff.lastChild.remove();
+        licenses.append(diff);
+      }
+    }
     for (const [when, label] of [["before", "Before"], ["after", "After"]]) {
       const line = make("span", `change-line change-line--${when}`);
-      line.append(make("span", "change-line__label", `${label}: `),
-        make("span", `change-licenses-${when}`, optionalText(change[`licenses_${when}`])));
+      const value = change[`licenses_${when}`];
+      const text = make("span", `change-licenses-${when}`, licensesText(value));
+      if (value === "") text.classList.add("is-no-names");
+      if (value === "") text.title = "No license names: the user is known only from the backup";
+      line.append(make("span", "change-line__label", `${label}: `), text);
       licenses.append(line);
       if (when === "after") email.append(make("span", "change-arrow", " → "));
       email.append(make("span", `change-email-${when}`, emailText(change[`has_email_license_${when}`])));
     }
     row.append(kindCell, orgCell, user, licenses, email);
     return row;
+  }
+
+
+  // -- downloads with a byte-order mark (issue 26) ------------------------------------------------
+  // Excel reads a CSV without a BOM in the machine's code page and garbles "Müller & Söhne". The API's
+  // bytes stay as documented; the page fetches them (same origin, so the browser's HTTP Basic
+  // credentials go along) and saves U+FEFF + those bytes under the server's file name.
+
+  const BOM = new Uint8Array([0xef, 0xbb, 0xbf]);
+
+  /** The file name of a Content-Disposition header (RFC 6266: filename* first), or "". */
+  function dispositionName(header) {
+    if (!header) return "";
+    const extended = /filename\*\s*=\s*UTF-8''([^;]+)/iu.exec(header);
+    if (extended) {
+      try {
+        return decodeURIComponent(extended[1].trim());
+      } catch (_) {
+        // fall through to the plain parameter
+      }
+    }
+    const plain = /filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))/iu.exec(header);
+    return plain ? (plain[1] !== undefined ? plain[1].replace(/\\(.)/gu, "$1") : plain[2]) : "";
+  }
+
+  async function downloadWithBom(link) {
+    const response = await fetch(link.href, { headers: { Accept: "text/csv" } });
+    if (!response.ok) {
+      let message = response.statusText;
+      try {
+        const body = await response.json();
+        if (body && typeof body.error === "string") message = body.error;
+      } catch (_) {
+        // not the API's error shape: the status says it
+      }
+      throw new Error(`HTTP ${response.status}: ${message}`);
+    }
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    const hasBom = bytes.length >= 3 && bytes[0] === BOM[0] && bytes[1] === BOM[1] && bytes[2] === BOM[2];
+    const blob = new Blob(hasBom ? [bytes] : [BOM, bytes], { type: "text/csv;charset=utf-8" });
+    const name = dispositionName(response.headers.get("Content-Disposition"))
+      || link.getAttribute("download") || "m365.csv";
+    const url = URL.createObjectURL(blob);
+    const save = make("a");
+    save.href = url;
+    save.download = name;
+    save.hidden = true;
+    document.body.append(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+
+  function onDownloadClick(event) {
+    const link = event.target.closest("a[data-bom]");
+    if (!link || event.defaultPrevented || event.button !== 0) return;
+    if (event.ctrlKey || event.metaKey || event.shiftKey || event.altKey) return; // the browser's own choices
+    event.preventDefault();
+    if (link.getAttribute("aria-busy") === "true") return;
+    link.setAttribute("aria-busy", "true");
+    el.downloadError.hidden = true;
+    downloadWithBom(link).catch((err) => {
+      el.downloadError.textContent = `The download failed. ${err.message || err}`;
+      el.downloadError.hidden = false;
+    }).finally(() => link.removeAttribute("aria-busy"));
+  }
+
+  // -- views: usage tonight and billing months ------------------------------------------------------
+
+  function showView(name, focus = false) {
+    const billing = name === "billing";
+    el.tabUsage.setAttribute("aria-selected", String(!billing));
+    el.tabBilling.setAttribute("aria-selected", String(billing));
+    el.tabUsage.tabIndex = billing ? -1 : 0;
+    el.tabBilling.tabIndex = billing ? 0 : -1;
+    el.viewUsage.hidden = billing;
+    el.viewBilling.hidden = !billing;
+    if (focus) (billing ? el.tabBilling : el.tabUsage).focus();
+    if (billing) initBilling();
+  }
+
+  function onTabKey(event) {
+    if (!["ArrowLeft", "ArrowRight", "Home", "End"].includes(event.key)) return;
+    event.preventDefault();
+    const toBilling = event.key === "End" || (event.key !== "Home" && event.currentTarget === el.tabUsage);
+    showView(toBilling ? "billing" : "usage", true);
+  }
+
+  // -- Billing months (docs/RULES.md, rules 14 and 15) -----------------------------------------------
+  // Loaded only when the viewer opens the view. The months are those with a kept night (from
+  // /api/m365/history); a month is closed once a later night is kept, and then shows its seal.
+
+  const BASES = { peak: "peak", end: "end of month", average: "daily average" };
+  const BILLING_METRICS = [
+    { key: "es_user_count", total: "total_es_user_count", cell: "billingTotalEs" },
+    { key: "m365_licensed_user_count", total: "total_m365_licensed_user_count", cell: "billingTotalM365" },
+    { key: "backup_seats", total: "total_backup_seats", cell: "billingTotalBackup" },
+  ];
+  const SEAL_LENGTH = 12;
+  const monthFormat = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "long", timeZone: "UTC" });
+  const averageFormat = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  const billing = {
+    started: false, months: [], bodies: new Map(), rows: [], body: null, sortKey: NAME_KEY, sortDir: "ascending",
+    controller: null, orgController: null, opener: null,
+  };
+
+  function formatMonth(month) {
+    const day = new Date(`${month}-01T00:00:00Z`);
+    return Number.isNaN(day.getTime()) ? month : monthFormat.format(day);
+  }
+
+  const shortSeal = (sha) => String(sha).slice(0, SEAL_LENGTH);
+
+  /** A figure on a basis: averages with two decimals (rule 14 rounds them so), counts whole. */
+  function billingFigure(value, basis) {
+    const n = Number(value) || 0;
+    return basis === "average" ? averageFormat.format(n) : fmt(n);
+  }
+
+  /** The kept months, oldest first: [{month, closed}] from the kept nights' dates. */
+  function keptMonths(nights) {
+    const months = [...new Set(nights.map((n) => n.date.slice(0, 7)))].sort();
+    return months.map((month, i) => ({ month, closed: i < months.length - 1 }));
+  }
+
+  function showBillingState(name, message = "") {
+    el.billingLoading.hidden = name !== "loading";
+    el.billingMessage.hidden = name !== "message";
+    el.billingTable.hidden = name !== "table";
+    el.billingStatus.hidden = name !== "table";
+    el.billingMessageText.textContent = message;
+    el.viewBilling.setAttribute("aria-busy", String(name === "loading"));
+  }
+
+  function monthOptionText(entry) {
+    const body = billing.bodies.get(entry.month);
+    const closed = body ? body.closed === true : entry.closed;
+    if (!closed) return `${formatMonth(entry.month)} · open`;
+    const sha = body && typeof body.sha256 === "string" ? ` · sealed ${shortSeal(body.sha256)}` : " · closed";
+    return `${formatMonth(entry.month)}${sha}`;
+  }
+
+  function fillMonthOptions() {
+    const chosen = el.billingMonth.value;
+    el.billingMonth.replaceChildren(...[...billing.months].reverse().map((entry) => {
+      const option = make("option", "", monthOptionText(entry));
+      option.value = entry.month;
+      option.dataset.state = (billing.bodies.get(entry.month)?.closed ?? entry.closed) ? "closed" : "open";
+      return option;
+    }));
+    if (chosen && billing.months.some((m) => m.month === chosen)) el.billingMonth.value = chosen;
+  }
+
+  /** A reloaded summary may bring new nights: the billing view asks again when it is next shown. */
+  function resetBilling() {
+    if (billing.controller) billing.controller.abort();
+    billing.started = false;
+    billing.bodies.clear();
+    if (!el.viewBilling.hidden) initBilling();
+  }
+
+  async function initBilling() {
+    if (billing.started) return;
+    billing.started = true;
+    showBillingState("loading");
+    let nights;
+    try {
+      nights = await state.nightsLoaded;
+    } catch (err) {
+      if (err.kind === "http" && err.status === 404) {
+        nights = []; // the history's word for "no night is kept yet"
+      } else {
+        billing.started = false; // the next visit tries again
+        showBillingState("message", `The kept nights could not be loaded. ${err.message || err}`);
+        return;
+      }
+    }
+    billing.months = keptMonths(nights);
+    el.billingMonth.closest(".changes__form").hidden = billing.months.length === 0;
+    el.billingSearch.closest(".search").hidden = billing.months.length === 0;
+    if (billing.months.length === 0) {
+      showBillingState("message", "No night is kept yet: a billing month appears with its first published night.");
+      return;
+    }
+    fillMonthOptions();
+    el.billingMonth.value = billing.months[billing.months.length - 1].month;
+    await loadBillingMonth();
+    // The seals of the other closed months, for the picker (small answers, asked once each).
+    for (const entry of billing.months) {
+      if (!entry.closed || billing.bodies.has(entry.month) || !billing.available) continue;
+      fetchJson(API.billing(entry.month)).then(({ body }) => {
+        billing.bodies.set(entry.month, body);
+        fillMonthOptions();
+      }).catch(() => {});
+    }
+  }
+
+  async function loadBillingMonth() {
+    const month = el.billingMonth.value;
+    if (!month) return;
+    if (billing.controller) billing.controller.abort();
+    const controller = new AbortController();
+    billing.controller = controller;
+    try {
+      let body = billing.bodies.get(month);
+      if (!body) {
+        showBillingState("loading");
+        ({ body } = await fetchJson(API.billing(month), controller.signal));
+        billing.bodies.set(month, body);
+      }
+      billing.available = true;
+      renderBillingMonth(month, body);
+      fillMonthOptions();
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      // The server's word for a path it does not know: an m365-serve from before billing months.
+      const missing = err.kind === "http" && err.status === 404 && err.detail === "not found";
+      showBillingState("message", missing
+        ? "This server does not publish billing months: update m365-serve and run the pipeline again."
+        : `The billing month could not be loaded. ${err.detail || err.message || err}`);
+    } finally {
+      if (billing.controller === controller) billing.controller = null;
+    }
+  }
+
+  function renderBillingMonth(month, body) {
+    billing.body = body;
+    const organizations = Array.isArray(body.organizations) ? body.organizations : [];
+    billing.rows = organizations.map((org, index) => {
+      const row = make("tr");
+      const nameCell = make("th", "col-name");
+      nameCell.scope = "row";
+      const button = make("button", "org-link", String(org.organization_name));
+      button.type = "button";
+      button.dataset.index = String(index);
+      nameCell.append(button);
+      row.append(nameCell, ...BILLING_METRICS.map(() => make("td", "num")));
+      return { org, row, lowerName: String(org.organization_name).toLowerCase() };
+    });
+    const days = Number(body.days) || 0;
+    const nights = Number(body.nights) || 0;
+    const kept = `${plural(nights, "kept night", "kept nights")}${nights && body.first_night
+      ? ` (${formatNight(body.first_night)}${nights > 1 ? ` to ${formatNight(body.last_night)}` : ""})` : ""}`;
+    el.billingState.replaceChildren();
+    if (body.closed === true) {
+      const seal = make("code", "billing-seal", shortSeal(body.sha256 ?? ""));
+      seal.title = `SHA-256 of the month's CSV: ${body.sha256}`;
+      el.billingState.dataset.state = "closed";
+      el.billingState.append(make("span", "badge badge--closed", "Closed"), ` ${formatMonth(month)}, sealed `, seal,
+        `: its figures never change. ${plural(days, "day", "days")}, ${kept}.`);
+    } else {
+      el.billingState.dataset.state = "open";
+      el.billingState.append(make("span", "badge badge--open", "Open"), ` ${formatMonth(month)} so far: `
+        + `${plural(days, "day", "days")}, ${kept}. The figures change with each night until the month closes.`);
+    }
+    el.billingCsv.href = API.billing(month, undefined, "csv");
+    el.billingCsv.download = `m365-billing-${month}.csv`;
+    el.billingItemsCsv.href = API.billingItems(month, "csv");
+    el.billingItemsCsv.download = `m365-billing-items-${month}.csv`;
+    showBillingState("table");
+    applyBillingOrder();
+  }
+
+  function applyBillingOrder() {
+    const basis = el.billingBasis.value;
+    const field = (key) => (key === NAME_KEY ? key : `${key}_${basis}`);
+    const direction = billing.sortDir === "ascending" ? 1 : -1;
+    const byName = (a, b) => compareNames(a.org[NAME_KEY], b.org[NAME_KEY]);
+    const key = billing.sortKey;
+    const sorted = [...billing.rows].sort((a, b) => (key === NAME_KEY ? direction * byName(a, b)
+      : direction * ((Number(a.org[field(key)]) || 0) - (Number(b.org[field(key)]) || 0)) || byName(a, b)));
+    const query = el.billingSearch.value;
+    const needle = query.trim() ? query.toLowerCase() : "";
+    const fragment = document.createDocumentFragment();
+    let shown = 0;
+    for (const item of sorted) {
+      item.row.hidden = needle !== "" && !item.lowerName.includes(needle);
+      if (!item.row.hidden) shown += 1;
+      BILLING_METRICS.forEach((metric, i) => {
+        const value = item.org[field(metric.key)];
+        const cell = item.row.cells[i + 1];
+        cell.textContent = billingFigure(value, basis);
+        cell.classList.toggle("is-zero", !(Number(value) > 0));
+      });
+      fragment.append(item.row);
+    }
+    if (shown === 0) {
+      const row = make("tr", "no-match");
+      const cell = make("td", "", billing.rows.length === 0 ? "No organization is in this month's report."
+        : `No organizations match “${query.trim()}”.`);
+      cell.colSpan = 4;
+      row.append(cell);
+      fragment.append(row);
+    }
+    el.billingRows.replaceChildren(fragment);
+    el.billingCount.textContent = `${fmt(shown)} of ${plural(billing.rows.length, "organization", "organizations")}`;
+    const matching = needle === "" ? null : billing.rows.filter((item) => !item.row.hidden);
+    const totals = (billing.body && billing.body.totals) || {};
+    el.billingTotalOrgs.textContent = matching
+      ? `of ${plural(matching.length, "shown organization", "shown organizations")}`
+      : plural(totals.total_organizations ?? billing.rows.length, "organization", "organizations");
+    for (const metric of BILLING_METRICS) {
+      const value = matching
+        ? matching.reduce((s, item) => s + (Number(item.org[field(metric.key)]) || 0), 0)
+        : totals[`${metric.total}_${basis}`];
+      // Sums of two-decimal averages: rounded again, so float noise never shows.
+      el[metric.cell].textContent = billingFigure(basis === "average" ? Math.round(value * 100) / 100 : value, basis);
+    }
+    for (const th of el.billingTable.tHead.querySelectorAll("th[data-key]")) {
+      th.setAttribute("aria-sort", th.dataset.key === billing.sortKey ? billing.sortDir : "none");
+    }
+  }
+
+  function onBillingSortClick(event) {
+    const button = event.target.closest("button.sort");
+    if (!button) return;
+    const key = button.closest("th").dataset.key;
+    if (key === billing.sortKey) {
+      billing.sortDir = billing.sortDir === "ascending" ? "descending" : "ascending";
+    } else {
+      billing.sortKey = key;
+      billing.sortDir = key === NAME_KEY ? "ascending" : "descending";
+    }
+    applyBillingOrder();
+  }
+
+  function showBillingOrgState(name, message = "") {
+    el.billingOrgLoading.hidden = name !== "loading";
+    el.billingOrgMessage.hidden = name !== "message";
+    el.billingOrgTable.hidden = name !== "table";
+    el.billingOrgCsv.hidden = name !== "table";
+    el.billingOrgMessageText.textContent = message;
+    el.billingDialog.setAttribute("aria-busy", String(name === "loading"));
+  }
+
+  async function openBillingOrg(item, opener) {
+    const month = el.billingMonth.value;
+    const name = String(item.org.organization_name);
+    billing.opener = opener;
+    el.billingOrgMonth.textContent = `Billing · ${formatMonth(month)}`;
+    el.billingOrgTitle.textContent = name;
+    const basis = el.billingBasis.value;
+    el.billingOrgMeta.textContent = BILLING_METRICS.map((m, i) => `${["ES users", "licensed users", "backup seats"][i]} `
+      + billingFigure(item.org[`${m.key}_${basis}`], basis)).join(" · ") + ` (${BASES[basis]})`;
+    el.billingOrgRows.replaceChildren();
+    for (const th of el.billingOrgTable.tHead.querySelectorAll("th[data-basis]")) {
+      th.classList.toggle("is-basis", th.dataset.basis === basis);
+    }
+    if (!el.billingDialog.open) el.billingDialog.showModal();
+    el.billingOrgClose.focus();
+    if (billing.orgController) billing.orgController.abort();
+    const controller = new AbortController();
+    billing.orgController = controller;
+    showBillingOrgState("loading");
+    try {
+      const { body } = await fetchJson(API.billing(month, name), controller.signal);
+      const licenses = Array.isArray(body.licenses) ? body.licenses : [];
+      el.billingOrgCaption.textContent = `${name}: licenses in ${formatMonth(month)}`;
+      el.billingOrgRows.replaceChildren(...licenses.map((lic) => {
+        const row = make("tr");
+        const cell = make("th", "billing-license", String(lic.license_name ?? ""));
+        cell.scope = "row";
+        row.append(cell, ...["peak", "end", "average", "seat_days"].map((b) => {
+          const td = make("td", `num${b === basis ? " is-basis" : ""}`, billingFigure(lic[`users_${b}`], b));
+          td.dataset.basis = b;
+          return td;
+        }));
+        return row;
+      }));
+      el.billingOrgCsv.href = API.billing(month, name, "csv");
+      el.billingOrgCsv.download = `m365-billing-${month}-licenses.csv`;
+      if (licenses.length === 0) {
+        showBillingOrgState("message", `No user of ${name} held a license on the days of ${formatMonth(month)}.`);
+      } else {
+        showBillingOrgState("table");
+      }
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      showBillingOrgState("message", `The licenses could not be loaded. ${err.detail || err.message || err}`);
+    } finally {
+      if (billing.orgController === controller) billing.orgController = null;
+    }
   }
 
   // -- wiring -----------------------------------------------------------------------------
@@ -1023,6 +1523,34 @@
   el.dialog.addEventListener("click", onDialogClick);
   el.changesSince.addEventListener("change", loadChanges);
   el.changesOrg.addEventListener("change", loadChanges);
+  document.addEventListener("click", onDownloadClick);
+  el.tabUsage.addEventListener("click", () => showView("usage"));
+  el.tabBilling.addEventListener("click", () => showView("billing"));
+  el.tabUsage.addEventListener("keydown", onTabKey);
+  el.tabBilling.addEventListener("keydown", onTabKey);
+  el.billingMonth.addEventListener("change", loadBillingMonth);
+  el.billingBasis.addEventListener("change", applyBillingOrder);
+  el.billingSearch.addEventListener("input", applyBillingOrder);
+  el.billingSearch.addEventListener("search", applyBillingOrder);
+  el.billingTable.tHead.addEventListener("click", onBillingSortClick);
+  el.billingRows.addEventListener("click", (event) => {
+    const button = event.target.closest("button.org-link");
+    if (!button) return;
+    const item = billing.rows[Number(button.dataset.index)];
+    if (item) openBillingOrg(item, button);
+  });
+  el.billingOrgClose.addEventListener("click", () => el.billingDialog.close());
+  el.billingDialog.addEventListener("close", () => {
+    if (billing.orgController) billing.orgController.abort();
+    if (billing.opener && billing.opener.isConnected) billing.opener.focus();
+    billing.opener = null;
+  });
+  el.billingDialog.addEventListener("click", (event) => {
+    if (event.target !== el.billingDialog) return;
+    const box = el.billingDialog.getBoundingClientRect();
+    if (event.clientX < box.left || event.clientX > box.right || event.clientY < box.top
+      || event.clientY > box.bottom) el.billingDialog.close();
+  });
   setInterval(() => { if (!el.content.hidden) updateFreshness(); }, 60000);
 
   loadSummary();
