@@ -132,12 +132,14 @@ def run_contract(path: Path) -> None:
 
 
 def build_and_publish(builder: RawBuilder, *, raise_on_error: bool = True):
-    """Like ``build_and_run`` (no checks), then the publish step, which records the night (rule 11)."""
+    """Like ``build_and_run`` (no checks), then the publish step, which records the night (rule 11) with its
+    backup seats (rule 14: so the coverage assets it depends on run too)."""
     from m365_pipeline.assets.core import core_assets
+    from m365_pipeline.assets.coverage import coverage_assets
     from m365_pipeline.assets.export import dashboard_api
     from m365_pipeline.assets.marts import marts_assets
 
-    return materialize([*core_assets, *marts_assets, dashboard_api],
+    return materialize([*core_assets, *marts_assets, *coverage_assets, dashboard_api],
                        resources=contract_resources(builder.write()), raise_on_error=raise_on_error)
 
 
