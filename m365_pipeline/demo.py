@@ -124,6 +124,24 @@ class Children:
                 say(f"{name} did not stop in 15 s; killing it")
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        # A leader gone may leave members of its group (dagster dev's code server, stopped as it started):
+        # they get a few seconds, then nothing of ours is left running.
+        deadline = time.monotonic() + 5
+        while (alive := [proc for _, proc in self.processes if group_alive(proc.pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_simulator(children: Children, env: dict[str, str], port: int, *options: str) -> dict[str, str]:
