@@ -86,39 +86,56 @@ FROM report
 ORDER BY lower(organization_name), organization_name;
 
 -- billing_licenses_all(month): one row per organization and license (rule 6's names, equal ignoring case
--- as one, spelled as the first by rule 9 on the nights in force) with a non-zero figure.
+-- as one, spelled as the first by rule 9 on the nights in force) with a non-zero figure. A history row
+-- [valid_from, valid_to) adds a holder from valid_from and removes one at valid_to, so the holders on a
+-- night are a running sum of those steps: the work grows with the history rows, not rows × nights.
 CREATE OR REPLACE MACRO marts.billing_licenses_all(month) AS TABLE
-WITH days AS (SELECT * FROM marts.billing_days(month)),
-n_days AS (SELECT count(*) AS n, max(day) AS last_day FROM days),
-nights_in_force AS (SELECT DISTINCT night FROM days WHERE night IS NOT NULL),
-held AS (
-    SELECT n.night, u.organization_name, license.name AS license_name
-    FROM nights_in_force AS n
-    JOIN marts.published_users_history AS u
-      ON u.valid_from <= n.night AND (u.valid_to IS NULL OR u.valid_to > n.night)
+WITH days AS (SELECT * FROM marts.billing_days(month) WHERE night IS NOT NULL),
+window_ AS (SELECT min(night) AS first_night, max(night) AS last_night, max(day) AS last_day,
+                   (SELECT count(*) FROM marts.billing_days(month)) AS n FROM days),
+held AS (  -- the rows published on a night in force (every kept night between the first and last is)
+    SELECT u.organization_name, license.name AS license_name, u.valid_from, u.valid_to
+    FROM marts.published_users_history AS u
     CROSS JOIN unnest(string_split(u.licenses, ', ')) AS license(name)
-    WHERE u.licenses <> ''
+    WHERE u.licenses <> '' AND u.valid_from <= (SELECT last_night FROM window_)
+      AND (u.valid_to IS NULL OR u.valid_to > (SELECT first_night FROM window_))
 ),
-per_night AS (
-    SELECT night, organization_name, lower(license_name) AS license_key, count(*) AS users
-    FROM held GROUP BY ALL
+steps AS (
+    SELECT organization_name, license_key, changed_on, sum(step) AS step FROM (
+        SELECT organization_name, lower(license_name) AS license_key, valid_from AS changed_on, 1 AS step FROM held
+        UNION ALL
+        SELECT organization_name, lower(license_name), valid_to, -1 FROM held WHERE valid_to IS NOT NULL
+    ) GROUP BY ALL
+),
+levels AS (
+    SELECT organization_name, license_key, changed_on,
+           sum(step) OVER (PARTITION BY organization_name, license_key ORDER BY changed_on) AS users
+    FROM steps
+),
+grid AS (
+    SELECT k.organization_name, k.license_key, d.day, d.night
+    FROM (SELECT DISTINCT organization_name, license_key FROM steps) AS k CROSS JOIN days AS d
+),
+counted AS (
+    SELECT g.organization_name, g.license_key, g.day, coalesce(l.users, 0) AS users
+    FROM grid AS g ASOF LEFT JOIN levels AS l
+      ON g.organization_name = l.organization_name AND g.license_key = l.license_key AND g.night >= l.changed_on
 ),
 spelling AS (
     SELECT organization_name, lower(license_name) AS license_key, min(license_name) AS license_name
     FROM held GROUP BY ALL
 ),
 figures AS (
-    SELECT p.organization_name, p.license_key, max(p.users) AS peak,
-           sum(p.users) FILTER (WHERE d.day = (SELECT last_day FROM n_days)) AS last,
-           sum(p.users) AS seat_days
-    FROM days AS d JOIN per_night AS p ON p.night = d.night
-    GROUP BY ALL
+    SELECT organization_name, license_key, max(users) AS peak,
+           sum(users) FILTER (WHERE day = (SELECT last_day FROM window_)) AS last, sum(users) AS seat_days
+    FROM counted GROUP BY ALL
 )
 SELECT f.organization_name, s.license_name, f.peak::BIGINT AS users_peak,
        coalesce(f.last, 0)::BIGINT AS users_end, f.seat_days::BIGINT AS users_seat_days,
-       marts.billing_average(f.seat_days, (SELECT n FROM n_days)) AS users_average
+       marts.billing_average(f.seat_days, (SELECT n FROM window_)) AS users_average
 FROM figures AS f JOIN spelling AS s USING (organization_name, license_key)
 SEMI JOIN marts.billing_month(month) AS r USING (organization_name)
+WHERE f.peak > 0
 ORDER BY lower(f.organization_name), f.organization_name, lower(s.license_name), s.license_name;
 
 -- billing_licenses(month, org): one organization's license rows.
