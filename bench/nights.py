@@ -1,7 +1,7 @@
 """Nights kept (rules 11-12) and backup coverage (rule 13) at scale, without pulling over HTTP every night.
 
     .venv/bin/python bench/nights.py                       # 30 nights at 100k, then 2 nights at 1M (~35 min)
-    .venv/bin/python bench/nights.py --no-1m               # the 100k cell only (~15 min)
+    .venv/bin/python bench/nights.py --cells 100k          # the 100k cell only (31 nights, closes January)
 
 Each night the simulator's records for that night (`m365-simulate --night N`'s data, generated in-process)
 are landed through the product's own staging files (`landing.StagingFile`, as the raw assets do) with that
@@ -52,9 +52,12 @@ SEED = 42
 # The served simulator turns over 1/60 and relicenses 1/30 of its slots a night (~4 % of the published
 # users change), issue 13's figure is for about 1 %: the dataset's bench-only knob divides it (6: ~1.1 %).
 CHURN_DIVISOR = 6
-BASE_DAY = datetime(2026, 1, 1, 23, 0, tzinfo=UTC)  # night 0's collection time; night N is N days later
+# Night 0's collection time; night N is N days later. Nights 0-29 are January 2-31 and night 30 is February 1,
+# so a 31-night cell closes January (30 kept nights) and seals it on its last night (rules 14-15).
+BASE_DAY = datetime(2026, 1, 2, 23, 0, tzinfo=UTC)
 COVERAGE_KEYS = (("core", "backup_coverage"), ("marts", "org_backup_coverage"))
 NIGHT_WORK = ("record_night", "write_history_files", "write_changed_users")  # in assets/export.py
+BILLING_WORK = "seal_and_write"  # assets/billing.py, called by the export: the open month every night, and sealing
 # The product's environment: URLs that are never contacted (raw.* does not run) but make both sources
 # "configured", so the export writes coverage and records the sources as a pulled night would.
 SOURCES_ENV = {"SAAS_API_BASE_URL": "http://127.0.0.1:9/api/saas/consolidated-view/v1", "SAAS_API_TOKEN": "bench",
@@ -155,9 +158,11 @@ class Stopwatch:
             try:
                 return fn(writer, entry)
             finally:
-                if entry["path"].startswith("history/"):
+                name = {"history": "finish_files", "billing": "billing_finish_files"}.get(
+                    entry["path"].split("/", 1)[0])
+                if name:
                     with self.lock:
-                        self.cpu["finish_files"] = self.cpu.get("finish_files", 0.0) + time.thread_time() - cpu
+                        self.cpu[name] = self.cpu.get(name, 0.0) + time.thread_time() - cpu
         return timed
 
     def reset(self) -> None:
@@ -181,6 +186,10 @@ def is_transform(step: str) -> bool:
     return step.startswith(("core__", "marts__"))
 
 
+def is_billing(work: str) -> bool:
+    return work in (BILLING_WORK, "billing_finish_files")
+
+
 def is_coverage(step: str) -> bool:
     return any(step.startswith(f"{schema}__{name}") for schema, name in COVERAGE_KEYS)
 
@@ -202,6 +211,7 @@ class Pipeline:
         self.stopwatch = Stopwatch()
         for name in NIGHT_WORK:  # time the night recording where the export calls it; behaviour unchanged
             setattr(export, name, self.stopwatch.wrap(name, getattr(export, name)))
+        export.seal_and_write = self.stopwatch.wrap(BILLING_WORK, export.seal_and_write)
         VersionWriter._finish_file = self.stopwatch.wrap_finish(VersionWriter._finish_file)
         real = defs()
         everything = AssetSelection.all() - AssetSelection.key_prefixes("raw")
@@ -270,6 +280,64 @@ def churn(database: Path, a: str, b: str) -> dict[str, Any]:
     return {"kinds": kinds, "published": published, "history_rows": history_rows}
 
 
+def sealed_months(database: Path) -> dict[str, str]:
+    """{month: the night that sealed it} from marts.billing_sealed (rule 15)."""
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as conn:
+        if not conn.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'marts' "
+                            "AND table_name = 'billing_sealed'").fetchone()[0]:
+            return {}
+        return {str(m): str(n) for m, n in conn.execute(
+            "SELECT DISTINCT month, sealed_by FROM marts.billing_sealed ORDER BY 1").fetchall()}
+
+
+def billing_timings(children: Children, data_dir: Path, org: str, repeats: int) -> dict[str, Any]:
+    """/api/m365/billing and /billing/items on a freshly started m365-serve: each request's first answer
+    (cold: the first billing request is the server's first request) and the median of the repeats (warm)."""
+    from urllib.parse import urlencode
+
+    from m365_pipeline.server.app import API_PREFIX
+
+    port = free_port()
+    proc = children.start("m365-serve", [str(BIN / "m365-serve"), "--port", str(port), "--data-dir", str(data_dir),
+                                         "--no-access-log"], stdout=subprocess_devnull(), stderr=subprocess_devnull())
+    try:
+        wait_for_port(port, proc)
+        base = f"http://127.0.0.1:{port}{API_PREFIX}"
+        queries = {"billing (the server's first request)": "billing", "billing csv": "billing?format=csv",
+                   "billing?org": "billing?" + urlencode({"org": org}), "billing/items": "billing/items",
+                   "billing/items csv": "billing/items?format=csv"}
+        return {name: time_get(base + query, repeats) for name, query in queries.items()}
+    finally:
+        children.stop(proc)
+
+
+def billing_files(data_dir: Path) -> dict[str, Any]:
+    """The published version's billing files and their sizes, and the organizations they cover."""
+    current = data_dir / "export" / "current"
+    root = current.resolve() if current.exists() else data_dir / "export"
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("billing/**/*"))
+             if p.is_file() and not p.name.endswith(".gz")}
+    return {"root": str(root), "files": files}
+
+
+def largest_org(database: Path) -> tuple[str, int]:
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as conn:
+        return conn.execute("SELECT organization_name, count(*) FROM marts.published_users_history "
+                            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1").fetchone()
+
+
+def organizations(database: Path) -> int:
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as conn:
+        return conn.execute("SELECT count(DISTINCT organization_name) FROM marts.published_users_history"
+                            ).fetchone()[0]
+
+
 def night_date(night: int) -> str:
     return (BASE_DAY + timedelta(days=night)).date().isoformat()
 
@@ -313,9 +381,14 @@ def measure_night(pipeline: Pipeline, database: Path, data_dir: Path, night: int
         "night": night, "date": night_date(night), "landing_s": round(landed, 1), "raw_rows": rows,
         "transform_cpu_s": steps.total(is_transform), "transform_wall_s": steps.total(is_transform, "wall"),
         "coverage_cpu_s": steps.total(is_coverage), "coverage_wall_s": steps.total(is_coverage, "wall"),
-        "night_work_cpu_s": sum(pipeline.stopwatch.cpu.values()),
-        "night_work_wall_s": sum(pipeline.stopwatch.wall.values()),  # the finish_files threads not included
-        "night_work": {k: round(v, 3) for k, v in pipeline.stopwatch.cpu.items()},
+        "night_work_cpu_s": sum(v for k, v in pipeline.stopwatch.cpu.items() if not is_billing(k)),
+        "night_work_wall_s": sum(v for k, v in pipeline.stopwatch.wall.items() if not is_billing(k)),
+        "night_work": {k: round(v, 3) for k, v in pipeline.stopwatch.cpu.items() if not is_billing(k)},
+        # billing months (issue 23): seal_and_write and the ETags/gzip twins of its files
+        "billing_cpu_s": sum(v for k, v in pipeline.stopwatch.cpu.items() if is_billing(k)),
+        "billing_wall_s": pipeline.stopwatch.wall.get(BILLING_WORK, 0.0),
+        "billing_work": {k: round(v, 3) for k, v in pipeline.stopwatch.cpu.items() if is_billing(k)},
+        "sealed": sealed_months(database),
         "export_cpu_s": steps.cpu.get("dashboard_api", 0.0),
         "publish_cpu_s": steps.cpu.get("export__analytics_db", 0.0),
         "duckdb_bytes": file_size(database),
@@ -326,7 +399,8 @@ def measure_night(pipeline: Pipeline, database: Path, data_dir: Path, night: int
         record["churn"] = churn(database, night_date(night - 1), night_date(night))
     log(f"night {night} ({record['date']}): landed in {landed:.0f} s; transform {record['transform_cpu_s']:.2f} s "
         f"CPU (coverage {record['coverage_cpu_s']:.2f}), night recording {record['night_work_cpu_s']:.2f} s "
-        f"CPU {record['night_work']}, export {record['export_cpu_s']:.2f} s; DuckDB file "
+        f"CPU {record['night_work']}, billing {record['billing_cpu_s']:.2f} s CPU {record['sealed']}, "
+        f"export {record['export_cpu_s']:.2f} s; DuckDB file "
         f"{record['duckdb_bytes'] / 2**20:.1f} MiB" + (f"; changes {record['churn']['kinds']} of "
                                                       f"{record['churn']['published']:,}" if night else ""))
     return record
@@ -422,7 +496,7 @@ CELLS = ("100k", "1m")
 
 
 def bench_nights(children: Children, work: Path, *, cells: tuple[str, ...] = CELLS, orgs: int = 400,
-                 users_per_org: int = 250, nights: int = 30, churn_divisor: int = CHURN_DIVISOR, pairs: int = 3,
+                 users_per_org: int = 250, nights: int = 31, churn_divisor: int = CHURN_DIVISOR, pairs: int = 3,
                  log: Callable[[str], None] = say, save: Callable[[dict[str, Any]], None] = lambda _: None
                  ) -> dict[str, Any]:
     """The 100k cell (nights, growth, night recording, coverage A/B) and the 1M cell (two nights, coverage
@@ -438,6 +512,15 @@ def bench_nights(children: Children, work: Path, *, cells: tuple[str, ...] = CEL
             save(results)
 
         pipeline, _ = run_nights(work / "100k", orgs, users_per_org, nights, churn_divisor, log, kept)
+        data_dir, database = work / "100k" / "data", work / "100k" / "data" / DUCKDB_FILE
+        org, _ = largest_org(database)
+        results["100k"]["billing"] = {"org": org, "organizations": organizations(database),
+                                      "serve": billing_timings(children, data_dir, org, repeats=7),
+                                      **billing_files(data_dir), "load": loadavg()}
+        for name, t in results["100k"]["billing"]["serve"].items():
+            log(f"100k serve {name}: {t['status']}, {t['bytes']:,} bytes, cold {t['first_ms']:.0f} ms, "
+                f"warm median {t['median_ms']:.1f} ms")
+        save(results)
         results["100k"]["coverage"] = coverage_ab(pipeline, pairs, log)
         results["100k"]["load"] = loadavg()
         save(results)
@@ -468,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated subset of: " + ", ".join(CELLS))
     parser.add_argument("--orgs", type=int, default=400, help="the 100k cell's organizations")
     parser.add_argument("--users-per-org", type=int, default=250)
-    parser.add_argument("--nights", type=int, default=30)
+    parser.add_argument("--nights", type=int, default=31, help="the 100k cell's nights (31 closes and seals January)")
     parser.add_argument("--churn-divisor", type=int, default=CHURN_DIVISOR)
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs of the coverage comparison")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here (after each cell)")
@@ -572,6 +655,8 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
             f"tables): {pct(statistics.median(recorded))} "
             "(median); the rest is the files the API answers from.",
         ]
+    if cell and "billing_cpu_s" in cell["nights"][0]:
+        lines += ["", *billing_section(cell)]
     big = results.get("1m")
     if big and "serve" in big:
         lines += ["", f"**1M users: the API between two nights** ({big['orgs']:,} × {big['users_per_org']}, "
@@ -621,6 +706,27 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
             f"| {pct(c['added_cpu_share'])} / {pct(c['added_wall_share'])} | {'yes' if share <= 0.10 else '**no**'} |")
     lines += ["", "In every night of the nights above, the coverage steps' own CPU against the rest of the transform "
               "plus `record_night` (median): " + "; ".join(own_per_night) + "."]
+    return lines
+
+
+def billing_section(cell: dict[str, Any]) -> list[str]:
+    """Billing months (issue 23): seal_and_write's share of the transform, and the billing endpoints."""
+    per_night = cell["nights"]
+    shares = [n["billing_cpu_s"] / n["transform_cpu_s"] for n in per_night]
+    seals = [i for i, n in enumerate(per_night) if n["sealed"] and (not i or n["sealed"] != per_night[i - 1]["sealed"])]
+    seal = "; ".join(f"night {i + 1} ({per_night[i]['date']}) sealed {sorted(per_night[i]['sealed'])[-1]}: "
+                     f"{pct(shares[i])}" for i in seals) or "no month sealed"
+    lines = [f"**Billing months (issue 23)**: `seal_and_write` (the open month every night, sealing a closed one) "
+             f"and its files' ETags/gzip twins, CPU against the transform: median {pct(statistics.median(shares))}, "
+             f"max {pct(max(shares))}; {seal} — {yes(max(shares) <= 0.10)} (target ≤ 10 %)."]
+    billing = cell.get("billing")
+    if billing:
+        lines += ["", f"m365-serve on the last night's version (load {billing['load']}), `org` = {billing['org']!r}; "
+                  "cold = the first request after the server started, warm = median of the repeats.", "",
+                  "| request | status | body | cold | warm (median) |", "|---|---:|---:|---:|---:|"]
+        for name, t in billing["serve"].items():
+            lines.append(f"| `{name}` | {t['status']} | {t['bytes']:,} B | {t['first_ms']:.1f} ms "
+                         f"| {t['median_ms']:.1f} ms |")
     return lines
 
 
