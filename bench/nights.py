@@ -204,6 +204,7 @@ class Pipeline:
         from dagster import AssetKey, AssetSelection, Definitions, define_asset_job, in_process_executor
 
         import m365_pipeline.assets.export as export
+        from m365_pipeline.assets.billing import SEALED_SPEC
         from m365_pipeline.assets.nights import NIGHT_SPECS
         from m365_pipeline.definitions import defs
         from m365_pipeline.publishing import VersionWriter
@@ -217,7 +218,7 @@ class Pipeline:
         everything = AssetSelection.all() - AssetSelection.key_prefixes("raw")
         # core.* and marts.* as the transform phase, without the nights the export step records.
         transform = (AssetSelection.key_prefixes("core") | AssetSelection.key_prefixes("marts")) \
-            - AssetSelection.assets(*[spec.key for spec in NIGHT_SPECS])
+            - AssetSelection.assets(*[spec.key for spec in (*NIGHT_SPECS, SEALED_SPEC)])
         coverage = AssetSelection.assets(*[AssetKey(list(k)) for k in COVERAGE_KEYS])
         jobs = {"night": everything, "transform": transform, "transform_without_coverage": transform - coverage}
         self.defs = Definitions(

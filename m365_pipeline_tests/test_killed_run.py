@@ -158,7 +158,7 @@ def test_a_run_killed_with_its_daemon_is_failed_with_an_alert_and_the_queued_run
         assert published_summary(tmp_path / "data")["totals"] == ground_truth(sim.dataset)["totals"]
 
         # The usual failure alert, for the killed run, saying why.
-        messages = [m for m in hook.wait_for(1, timeout=120) if m["run_id"] == killed]
+        messages = [m for m in hook.wait_for(1, timeout=300) if m["run_id"] == killed]
         assert [m["kind"] for m in messages] == ["failed"], hook.messages()
         assert f"the run worker (pid {pid}) is gone" in messages[0]["reason"], messages[0]
     finally:
@@ -210,7 +210,7 @@ def test_a_killed_cli_run_on_the_make_dev_instance_is_failed_with_an_alert_and_t
             assert time.monotonic() - killed_at < BOUND_S
             tick = schedule.evaluate_tick(build_schedule_context(instance=instance))
             assert len(tick.run_requests or []) == 1, tick.skip_message  # the next night is not held back
-        messages = [m for m in hook.wait_for(1, timeout=120) if m["run_id"] == run.run_id]
+        messages = [m for m in hook.wait_for(1, timeout=300) if m["run_id"] == run.run_id]
         assert [m["kind"] for m in messages] == ["failed"], hook.messages()
         assert f"the run worker (pid {cli.pid}) is gone" in messages[0]["reason"], messages[0]
         again = materialize_all(env, tmp_path)  # its DuckDB pool slot was freed
