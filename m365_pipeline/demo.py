@@ -299,8 +299,8 @@ def demo(root: Path, env: dict[str, str], children: Children, ports: dict[str, i
   API                    {base}/api/m365/summary
                          {base}/api/m365/history   {base}/api/m365/changes?since=<YYYY-MM-DD>
                          {base}/api/m365/users?org=<name>
-                         {base}/api/m365/export?format=csv
-  DuckDB (analysts)      duckdb -readonly {data_dir / 'analytics.duckdb'}
+                         {base}/api/m365/export?format=csv   {base}/api/m365/billing
+  DuckDB (analysts)      {BIN / 'duckdb'} -readonly {data_dir / 'analytics.duckdb'}
   DuckDB (pipeline)      {data_dir / 'm365.duckdb'}
   Dagster UI             make dev   (then http://127.0.0.1:3000)
   Vendor simulator       {env['SAAS_API_BASE_URL']} and {env['BACKUP_API_BASE_URL']}
