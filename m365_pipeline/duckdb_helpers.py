@@ -93,3 +93,9 @@ def table_result(conn: duckdb.DuckDBPyConnection, table: str, *, preview_sql: st
         **metadata,
         "preview": MetadataValue.md(preview),
     })
+
+
+def fetch_dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """A query's rows, each a dict by column name."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -10,6 +10,7 @@ sealed month is announced once to the alert webhook.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -25,7 +26,7 @@ from m365_pipeline.api_bodies import (
     billing_key,
     billing_month_bodies,
 )
-from m365_pipeline.duckdb_helpers import table_metadata, table_schema
+from m365_pipeline.duckdb_helpers import fetch_dicts, table_metadata, table_schema
 from m365_pipeline.publishing import VersionWriter
 
 BILLING_SQL = "marts_billing.sql"
@@ -59,10 +60,10 @@ def month_bodies(conn: duckdb.DuckDBPyConnection, month: str) -> dict[tuple[str,
     header = {"month": month, "closed": bool(closed), "nights": nights, "first_night": first_night.isoformat(),
               "last_night": last_night.isoformat(), "days": days}
     licenses: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in _dicts(conn.execute("SELECT * FROM marts.billing_licenses_all($1)", [month])):
+    for row in fetch_dicts(conn.execute("SELECT * FROM marts.billing_licenses_all($1)", [month])):
         licenses[row.pop("organization_name")].append(row)
-    return billing_month_bodies(header, _dicts(conn.execute("SELECT * FROM marts.billing_month($1)", [month])),
-                                licenses, _dicts(conn.execute("SELECT * FROM marts.billing_items($1)", [month])))
+    return billing_month_bodies(header, fetch_dicts(conn.execute("SELECT * FROM marts.billing_month($1)", [month])),
+                                licenses, fetch_dicts(conn.execute("SELECT * FROM marts.billing_items($1)", [month])))
 
 
 def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonight: str
@@ -133,8 +134,6 @@ def announce_sealed_months(conn: duckdb.DuckDBPyConnection, log: Any, run_id: st
 
 def closed_month_alert(month: str, report_json: bytes, run_id: str | None, job: str | None) -> alerts.Alert:
     """The "billing month closed" message: the month, its customers, the totals on every basis and the seal."""
-    import json
-
     report = json.loads(report_json)
     totals = report["totals"]
     labels = {"es_user_count": "ES users", "m365_licensed_user_count": "M365-licensed users",
@@ -148,7 +147,3 @@ def closed_month_alert(month: str, report_json: bytes, run_id: str | None, job: 
               f"GET /api/m365/billing?month={month} answers these numbers from now on")
     return alerts.Alert("billing_closed", reason, job=job, run_id=run_id, details=tuple(details))
 
-
-def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -31,6 +31,7 @@ from m365_pipeline.api_bodies import (
 from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
+    fetch_dicts,
     path_literal,
     rows_by_first_column,
     run_sql,
@@ -131,10 +132,6 @@ def _exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
                              [table]).fetchone()[0])
 
 
-def _dicts(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
 
 def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) -> dict[str, Any]:
     """history/all.json|csv (totals per night) and ORGANIZATION_HISTORY_FILE: every organization's /history
@@ -146,7 +143,7 @@ def write_history_files(conn: duckdb.DuckDBPyConnection, writer: VersionWriter) 
     """
     nights = [{"date": d.isoformat(), "last_collected": iso_z(c)} for d, c in conn.execute(
         "SELECT collection_date, last_collected FROM marts.nights ORDER BY collection_date").fetchall()]
-    totals = _dicts(conn.execute("""
+    totals = fetch_dicts(conn.execute("""
         SELECT strftime(n.collection_date, '%Y-%m-%d') AS date,
                coalesce(sum(h.es_user_count), 0)::BIGINT AS es_user_count,
                coalesce(sum(h.m365_licensed_user_count), 0)::BIGINT AS m365_licensed_user_count
