@@ -11,11 +11,11 @@ from collections import deque
 import pytest
 
 from m365_pipeline.resources.http import CallStats
-from m365_pipeline.resources.pace import AdaptiveLimit
+from m365_pipeline.resources.pace import AdaptiveLimit, Ticket
 from m365_pipeline.simulator.faults import Counters, FaultConfig, FaultInjector, TokenBuckets
 
 
-def take(limit: AdaptiveLimit) -> tuple[int, int]:
+def take(limit: AdaptiveLimit) -> Ticket:
     ticket = limit.try_acquire()
     assert ticket is not None, "no slot free"
     return ticket
@@ -78,12 +78,12 @@ def test_a_429_halves_the_limit_once_per_round_and_pauses_every_caller():
     assert limit.pause_remaining() == 0
 
 
-def test_a_429_at_the_first_try_halves_the_mark_too():
+def test_a_429_at_the_first_try_with_nothing_through_regrows_no_further_than_half():
     limit = AdaptiveLimit(ceiling=1000, initial=40, clock=Clock())
     limit.release(take(limit), throttled=True, retry_after_s=0)
     for _ in range(3):
         busy_round(limit, 0.1)
-    assert limit.limit == 20  # no regrowth past where it is known to be safe, yet
+    assert limit.limit == 20  # no regrowth past where it started again: nothing says more is safe, yet
 
 
 def test_a_429s_retry_after_holds_back_every_coroutine_too_until_it_has_passed():
@@ -118,22 +118,57 @@ def test_coroutines_beyond_the_limit_wait_for_a_release():
     asyncio.run(scenario())
 
 
-def test_after_a_429_above_the_mark_it_regrows_fast_to_near_it_then_probes_slowly():
-    limit = AdaptiveLimit(ceiling=1000, initial=40, probe_rounds=50, clock=Clock())
-    limit.release(take(limit), throttled=True, retry_after_s=0)  # mark 20
-    for _ in range(60):  # probing: about one more call per 50 round trips
+def throttle_round(limit: AdaptiveLimit, clock: Clock, through: int) -> None:
+    """A round trip at the limit whose first call is answered 429 (a vendor out of tokens): of the calls
+    started after it, ``through`` succeed and the rest are answered 429 too; then the pause passes."""
+    tickets = [take(limit) for _ in range(limit.limit)]
+    limit.release(tickets[0], throttled=True, retry_after_s=1, latency_s=0.1)
+    for ticket in tickets[1:through + 1]:
+        limit.release(ticket, latency_s=0.1)
+    for ticket in tickets[through + 1:]:
+        limit.release(ticket, throttled=True, retry_after_s=1, latency_s=0.1)
+    clock.now += 1
+
+
+def probe_rounds_to_grow_by_one(limit: AdaptiveLimit) -> int:
+    start, rounds = limit.limit, 0
+    while limit.limit == start:
         busy_round(limit, 0.1)
-    assert 20 < limit.limit < 24
-    at_429 = limit.limit
-    limit.release(take(limit), throttled=True, retry_after_s=0)
-    assert limit.limit == at_429 // 2
+        rounds += 1
+    return rounds
+
+
+def test_a_429_sets_the_mark_at_what_the_vendor_let_through_in_one_round_trip_then_probes_ever_slower():
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=1000, initial=30, probe_rounds=50, clock=clock)
+    throttle_round(limit, clock, through=19)  # 30 in flight, the vendor lets 19 through a round trip
+    assert limit.limit == 15  # the pause is over: start again small
     busy_round(limit, 0.1)
+    assert limit.limit == 19  # regrown in a round trip to the mark, no further
+    first = probe_rounds_to_grow_by_one(limit)
+    assert 95 <= first <= 105  # above a mark a 429 set: twice probe_rounds
+    throttle_round(limit, clock, through=19)  # the same place again: the vendor's limit has not moved
     busy_round(limit, 0.1)
-    mark = limit.limit  # back to 90 % of where the 429 came (a fraction of a call more), in two rounds
-    assert int(0.9 * at_429) <= mark <= int(0.9 * (at_429 + 1))
-    for _ in range(10):
+    assert limit.limit == 19
+    assert 190 <= probe_rounds_to_grow_by_one(limit) <= 210  # slower again
+
+
+def test_a_429_never_sets_the_mark_below_the_last_seconds_pace_nor_above_one_call_under_it():
+    # A round trip in a lull of arrivals: the throttled call's successors are few, the second's pace is not.
+    clock = Clock()
+    limit = AdaptiveLimit(ceiling=21, initial=21, clock=clock)
+    for _ in range(40):  # two seconds at 21 in flight, a round every 50 ms: more a second than 21 needed
         busy_round(limit, 0.1)
-    assert limit.limit <= mark + 1  # then well under one more per round
+        clock.now += 0.05
+    throttle_round(limit, clock, through=3)
+    busy_round(limit, 0.1)
+    assert limit.limit == 20  # the last second needed 21 in flight, but the 429 came at 21
+
+    other = Clock()
+    generous = AdaptiveLimit(ceiling=1000, initial=10, clock=other)
+    throttle_round(generous, other, through=9)  # every later call went through: still under the 429's place
+    busy_round(generous, 0.1)
+    assert generous.limit == 9
 
 
 def test_rising_latency_shrinks_the_limit_and_steady_latency_does_not():

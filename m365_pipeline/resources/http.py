@@ -323,7 +323,8 @@ class VendorClient:
             if status == THROTTLED and throttled < self.settings.max_retries:
                 given = self._retry_after(retry_after)
                 pause = given if given is not None else self._backoff(throttled + 1)
-                self.pace.release(ticket, throttled=True, retry_after_s=pause)
+                self.pace.release(ticket, throttled=True, retry_after_s=pause,
+                                  latency_s=time.perf_counter() - started)
                 throttled += 1
                 continue
             ok = 200 <= status < 300
