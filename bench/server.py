@@ -2,7 +2,8 @@
 
 `bench_server`: wrk -t2 at 50 connections (1 s warm-up, then REPEATS runs per cell, the median one kept with the
 range of all) on the summary and on the users file of the median organization by size, each server one
-worker process in its own session on the same cores as wrk: m365-serve, nginx serving the same version
+worker process in its own session on the same cores as wrk: m365-serve, m365-serve as it was before issue 26's
+speed work (``SERVER_BEFORE_REF``, extracted with ``git archive``), nginx serving the same version
 directory (`sendfile`, `gzip_static`, `access_log off`), and the standard library's ThreadingHTTPServer serving
 the same bytes from memory (bench/stdlib_server.py). Before the load every server's answer is checked against
 the manifest's size.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from harness import BENCH, BIN, Children, system_tool, wrk
+from harness import BENCH, BIN, ROOT, Children, system_tool, wrk
 
 from m365_pipeline.api_bodies import FORMATS, SORT_FIELDS, export_file_name
 from m365_pipeline.processes import free_port, wait_for_port
@@ -101,6 +102,20 @@ def published_version(data_dir: Path) -> Published:
     return Published(data_dir, version, org)
 
 
+SERVER_BEFORE_REF = "5abeba7^"  # main before issue 26 item 8 (each 200 made per request)
+BEFORE = f"m365-serve before ({SERVER_BEFORE_REF})"
+
+
+def extract_package(work: Path, ref: str) -> Path:
+    """The package as it was at ``ref``, for PYTHONPATH."""
+    target = work / ref.replace("^", "-parent")
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "m365_pipeline"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
 def serve_args(published: Published, port: int | str) -> list[str]:
     return [str(BIN / "m365-serve"), "--port", str(port), "--data-dir", str(published.data_dir), "--no-access-log"]
 
@@ -115,7 +130,11 @@ def bench_server(children: Children, published: Published, work: Path, duration_
     endpoints = {"summary": f"{API_PREFIX}summary", "users": f"{API_PREFIX}users?" + urlencode({"org": published.org})}
     files = {"summary": published.summary, "users": published.users}
     servers: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str]] = {}
     servers["m365-serve"] = serve_args(published, "PORT")
+    servers[BEFORE] = [sys.executable, "-c", "import sys; from m365_pipeline.server.cli import main; sys.exit(main())",
+                       *serve_args(published, "PORT")[1:]]
+    envs[BEFORE] = {**os.environ, "PYTHONPATH": str(extract_package(work, SERVER_BEFORE_REF))}
     nginx = system_tool("nginx")
     nginx_work = work / "nginx"
     if nginx:
@@ -132,9 +151,9 @@ def bench_server(children: Children, published: Published, work: Path, duration_
                 user="user root;\n" if os.geteuid() == 0 else "", work=nginx_work, port=port,
                 root=published.version.path, api=API_PREFIX, summary=published.relative(published.summary),
                 users=published.relative(published.users)))
-        log = (work / f"{name.split()[0]}.log").open("w")
+        log = (work / f"{name.split()[0]}{'-before' if name == BEFORE else ''}.log").open("w")
         # Each server in its own session (its own autogroup), as a service manager starts it (issue 26, item 8).
-        proc = subprocess.Popen(args, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=envs.get(name))
         children.procs.append((name, proc))
         try:
             wait_for_port(port, proc)
