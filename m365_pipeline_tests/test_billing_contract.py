@@ -307,7 +307,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         proc.wait(timeout=10)
 
 
-def test_rule11_and_14_a_same_date_rerun_replaces_its_night_in_the_billing_figures(edge):
+def test_rule14_a_same_date_rerun_replaces_its_night_in_the_billing_figures(edge):
     assert edge.published == [True, True, True, False, True]
     dates = [row["date"] for row in get(edge.base_url, "history").json()["history"]]
     assert dates == ["2026-04-10", REPLACED_DAY, "2026-05-02", EDITED_DAY]  # one night on the 20th
