@@ -183,18 +183,23 @@ sys.exit(0 if run_pipeline(sim, Path(sys.argv[1]), raise_on_error=False).success
 """
 
 
-def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str, crash_at: str | None = None) -> bool:
+def run_pipeline_at(sim: Simulator, data_dir: Path, moment: str, crash_at: str | None = None,
+                    package_dir: Path | None = None) -> bool:
     """The whole graph in a child process whose clock starts at ``moment`` (UTC, libfaketime), as a
     night on that date would run; True when the run succeeded. The pipeline itself is unchanged.
-    ``crash_at`` names a crash point (m365_pipeline.crashpoints) where the run is SIGKILLed."""
+    ``crash_at`` names a crash point (m365_pipeline.crashpoints) where the run is SIGKILLed.
+    ``package_dir``: a directory holding a copy of the m365_pipeline package (with an edited
+    license_rules.csv, say) that the child imports instead of the repository's."""
     import json
     import os
 
-    env = {**os.environ, "TZ": "UTC", "M365_TEST_SIM_ENV": json.dumps(sim.env),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    path = [*([str(package_dir)] if package_dir else []), str(Path(__file__).resolve().parents[1]),
+            os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "TZ": "UTC", "M365_TEST_SIM_ENV": json.dumps(sim.env), "PYTHONPATH": os.pathsep.join(path),
            "FAKETIME_DONT_FAKE_MONOTONIC": "1", **({"M365_CRASH_AT": crash_at} if crash_at else {})}
     done = subprocess.run(["faketime", "-f", f"@{moment}", sys.executable, "-c", _NIGHT_RUNNER, str(data_dir)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=package_dir)  # python -c puts its working directory first on the path
     if crash_at and "Caught Killed" in done.stderr:  # faketime's word for its child's SIGKILL
         return False
     if done.returncode not in (0, 3):

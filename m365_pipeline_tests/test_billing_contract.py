@@ -11,28 +11,39 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
 import requests
 
+import m365_pipeline
 from m365_pipeline.api_bodies import BILLING_ITEM_FIELDS, BILLING_LICENSE_FIELDS, BILLING_ORG_FIELDS
+from m365_pipeline.license_rules import RULES_FILE
 from m365_pipeline.settings import DUCKDB_FILE
-from m365_pipeline.simulator import Simulator
+from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
+from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
 
-from .helpers import rule9, run_pipeline_at
+from .helpers import query, rule9, run_pipeline_at
 from .test_dashboard_billing import (
     CLOSED,
     METRICS,
     NIGHTS,
     OPEN,
+    Kept,
     config,
     expected_licenses,
     expected_month,
+    in_force,
+    is_closed,
     month_days,
+    night_counts,
+    nights_kept,
     serve,
 )
 
@@ -66,16 +77,17 @@ def csv_rows(body: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(body.decode("utf-8"), newline="")))
 
 
-@pytest.mark.parametrize("month", [CLOSED, OPEN])
-def test_rule14_every_organization_figure_and_total_of_a_month(billing, month):
-    base_url, _ = billing
-    answer = get(base_url, "billing", month=month).json()
-    days = month_days(month, closed=month == CLOSED)
-    kept = sorted(d for d in NIGHTS if d.startswith(month))
+def assert_month_report(answer: dict, month: str, kept: Kept | None = None) -> None:
+    """Every header field, organization figure and total of ``answer`` (GET /billing?month=) against rule 14
+    read from the ground truth of the nights ``kept`` (default: NIGHTS')."""
+    kept = kept or nights_kept()
+    days = month_days(month, kept=kept)
+    closed = is_closed(month, kept)
+    dates = sorted(d for d in kept if d.startswith(month))
     assert {k: answer[k] for k in ("status", "month", "closed", "nights", "first_night", "last_night", "days")} == {
-        "status": "success", "month": month, "closed": month == CLOSED, "nights": len(kept),
-        "first_night": kept[0], "last_night": kept[-1], "days": len(days)}
-    expected = expected_month(month)
+        "status": "success", "month": month, "closed": closed, "nights": len(dates),
+        "first_night": dates[0], "last_night": dates[-1], "days": len(days)}
+    expected = expected_month(month, kept)
     assert [row["organization_name"] for row in answer["organizations"]] == list(expected)  # rule 9's order
     for row in answer["organizations"]:
         assert list(row) == list(BILLING_ORG_FIELDS)
@@ -85,17 +97,17 @@ def test_rule14_every_organization_figure_and_total_of_a_month(billing, month):
             assert (row[f"{metric}_peak"], row[f"{metric}_end"], row[f"{metric}_seat_days"]) == \
                 (figures["peak"], figures["end"], figures["seat_days"]), (row["organization_name"], metric)
             assert row[f"{metric}_average"] == average(figures["seat_days"], len(days))
-        assert row["nights"] == sum(1 for d in kept if row["organization_name"] in _present(d))
+        assert row["nights"] == sum(1 for d in dates if row["organization_name"] in
+                                    {o["organization_name"] for o in kept[d]["organizations"]})
     totals = answer["totals"]
     assert totals["total_organizations"] == len(answer["organizations"])
     for field in BILLING_ORG_FIELDS[2:]:
         assert totals[f"total_{field}"] == pytest.approx(sum(row[field] for row in answer["organizations"]), abs=1e-9)
 
 
-def _present(day: str) -> set[str]:
-    from m365_pipeline.simulator import ground_truth
-
-    return {o["organization_name"] for o in ground_truth(config(NIGHTS[day]))["organizations"]}
+@pytest.mark.parametrize("month", [CLOSED, OPEN])
+def test_rule14_every_organization_figure_and_total_of_a_month(billing, month):
+    assert_month_report(get(billing[0], "billing", month=month).json(), month)
 
 
 def test_rule14_the_closed_months_first_days_are_carried_from_no_night_and_the_open_month_ends_at_its_night(billing):
@@ -195,3 +207,182 @@ def test_rule15_a_closed_month_answers_the_same_bytes_after_later_nights_whateve
             break
     assert later == sealed
     assert json.loads(sealed[("report", "json")])["sha256"] == hashlib.sha256(sealed[("report", "csv")]).hexdigest()
+
+
+# -- a second history for what the first cannot show -----------------------------------------------
+# Its own data directory, small: April 2026 closed, May open. The 20th is published twice (the second run
+# replaces the first), the 25th's run fails (its vendor is down) and leaves a gap the 20th carries over,
+# April's and May's nights spell some license names in two cases (rule 14: one license), and May's last
+# night runs with an edited license_rules.csv after April is sealed.
+EDGE_CLOSED, EDGE_OPEN = "2026-04", "2026-05"
+REPLACED_DAY, FAILED_DAY, EDITED_DAY = "2026-04-20", "2026-04-25", "2026-05-05"
+VISIO = "microsoft visio plan 2"  # what the edited rules take out of M365 (rule 4); only this name has "Visio"
+RULES_EDIT = "m365.not_visio,m365,exclude,license_name,contains,Visio,Visio is billed apart (a test's edit).\n"
+
+
+def edge_config(night: int, spelling: str = "catalog", faults: FaultConfig | None = None) -> SimulatorConfig:
+    return SimulatorConfig(orgs=8, users_per_org=6, seed=11, night=night, license_spelling=spelling,
+                           faults=faults or FaultConfig())
+
+
+# (moment, simulator, whether it publishes), in order; the edited night comes after these.
+EDGE_RUNS = (
+    ("2026-04-10 23:00:00", edge_config(0, "lower"), True),
+    (f"{REPLACED_DAY} 22:00:00", edge_config(DEPARTURE_NIGHT), True),  # replaced: customers leave, arrive, move
+    (f"{REPLACED_DAY} 23:00:00", edge_config(2), True),
+    (f"{FAILED_DAY} 23:00:00", edge_config(4, faults=FaultConfig(down_after=0)), False),
+    ("2026-05-02 23:00:00", edge_config(3, "upper"), True),
+)
+EDITED_NIGHT = edge_config(3, "upper")
+
+
+def without_license(truth: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ground truth of a night whose rules no longer count ``name`` (lower-cased) as an M365 license: it
+    leaves every user's licenses, and a user it leaves with none is no longer published (rule 7). Neither
+    email flags nor backup seats change (it is no email license; rule 13's rows keep every mailbox)."""
+    users = {}
+    for org, rows in truth["users"].items():
+        kept_rows = []
+        for user in rows:
+            names = [n for n in user["licenses"].split(", ") if n and n.lower() != name]
+            if user["licenses"] and not names:
+                continue
+            kept_rows.append({**user, "licenses": ", ".join(names)})
+        users[org] = kept_rows
+    organizations = [{**o, "m365_licensed_user_count": len(users[o["organization_name"]])}
+                     for o in truth["organizations"]]
+    return {**truth, "users": users, "organizations": organizations}
+
+
+@dataclass
+class Edge:
+    base_url: str
+    data_dir: Path
+    published: list[bool]  # per EDGE_RUNS
+    kept: Kept  # date -> ground truth of the night kept on it, after the edited night
+    before_edit: dict[str, dict[tuple[str, ...], bytes]]  # month -> its bodies before the edited night
+
+
+def edge_kept(edited: bool) -> Kept:
+    kept: Kept = {}
+    for moment, cfg, publishes in EDGE_RUNS:
+        if publishes:
+            kept[moment[:10]] = ground_truth(cfg)  # a later run on the same date replaces the earlier
+    if edited:
+        kept[EDITED_DAY] = without_license(ground_truth(EDITED_NIGHT), VISIO)
+    return kept
+
+
+def month_orgs(base_url: str, month: str) -> list[str]:
+    return [row["organization_name"] for row in get(base_url, "billing", month=month).json()["organizations"]]
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    tmp = tmp_path_factory.mktemp("billing-edge")
+    data_dir = tmp / "data"
+    published = []
+    for moment, cfg, _ in EDGE_RUNS:
+        with Simulator(cfg, host="127.0.0.1", port=0) as sim:
+            published.append(run_pipeline_at(sim, data_dir, moment))
+    # The edited rules: a copy of the package whose license_rules.csv has one rule more (the pipeline reads
+    # the package's file), which the edited night's run imports instead of the repository's.
+    package = tmp / "edited"
+    shutil.copytree(Path(m365_pipeline.__file__).parent, package / "m365_pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with (package / "m365_pipeline" / RULES_FILE).open("a", encoding="utf-8") as rules:
+        rules.write(RULES_EDIT)
+    base_url, proc = serve(data_dir, tmp / "serve.log")
+    try:
+        before = {month: bodies(base_url, month, month_orgs(base_url, month)) for month in (EDGE_CLOSED, EDGE_OPEN)}
+        with Simulator(EDITED_NIGHT, host="127.0.0.1", port=0) as sim:
+            assert run_pipeline_at(sim, data_dir, f"{EDITED_DAY} 23:00:00", package_dir=package)
+        for _ in range(50):  # the server picks the new version up on its next request
+            if get(base_url, "history").json()["history"][-1]["date"] == EDITED_DAY:
+                break
+            time.sleep(0.2)
+        yield Edge(base_url, data_dir, published, edge_kept(edited=True), before)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rule14_a_same_date_rerun_replaces_its_night_in_the_billing_figures(edge):
+    assert edge.published == [True, True, True, False, True]
+    dates = [row["date"] for row in get(edge.base_url, "history").json()["history"]]
+    assert dates == ["2026-04-10", REPLACED_DAY, "2026-05-02", EDITED_DAY]  # one night on the 20th
+    assert_month_report(get(edge.base_url, "billing", month=EDGE_CLOSED).json(), EDGE_CLOSED, edge.kept)
+    # The first run's data would give other figures: the figures follow the second run's only.
+    first_run = {**edge.kept, REPLACED_DAY: ground_truth(EDGE_RUNS[1][1])}
+    assert expected_month(EDGE_CLOSED, first_run) != expected_month(EDGE_CLOSED, edge.kept)
+
+
+def test_rule14_a_failed_night_leaves_a_gap_that_the_previous_night_carries_over(edge):
+    answer = get(edge.base_url, "billing", month=EDGE_CLOSED).json()
+    assert (answer["nights"], answer["last_night"], answer["days"]) == (2, REPLACED_DAY, 30)
+    assert FAILED_DAY not in edge.kept and not edge.published[3]
+    assert_month_report(answer, EDGE_CLOSED, edge.kept)
+    # April's last eleven days (the 20th to the 30th, across the failed 25th) carry the 20th's counts.
+    counts = night_counts(edge.kept[REPLACED_DAY])
+    tenth = night_counts(edge.kept["2026-04-10"])
+    for row in answer["organizations"]:
+        for metric in METRICS:
+            on_20th = counts.get(row["organization_name"], {}).get(metric, 0)
+            on_10th = tenth.get(row["organization_name"], {}).get(metric, 0)
+            assert row[f"{metric}_end"] == on_20th
+            assert row[f"{metric}_seat_days"] == 10 * on_10th + 11 * on_20th, (row["organization_name"], metric)
+
+
+@pytest.mark.parametrize("month", [EDGE_CLOSED, EDGE_OPEN])
+def test_rule14_license_names_equal_ignoring_case_are_one_license_spelled_first_by_rule_9(edge, month):
+    days = len(month_days(month, kept=edge.kept))
+    items = get(edge.base_url, "billing/items", month=month).json()["items"]
+    spelled_twice = 0
+    for org in month_orgs(edge.base_url, month):
+        want = {f["license_name"]: f for f in expected_licenses(month, org, edge.kept).values() if f["peak"]}
+        answer = get(edge.base_url, "billing", month=month, org=org).json()["licenses"]
+        assert [lic["license_name"] for lic in answer] == sorted(want, key=rule9), org  # one row per license
+        for lic in answer:
+            f = want[lic["license_name"]]
+            assert (lic["users_peak"], lic["users_end"], lic["users_seat_days"], lic["users_average"]) == \
+                (f["peak"], f["end"], f["seat_days"], average(f["seat_days"], days)), (org, lic["license_name"])
+        assert [i["item"] for i in items if i["organization_name"] == org and i["item_kind"] == "license"] == \
+            [lic["license_name"] for lic in answer]
+        # The data does spell licenses in two cases on the nights in force (other users, other nights).
+        forced = {in_force(d, edge.kept) for d in month_days(month, kept=edge.kept)} - {None}
+        spellings: dict[str, set[str]] = {}
+        for night in forced:
+            for user in edge.kept[night]["users"].get(org, []):
+                for name in filter(None, user["licenses"].split(", ")):
+                    spellings.setdefault(name.lower(), set()).add(name)
+        spelled_twice += sum(len(s) > 1 for s in spellings.values())
+    assert spelled_twice >= 3
+    if month == EDGE_OPEN:  # May 2 and 5 serve upper-case spellings: the first by rule 9 where held
+        assert any(i["item"].isupper() for i in items if i["item_kind"] == "license")
+    else:  # April 10 serves lower-case ones, which sort after the catalog's: these win only where alone
+        assert not any(i["item"].isupper() for i in items if i["item_kind"] == "license")
+
+
+def test_rule15_a_closed_month_answers_the_same_bytes_after_an_edit_of_license_rules(edge):
+    # The edited night ran with the edited rules (its core.license_rules has the rule) ...
+    assert query(edge.data_dir / DUCKDB_FILE, "SELECT count(*) FROM core.license_rules WHERE rule_id = $1",
+                 ["m365.not_visio"]) == [(1,)]
+    # ... and April answers exactly the bytes it was sealed with, whose seal is the SHA-256 of the CSV.
+    after = bodies(edge.base_url, EDGE_CLOSED, month_orgs(edge.base_url, EDGE_CLOSED))
+    assert after == edge.before_edit[EDGE_CLOSED]
+    for part in ("report", "items"):
+        assert json.loads(after[(part, "json")])["sha256"] == hashlib.sha256(after[(part, "csv")]).hexdigest()
+    # May, open, follows the edit: Visio is nobody's license on the 5th, and every figure is rule 14's.
+    opened = get(edge.base_url, "billing", month=EDGE_OPEN).json()
+    assert opened["sha256"] is None and opened["last_night"] == EDITED_DAY
+    assert bodies(edge.base_url, EDGE_OPEN, []) != {k: v for k, v in edge.before_edit[EDGE_OPEN].items()
+                                                     if k[0] != "org"}
+    assert_month_report(opened, EDGE_OPEN, edge.kept)
+    visio_rows = 0
+    for org in month_orgs(edge.base_url, EDGE_OPEN):
+        for lic in get(edge.base_url, "billing", month=EDGE_OPEN, org=org).json()["licenses"]:
+            if lic["license_name"].lower() == VISIO:
+                visio_rows += 1
+                assert lic["users_end"] == 0 and lic["users_peak"] > 0, org
+                assert lic["users_seat_days"] == expected_licenses(EDGE_OPEN, org, edge.kept)[VISIO]["seat_days"]
+    assert visio_rows

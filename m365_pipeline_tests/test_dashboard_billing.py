@@ -14,6 +14,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,19 @@ def billing_nights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 # -- rule 14, read independently of the SQL, from each night's ground truth ------------------------
+# ``kept``: date -> the ground truth of the night kept on that date (default: NIGHTS'), so other tests
+# read their own histories (a replaced night, a gap, another simulator configuration) the same way.
 
-def night_counts(night: int) -> dict[str, dict[str, int]]:
+Kept = dict[str, dict[str, Any]]
+
+
+@cache
+def nights_kept() -> Kept:
+    return {day: ground_truth(config(night)) for day, night in NIGHTS.items()}
+
+
+def night_counts(truth: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Organization -> its three counts on that night (backup seats: rule 13's active rows)."""
-    truth = ground_truth(config(night))
     coverage = {o["organization_name"]: o for o in truth["coverage"]["organizations"]}
     counts = {}
     for org in truth["organizations"]:
@@ -95,18 +105,25 @@ def night_counts(night: int) -> dict[str, dict[str, int]]:
     return counts
 
 
-def month_days(month: str, closed: bool) -> list[date]:
+def is_closed(month: str, kept: Kept | None = None) -> bool:
+    """Rule 14: a kept night is dated after the month."""
+    return any(day[:7] > month for day in kept or nights_kept())
+
+
+def month_days(month: str, closed: bool | None = None, kept: Kept | None = None) -> list[date]:
+    kept = kept or nights_kept()
+    closed = is_closed(month, kept) if closed is None else closed
     year, number = map(int, month.split("-"))
     first = date(year, number, 1)
     last = date(year, number, calendar.monthrange(year, number)[1]) if closed else \
-        max(date.fromisoformat(d) for d in NIGHTS if d.startswith(month))
+        max(date.fromisoformat(d) for d in kept if d.startswith(month))
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def in_force(day: date) -> int | None:
-    """The simulator night in force on ``day``: the latest kept night dated on or before it."""
-    kept = [d for d in NIGHTS if date.fromisoformat(d) <= day]
-    return NIGHTS[max(kept)] if kept else None
+def in_force(day: date, kept: Kept | None = None) -> str | None:
+    """The date of the night in force on ``day``: the latest kept night dated on or before it."""
+    dates = [d for d in kept or nights_kept() if date.fromisoformat(d) <= day]
+    return max(dates) if dates else None
 
 
 def figures(per_day: list[int]) -> dict[str, float]:
@@ -114,12 +131,12 @@ def figures(per_day: list[int]) -> dict[str, float]:
             "average": sum(per_day) / len(per_day)}
 
 
-def expected_month(month: str) -> dict[str, dict[str, dict[str, float]]]:
+def expected_month(month: str, kept: Kept | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Organization -> metric -> {peak, end, seat_days, average (unrounded)}, the organizations of M's report."""
-    days = month_days(month, closed=month == CLOSED)
-    nights = {n: night_counts(n) for n in set(NIGHTS.values())}
-    forced = [in_force(d) for d in days]
-    present = {o for d, n in NIGHTS.items() if d.startswith(month) for o in nights[n]}
+    kept = kept or nights_kept()
+    nights = {day: night_counts(truth) for day, truth in kept.items()}
+    forced = [in_force(d, kept) for d in month_days(month, kept=kept)]
+    present = {o for d in kept if d.startswith(month) for o in nights[d]}
     names = set(present)
     for n in forced:
         if n is not None:
@@ -128,18 +145,27 @@ def expected_month(month: str) -> dict[str, dict[str, dict[str, float]]]:
                    for m in METRICS} for name in sorted(names, key=rule9)}
 
 
-def expected_licenses(month: str, org: str) -> dict[str, dict[str, float]]:
-    """License name (lower-cased) -> figures of the organization's users holding it, by rule 14."""
-    days = month_days(month, closed=month == CLOSED)
-    holders: dict[int, Counter] = {}
-    for n in set(NIGHTS.values()):
+def expected_licenses(month: str, org: str, kept: Kept | None = None) -> dict[str, dict[str, Any]]:
+    """License name (lower-cased) -> figures of the organization's users holding it, by rule 14, and
+    ``license_name``: its spelling, the first by rule 9 of those on the nights in force on the month's days."""
+    kept = kept or nights_kept()
+    holders: dict[str, Counter] = {}
+    spellings: dict[str, dict[str, set[str]]] = {}
+    for day, truth in kept.items():
         count: Counter = Counter()
-        for user in ground_truth(config(n))["users"].get(org, []):
-            count.update({name.lower() for name in user["licenses"].split(", ") if name})
-        holders[n] = count
-    forced = [in_force(d) for d in days]
-    names = {name for n in forced if n is not None for name in holders[n]}
-    return {name: figures([holders[n][name] if n is not None else 0 for n in forced]) for name in names}
+        spelled: dict[str, set[str]] = {}
+        for user in truth["users"].get(org, []):
+            names = [name for name in user["licenses"].split(", ") if name]
+            count.update({name.lower() for name in names})
+            for name in names:
+                spelled.setdefault(name.lower(), set()).add(name)
+        holders[day], spellings[day] = count, spelled
+    forced = [in_force(d, kept) for d in month_days(month, kept=kept)]
+    in_force_nights = {n for n in forced if n is not None}
+    names = {name for n in in_force_nights for name in holders[n]}
+    return {name: {**figures([holders[n][name] if n is not None else 0 for n in forced]),
+                   "license_name": min((s for n in in_force_nights for s in spellings[n].get(name, ())), key=rule9)}
+            for name in names}
 
 
 # -- reading the page ------------------------------------------------------------------------------

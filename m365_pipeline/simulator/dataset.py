@@ -53,6 +53,7 @@ DEFAULT_ADMIN_TOKEN = "sim-admin-token"
 MAX_ORGS = 100_000
 MAX_USERS_PER_ORG = 100_000
 MAX_NIGHT = 3650
+LICENSE_SPELLINGS = ("catalog", "lower", "upper")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class SimulatorConfig:
     # Bench only (bench/nights.py): spreads the per-slot turnover and relicense nights over this many
     # times the span, dividing the nightly churn by it; 1 = the served data.
     churn_divisor: int = 1
+    # Tests of rule 14's one license per name ignoring case: "lower" or "upper" serves every license name
+    # of the odd user slots in that case (one license, two spellings on a night); "catalog" = as catalogued.
+    license_spelling: str = "catalog"
 
     def __post_init__(self) -> None:
         if not 0 <= self.orgs <= MAX_ORGS:
@@ -78,6 +82,9 @@ class SimulatorConfig:
             raise ValueError(f"churn_divisor must be at least 1, not {self.churn_divisor}")
         if not 0 <= self.users_per_org <= MAX_USERS_PER_ORG:
             raise ValueError(f"users_per_org must be between 0 and {MAX_USERS_PER_ORG}, not {self.users_per_org}")
+        if self.license_spelling not in LICENSE_SPELLINGS:
+            raise ValueError(f"license_spelling must be one of {', '.join(LICENSE_SPELLINGS)}, "
+                             f"not {self.license_spelling!r}")
         for name in ("saas_token", "reseller_token", "admin_token"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
@@ -794,10 +801,13 @@ class Dataset:
         if mode is None:  # 5 % of names only in `name`, applicationName empty or null
             mode = (_EMPTY if d[16] & 1 else _NULL) if d[16] * 100 >> 8 < 5 else 0
         vendor = vendor or catalog_vendor or MICROSOFT_VENDORS[d[17] % len(MICROSOFT_VENDORS)]
+        app_id = _app_id(name)  # the vendor's id of the application, however its name is spelled
+        if j % 2 and self.config.license_spelling != "catalog":
+            name = name.lower() if self.config.license_spelling == "lower" else name.upper()
         cost, savings = _cost(d)
         first = int.from_bytes(d[19:23], "big") % (365 * 86_400_000)
         return {
-            "applicationId": _app_id(name), "applicationName": name if mode == 0 else ("" if mode == _EMPTY else None),
+            "applicationId": app_id, "applicationName": name if mode == 0 else ("" if mode == _EMPTY else None),
             "discoverySource": ("O365 Connector", "O365 Connector", "SSO", "Browser Extension")[d[23] % 4],
             "discoveryType": d[24] % 3, "firstDiscovered": _stamp(first, 3),
             "id": _uuid(int.from_bytes(d[:16], "big")),
