@@ -288,3 +288,58 @@ def forward_proxy(directory: Path, credentials: tuple[str, str] | None = None) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- secrets: where a token could have been written -----------------------------------------------
+
+def spellings(secret: str) -> set[bytes]:
+    """The byte strings a leaked ``secret`` shows as: as is, URL-encoded, JSON-escaped, and the part of its
+    base64 that holds at every alignment (an ``Authorization: Basic`` header, say). Computed here, not with the
+    scrubber's own list of forms (m365_pipeline/scrub.py), so a form the scrubber forgot is still caught."""
+    import base64
+    from urllib.parse import quote
+
+    forms = {secret, quote(secret, safe=""), json.dumps(secret)[1:-1]}
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret.encode()).decode()
+        core = encoded[4 if offset else 0: len(encoded) - (4 if (offset + len(secret.encode())) % 3 else 0)]
+        if len(core) >= 8:  # long enough not to turn up by chance
+            forms |= {core, core.replace("+", "-").replace("/", "_")}
+    return {form.encode() for form in forms}
+
+
+def written_bytes(*roots: Path) -> dict[str, bytes]:
+    """Every file under ``roots`` as bytes (SQLite files and their WAL read raw, so deleted rows count too),
+    plus what compression hides: gzip files inflated, and each DuckDB or Parquet file's rows as text (DuckDB
+    compresses strings in its pages)."""
+    import gzip
+
+    blobs: dict[str, bytes] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if not path.is_file():
+                continue
+            blobs[str(path)] = data = path.read_bytes()
+            if path.suffix == ".gz":
+                blobs[f"{path} (inflated)"] = gzip.decompress(data)
+            elif path.suffix in (".duckdb", ".parquet") and data:
+                blobs[f"{path} (rows)"] = _rows_as_text(path).encode()
+    return blobs
+
+
+def _rows_as_text(path: Path) -> str:
+    if path.suffix == ".parquet":
+        with duckdb.connect() as conn:
+            return repr(conn.execute("SELECT * FROM read_parquet(?)", [str(path)]).fetchall())
+    with duckdb.connect(str(path), read_only=True) as conn:
+        tables = conn.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = "
+                              "current_database()").fetchall()
+        quoted = ('"{}"."{}"'.format(*(name.replace('"', '""') for name in names)) for names in tables)
+        return "\n".join(repr(conn.execute(f"SELECT * FROM {name}").fetchall()) for name in quoted)
+
+
+def token_leaks(secrets: list[str], blobs: dict[str, bytes]) -> dict[str, list[str]]:
+    """Secret -> where any of its ``spellings`` was found (empty when nothing leaked)."""
+    found = {secret: [where for where, blob in blobs.items() if any(form in blob for form in spellings(secret))]
+             for secret in secrets}
+    return {secret: where for secret, where in found.items() if where}

@@ -22,7 +22,7 @@ from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.settings import ANALYTICS_FILE, STAGING_DIR
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 
-from .helpers import BIN, run_pipeline
+from .helpers import BIN, run_pipeline, token_leaks, written_bytes
 
 pytestmark = pytest.mark.slow  # each runs the whole pipeline two or three times
 
@@ -206,13 +206,10 @@ def test_no_token_appears_in_any_file_log_or_event_of_a_whole_run(tmp_path):
         secrets.append(wrong["BACKUP_ADMIN_TOKEN"])
         bad = subprocess.run(command, env=wrong, capture_output=True, check=False, text=True, timeout=240)
         assert bad.returncode != 0 and "BACKUP_ADMIN_TOKEN" in bad.stdout + bad.stderr
-    blobs = {"stdout+stderr": (ok.stdout + ok.stderr + bad.stdout + bad.stderr).encode()}
-    for root in (data_dir, home):  # DuckDB files, export, analytics copy, event log, compute logs
-        for path in root.rglob("*"):
-            if path.is_file():
-                blobs[str(path)] = path.read_bytes()
+    # DuckDB files, export, analytics copy, event log, compute logs
+    blobs = {"stdout+stderr": (ok.stdout + ok.stderr + bad.stdout + bad.stderr).encode(),
+             **written_bytes(data_dir, home)}
     assert any(p.endswith(ANALYTICS_FILE) for p in blobs) and len(blobs) > 20
-    for secret in secrets:
-        leaks = [where for where, blob in blobs.items() if secret.encode() in blob]
-        assert not leaks, f"a token leaked into {leaks}"
+    leaks = token_leaks(secrets, blobs)
+    assert not leaks, f"a token leaked into {leaks}"
 
