@@ -6,6 +6,7 @@ README's CLI run (which carries no code location, hence ``monitor_all_code_locat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -27,6 +28,40 @@ from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.settings import data_dir
 
 HELD_BACK_ERROR = "DagsterAssetCheckFailedError"  # what Dagster raises when a blocking check fails
+# What run monitoring says when it stops a run at its time limit (dagster/_daemon/monitoring/run_monitoring.py).
+OVER_TIME = re.compile(r"exceeding maximum runtime of (\d+) seconds|Exceeded maximum runtime of (\d+) seconds")
+
+
+def over_time_limit(instance: DagsterInstance, run: DagsterRun, run_failure_message: str) -> int | None:
+    """The time limit (seconds) run monitoring stopped this run at, or None if it did not."""
+    texts = [run_failure_message, *(entry.dagster_event.message or "" for entry in instance.all_logs(
+        run.run_id, of_type={DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_FAILURE}) if entry.dagster_event)]
+    for text in texts:
+        if match := OVER_TIME.search(text):
+            return int(match[1] or match[2])
+    return None
+
+
+def step_in_progress(instance: DagsterInstance, run: DagsterRun) -> str | None:
+    """The step that had started and not ended when the run stopped (a stopped step records no failure)."""
+    started: dict[str, None] = {}
+    for entry in instance.all_logs(run.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS,
+                                                        DagsterEventType.STEP_FAILURE}):
+        if (event := entry.dagster_event) and event.step_key:
+            if event.event_type == DagsterEventType.STEP_START:
+                started[event.step_key] = None
+            else:
+                started.pop(event.step_key, None)
+    return next(reversed(started), None)
+
+
+def over_time_reason(limit_s: int, step: str | None) -> str:
+    """A night that did not fit: the limit, where it was, and the setting to change."""
+    where = f" during {step}" if step else ""
+    return (f"the night did not fit in its time limit: run monitoring stopped it after {limit_s} s "
+            f"({limit_s / 3600:.1f} h){where}. Raise run_monitoring.max_runtime_seconds in dagster.yaml (or the "
+            "run's dagster/max_runtime_seconds tag); the README's \"How long a night takes\" gives the pull's "
+            "duration per vendor rate. The previous data stays published.")
 
 
 def failure_alert(instance: DagsterInstance, run: DagsterRun, step_failures: Sequence[DagsterEvent],
@@ -44,6 +79,9 @@ def failure_alert(instance: DagsterInstance, run: DagsterRun, step_failures: Seq
             or "a blocking check failed"
         return Alert("held_back", f"{reason}. The previous data stays published.", run.job_name, run.run_id,
                      ", ".join(event.step_key or "" for event in held))
+    if (limit_s := over_time_limit(instance, run, run_failure_message)) is not None:
+        step = step_failures[0].step_key if step_failures else step_in_progress(instance, run)
+        return Alert("failed", over_time_reason(limit_s, step), run.job_name, run.run_id, step)
     if step_failures:
         data = step_failures[0].step_failure_data
         reason = (data.user_failure_data.description if data.user_failure_data and data.user_failure_data.description

@@ -17,6 +17,7 @@ import requests
 from dagster import build_sensor_context
 
 from m365_pipeline.alerts import FORMATS, WEBHOOK_VARIABLE, Alert, payload, reason_text, send
+from m365_pipeline.definitions import NIGHTLY_JOB
 from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.scrub import remember_secret
@@ -83,6 +84,48 @@ def test_the_daemon_alerts_once_for_a_held_back_and_a_failed_cli_night_and_never
     raw = b"".join(receiver.bodies).decode()
     for token in (sim.config.saas_token, sim.config.reseller_token, sim.config.admin_token):
         assert token not in raw
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_night_that_does_not_fit_its_time_limit_is_stopped_and_named_in_the_alert(
+        start_simulator, tmp_path, receiver):
+    import yaml
+    from dagster import DagsterInstance
+
+    sim = start_simulator(orgs=4, users_per_org=100, seed=8, latency_ms=3000)  # a pull of about a minute
+    env = cli_env(tmp_path, sim, M365_ALERT_WEBHOOK_URL=receiver.url, M365_ALERT_FORMAT="json")
+    home = Path(env["DAGSTER_HOME"])
+    dev = yaml.safe_load(DAGSTER_YAML)  # make dev's instance, run monitoring polling every 2 s
+    dev["run_monitoring"]["poll_interval_seconds"] = 2
+    (home / "dagster.yaml").write_text(yaml.safe_dump(dev))
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120  # the failure sensor only sees runs after its first tick
+        while "alert_on_failed_night" not in log.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        # The scheduled night's path: queued, launched by the daemon in its code server, with a 10 s limit.
+        launch = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", NIGHTLY_JOB,
+                                 "--tags", json.dumps({"dagster/max_runtime_seconds": "10"})],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert launch.returncode == 0, (launch.stdout + launch.stderr)[-3000:]
+        messages = receiver.wait_for(1, timeout=180)
+        with DagsterInstance.from_config(str(home)) as instance:
+            run = instance.get_run_records(limit=1)[0].dagster_run
+            assert run.status.value == "FAILURE"
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert [m["kind"] for m in messages] == ["failed"] and messages[0]["run_id"] == run.run_id, messages
+    reason = messages[0]["reason"]
+    assert "did not fit in its time limit" in reason and "after 10 s" in reason, reason
+    assert "max_runtime_seconds" in reason and "How long a night takes" in reason, reason
+    assert messages[0]["step"].startswith("raw__"), messages  # stopped mid-pull (either source), named where
+    assert not (export_dir(tmp_path / "data") / CURRENT).exists()  # nothing half-made was published
 
 
 def _publish_old_version(data_dir: Path, version: str, published_at: str) -> None:
