@@ -32,8 +32,9 @@ TEST_POLL_S = 5
 def test_the_shipped_monitoring_fails_a_dead_worker_and_frees_its_slot_within_the_bound():
     monitoring = SHIPPED["run_monitoring"]
     assert SHIPPED["run_launcher"] == {"module": "m365_pipeline.run_launcher", "class": "LocalRunLauncher"}
-    # A STARTED run: failed at the next poll; its slot freed at the first poll after the grace period.
-    started = monitoring["poll_interval_seconds"] + monitoring["free_slots_after_run_end_seconds"] \
+    # A STARTED run: failed at the next poll (one more on an instance whose failure sensor has not ticked
+    # yet, run_launcher.failure_alerts_watching); its slot freed at the first poll after the grace period.
+    started = 2 * monitoring["poll_interval_seconds"] + monitoring["free_slots_after_run_end_seconds"] \
         + monitoring["poll_interval_seconds"]
     # A run killed before it was STARTED: failed by the start timeout, at the next poll.
     starting = monitoring["start_timeout_seconds"] + monitoring["poll_interval_seconds"]
@@ -99,15 +100,6 @@ def _worker_pid(api: Dagit, run_id: str) -> int | None:
 def _status(api: Dagit, run_id: str) -> str:
     return api.run(run_id)["status"]
 
-
-def _failure_sensor_watching(instance) -> bool:
-    """The daemon's failure sensor has had its first tick (which sets its cursor)."""
-    from dagster._core.definitions.run_request import InstigatorType
-
-    from m365_pipeline.sensors import alert_on_failed_night
-
-    return any(state.name == alert_on_failed_night.name and state.instigator_data and state.instigator_data.cursor
-               for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR))
 
 
 @pytest.mark.slow
@@ -185,7 +177,7 @@ def test_a_killed_cli_run_on_the_make_dev_instance_is_failed_with_an_alert_and_t
 
     from m365_pipeline import definitions as code_location
     from m365_pipeline.demo import DAGSTER_YAML
-    from m365_pipeline.run_launcher import CLI_WORKER_TAG
+    from m365_pipeline.run_launcher import CLI_WORKER_TAG, failure_alerts_watching
 
     from .test_unattended import materialize_all, materialize_args, wait_for_line
 
@@ -196,32 +188,33 @@ def test_a_killed_cli_run_on_the_make_dev_instance_is_failed_with_an_alert_and_t
     dev = yaml.safe_load(DAGSTER_YAML)  # make dev's instance: SQLite, the rest as deploy/dagster.yaml
     dev["run_monitoring"]["poll_interval_seconds"] = TEST_POLL_S
     (home / "dagster.yaml").write_text(yaml.safe_dump(dev))
-    DagsterInstance.from_config(str(home)).dispose()  # creates the SQLite storage before two processes race to
     schedule = code_location.defs().resolve_schedule_def(code_location.NIGHTLY_SCHEDULE)
-    with (tmp_path / "daemon.log").open("w") as out:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     log = tmp_path / "cli.log"
-    cli = None
+    cli = daemon = None
     try:
         with DagsterInstance.from_config(str(home)) as instance:
-            # make dev's daemon is up before the night runs. A run-status sensor's first tick starts it from
-            # the newest failure then: a run failed before it would never be alerted (under load the
-            # daemon's start took longer than the CLI's, and run monitoring failed the run first).
-            wait_until("the daemon's failure sensor to watch", lambda: _failure_sensor_watching(instance), 240)
+            # The night dies before make dev's daemon has ever run on this instance (the hardest case: its
+            # run monitoring may then find the dead worker before the failure sensor's first tick).
             with log.open("w") as out:
                 cli = subprocess.Popen(materialize_args(), cwd=tmp_path, env=env, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
             wait_for_line(log, cli, 'Started execution of step "raw__saas_users"')
-            run = instance.get_run_records(limit=1)[0].dagster_run
-            assert f'"pid": {cli.pid}' in run.tags[CLI_WORKER_TAG]
-            # The running night holds the schedule back, as the killed one does until it is failed (asked
-            # here, before the kill: afterwards run monitoring may fail it before the question is answered).
-            held = schedule.evaluate_tick(build_schedule_context(instance=instance)).skip_message
-            assert held and run.run_id in held, held
             os.killpg(cli.pid, signal.SIGKILL)  # mid-pull, as the OOM killer would
             cli.wait()
             killed_at = time.monotonic()
+            run = instance.get_run_records(limit=1)[0].dagster_run
+            assert run.status.value == "STARTED" and f'"pid": {cli.pid}' in run.tags[CLI_WORKER_TAG]
+            held = schedule.evaluate_tick(build_schedule_context(instance=instance)).skip_message
+            assert held and run.run_id in held, held  # the dead night holds the schedule back
+            # A run-failure sensor starts from the newest failure at its first tick: failed before it, the
+            # run would never be alerted. So the launcher waits for that tick before failing it.
+            assert not failure_alerts_watching(instance)
+            health = instance.run_launcher.check_run_worker_health(run)
+            assert health.status.value == "RUNNING" and "first tick" in health.msg, health
+
+            with (tmp_path / "daemon.log").open("w") as out:
+                daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT,
+                                          env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             wait_until("the killed CLI run to be failed", lambda: instance.get_run_by_id(run.run_id).is_finished,
                        BOUND_S)
             assert instance.get_run_by_id(run.run_id).status.value == "FAILURE"
@@ -241,5 +234,6 @@ def test_a_killed_cli_run_on_the_make_dev_instance_is_failed_with_an_alert_and_t
         if cli is not None and cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
             cli.wait()
-        stop(daemon)
+        if daemon is not None:
+            stop(daemon)
         hook.server.shutdown()
