@@ -11,6 +11,11 @@ before the run becomes STARTED, so every STARTED run it launched names its proce
 (the usual failure alert, run retries, the queue moves on) when that process is gone: no such pid, a
 zombie, or a pid reused by a process that started after the worker did.
 
+The usual failure alert comes from a run-failure sensor, which starts from the newest failure at its
+first tick: a run failed before that tick (the daemon's first start on an instance where a run had
+died, its monitoring faster than its sensors) would never be alerted. Until the sensor has ticked,
+a dead worker is reported as running, and the run is failed at a later poll.
+
 A run the CLI executes in its own process (the README's ``dagster asset materialize``) has no such
 event; its DuckDB resource tags the run with the process instead (``record_cli_worker``), so a killed
 CLI run is failed the same way and no longer makes the schedule skip its tick. What it cannot judge it
@@ -28,8 +33,12 @@ import time
 from pathlib import Path
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLauncher
+from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.scheduler.instigation import InstigatorStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
+
+from m365_pipeline.sensors import FAILURE_SENSOR
 
 WORKER_STARTED = "Started process for run"  # Dagster's engine event, with the worker's pid in its metadata
 CLI_WORKER_TAG = "m365/cli_run_worker"  # {"host", "pid", "at"} of a run executing in the CLI's process
@@ -54,10 +63,21 @@ class LocalRunLauncher(DefaultRunLauncher):
             return CheckRunHealthResult(WorkerStatus.RUNNING, "no run worker recorded on this machine; not judged")
         pid, started_at = worker
         gone = worker_gone(pid, started_at)
+        if gone and not failure_alerts_watching(self._instance):
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"the run worker (pid {pid}) is gone: {gone}; failed "
+                                        f"once {FAILURE_SENSOR} has had its first tick, so that it is alerted")
         if gone:
             return CheckRunHealthResult(WorkerStatus.FAILED, f"the run worker (pid {pid}) is gone: {gone}; the "
                                         "run was killed (SIGKILL, the OOM killer, a restart of the daemon)")
         return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker pid {pid} is alive")
+
+
+def failure_alerts_watching(instance: DagsterInstance) -> bool:
+    """Whether the failure alert sensor has had its first tick on this instance (it has a cursor), or
+    was turned off in the UI (no alert to wait for)."""
+    return any(state.name == FAILURE_SENSOR and (state.status == InstigatorStatus.STOPPED or (
+        state.instigator_data is not None and state.instigator_data.cursor is not None))
+        for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR))
 
 
 def record_cli_worker(instance: DagsterInstance, run: DagsterRun) -> None:

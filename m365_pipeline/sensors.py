@@ -28,6 +28,7 @@ from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.settings import data_dir
 
 HELD_BACK_ERROR = "DagsterAssetCheckFailedError"  # what Dagster raises when a blocking check fails
+FAILURE_SENSOR = "alert_on_failed_night"
 # What run monitoring says when it stops a run at its time limit (dagster/_daemon/monitoring/run_monitoring.py).
 OVER_TIME = re.compile(r"exceeding maximum runtime of (\d+) seconds|Exceeded maximum runtime of (\d+) seconds")
 
@@ -90,7 +91,7 @@ def failure_alert(instance: DagsterInstance, run: DagsterRun, step_failures: Seq
     return Alert("failed", run_failure_message, run.job_name, run.run_id)
 
 
-@run_failure_sensor(name="alert_on_failed_night", monitor_all_code_locations=True, minimum_interval_seconds=30,
+@run_failure_sensor(name=FAILURE_SENSOR, monitor_all_code_locations=True, minimum_interval_seconds=30,
                     default_status=DefaultSensorStatus.RUNNING,
                     description=f"POSTs an alert to {WEBHOOK_VARIABLE} for a failed or held-back run.")
 def alert_on_failed_night(context: RunFailureSensorContext) -> None:

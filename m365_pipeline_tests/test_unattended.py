@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus, build_schedule_context, instance_for_test, materialize
 
@@ -120,18 +122,21 @@ def test_missing_sources_are_those_the_last_published_night_had_and_tonight_lack
     assert missing_sources(last_published, tonight) == missing
 
 
-def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(start_simulator, tmp_path,
-                                                                                unused_port):
+def test_a_night_held_back_by_a_blocking_check_or_a_clock_set_back_is_not_retried_but_an_outage_is(
+        start_simulator, tmp_path, unused_port):
     sim = start_simulator(orgs=4, users_per_org=6, seed=5)
     data_dir = tmp_path / "data"
     run_pipeline(sim, data_dir)  # a good night from both sources
 
-    def night(resources) -> str:
-        """A run with the nightly job's retry tags; returns Dagster's own verdict on retrying it."""
+    def night(resources, error: str | None = None) -> str:
+        """A run with the nightly job's retry tags, failing (with ``error``, a class name, if given);
+        returns Dagster's own verdict on retrying it."""
         with instance_for_test(overrides={"run_retries": {"enabled": True}}) as instance:
             result = materialize(all_definitions(), instance=instance, tags=NIGHTLY_TAGS, raise_on_error=False,
                                  resources={**resources, "publish_policy": PublishPolicy()})
             assert not result.success
+            if error:
+                assert error in [e.step_failure_data.error.cls_name for e in result.get_step_failure_events()]
             return instance.get_run_by_id(result.run_id).tags.get("dagster/will_retry")
 
     # Held back: source S is missing tonight; retrying cannot change that.
@@ -140,6 +145,12 @@ def test_a_night_held_back_by_a_blocking_check_is_not_retried_but_an_outage_is(s
     outage = make_resources(sim, data_dir / DUCKDB_FILE, saas={"max_retries": 0})
     outage["saas"] = SaasApiResource(base_url=f"http://127.0.0.1:{unused_port}/v1", token="t", max_retries=0)
     assert night(outage) == "true"
+    # A clock set back before a kept night (rule 11, NightOutOfOrder): it fails the same way minutes later.
+    ahead = tmp_path / "ahead"
+    ahead.mkdir()
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=3)):
+        run_pipeline(sim, ahead)  # the kept night, dated three days from now
+    assert night(make_resources(sim, ahead / DUCKDB_FILE), "NightOutOfOrder") == "false"
 
 
 def wait_for_line(log: Path, proc: subprocess.Popen, text: str, timeout: float = 120) -> None:

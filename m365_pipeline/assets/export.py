@@ -42,6 +42,7 @@ from m365_pipeline.assets.coverage import org_backup_coverage, write_coverage_fi
 from m365_pipeline.assets.marts import org_summary
 from m365_pipeline.assets.nights import (
     NIGHT_SPECS,
+    NightOutOfOrder,
     forget_nights,
     record_night,
     write_changed_users,
@@ -53,6 +54,7 @@ from m365_pipeline.processes import process_alive
 from m365_pipeline.publishing import VersionWriter, export_dir, iso_z, published_manifest
 from m365_pipeline.resources import BackupApiResource, SaasApiResource
 from m365_pipeline.resources.base import configured_sources
+from m365_pipeline.run_retries import do_not_retry_this_run
 from m365_pipeline.settings import ANALYTICS_FILE
 
 GROUP = "export"
@@ -118,7 +120,9 @@ def dashboard_api(context: AssetExecutionContext, duckdb: DuckDBResource, saas: 
             conn.commit()
             recorded = True  # the night counts once the swap makes it current; a kill in between is undone next run
             writer.swap()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, NightOutOfOrder):
+                do_not_retry_this_run(context)  # a clock set back fails the same way when the run is retried
             if recorded and not writer.is_current():
                 conn.begin()  # recorded but never served; the next run would forget it too
                 forget_nights(conn, night)
