@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from m365_pipeline.definitions import NIGHTLY_JOB
 from m365_pipeline.demo import DAGSTER_YAML
 from m365_pipeline.publishing import CURRENT, MANIFEST, VERSIONS, export_dir
 from m365_pipeline.scrub import remember_secret
-from m365_pipeline.sensors import alert_on_missed_night
+from m365_pipeline.sensors import FAILURE_SENSOR, alert_on_missed_night
 
 from .helpers import BIN, Receiver, forward_proxy, make_certificate
 from .test_unattended import ROOT, cli_env, materialize_all
@@ -42,6 +43,24 @@ def run_id_of(proc: subprocess.CompletedProcess) -> str:
     return match[1]
 
 
+@contextlib.contextmanager
+def daemon_watching(env: dict[str, str], tmp_path: Path) -> Iterator[None]:
+    """A dagster-daemon on env's instance, past its failure sensor's first tick (it only sees runs after it)."""
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while FAILURE_SENSOR not in log.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_the_daemon_alerts_once_for_a_held_back_and_a_failed_cli_night_and_never_for_a_good_one(
         start_simulator, tmp_path, receiver, unused_port):
@@ -49,16 +68,7 @@ def test_the_daemon_alerts_once_for_a_held_back_and_a_failed_cli_night_and_never
     env = cli_env(tmp_path, sim, M365_ALERT_WEBHOOK_URL=receiver.url, M365_DAGSTER_UI_URL=UI + "/",
                   M365_ALERT_FORMAT="json")
     (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(DAGSTER_YAML)
-    log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120  # the failure sensor only sees runs after its first tick
-        while "alert_on_failed_night" not in log.read_text():
-            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-
+    with daemon_watching(env, tmp_path):
         good = materialize_all(env, tmp_path)
         assert good.returncode == 0, (good.stdout + good.stderr)[-3000:]
         without_s = {k: v for k, v in env.items() if k != "SAAS_API_BASE_URL"}
@@ -71,9 +81,6 @@ def test_the_daemon_alerts_once_for_a_held_back_and_a_failed_cli_night_and_never
         messages = receiver.wait_for(2, timeout=120)
         time.sleep(35)  # one more sensor interval: nothing else (the good night) may arrive
         messages = receiver.messages()
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
     assert [m["kind"] for m in messages] == ["held_back", "failed"], messages
     held_alert, failed_alert = messages
     assert held_alert["run_id"] == run_id_of(held) and failed_alert["run_id"] == run_id_of(down)
@@ -99,15 +106,7 @@ def test_a_night_that_does_not_fit_its_time_limit_is_stopped_and_named_in_the_al
     dev = yaml.safe_load(DAGSTER_YAML)  # make dev's instance, run monitoring polling every 2 s
     dev["run_monitoring"]["poll_interval_seconds"] = 2
     (home / "dagster.yaml").write_text(yaml.safe_dump(dev))
-    log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120  # the failure sensor only sees runs after its first tick
-        while "alert_on_failed_night" not in log.read_text():
-            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+    with daemon_watching(env, tmp_path):
         # The scheduled night's path: queued, launched by the daemon in its code server, with a 10 s limit.
         launch = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", NIGHTLY_JOB,
                                  "--tags", json.dumps({"dagster/max_runtime_seconds": "10"})],
@@ -117,9 +116,6 @@ def test_a_night_that_does_not_fit_its_time_limit_is_stopped_and_named_in_the_al
         with DagsterInstance.from_config(str(home)) as instance:
             run = instance.get_run_records(limit=1)[0].dagster_run
             assert run.status.value == "FAILURE"
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
     assert [m["kind"] for m in messages] == ["failed"] and messages[0]["run_id"] == run.run_id, messages
     reason = messages[0]["reason"]
     assert "did not fit in its time limit" in reason and "after 10 s" in reason, reason
