@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
-from decimal import Decimal
 from typing import Any
+
+import msgspec
 
 FORMATS = ("json", "csv")
 CONTENT_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8"}
@@ -48,11 +49,16 @@ BILLING_ORG_FIELDS = ("organization_name", "nights",
 BILLING_TOTALS = ("total_organizations", *(f"total_{field}" for field in BILLING_ORG_FIELDS[2:]))
 BILLING_LICENSE_FIELDS = ("license_name", *(f"users_{basis}" for basis in BILLING_BASES))
 BILLING_ITEM_FIELDS = ("organization_name", "item_kind", "item", *BILLING_BASES)
+# A billing month's files (billing_key): its report, its items list, every organization's report.
+BILLING_PARTS = ("report", "items", "organizations")
+BILLING_ORG_AVERAGES = tuple(field for field in BILLING_ORG_FIELDS if field.endswith("_average"))
 
 
 # -- encoders -----------------------------------------------------------------------------------------
 def json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON, the bytes of the stdlib's ``json.dumps(ensure_ascii=False, separators=(",", ":"))``
+    for every value the API writes (test_api_bodies proves it), at a fraction of its CPU."""
+    return msgspec.json.encode(payload)
 
 
 # Rule 16 (OWASP's advice on CSV injection): what a spreadsheet would read as a formula.
@@ -70,6 +76,8 @@ def neutralise(text: str) -> str:
 
 
 def csv_cell(value: Any) -> Any:
+    if value.__class__ is int:  # the common cell, a count: as it is
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -83,8 +91,8 @@ def csv_bytes(fields: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(fields)
-    writer.writerows([csv_cell(row[name]) for name in fields] if isinstance(row, Mapping) else map(csv_cell, row)
-                     for row in rows)
+    cells = operator.itemgetter(*fields) if len(fields) > 1 else lambda row: (row[fields[0]],)
+    writer.writerows(map(csv_cell, cells(row) if isinstance(row, Mapping) else row) for row in rows)
     return out.getvalue().encode("utf-8")
 
 
@@ -245,18 +253,18 @@ def changes_body(from_collected: str, to_collected: str, rows: list[dict[str, An
                                            "changes": rows, "total_changes": len(rows)})
 
 
-def billing_month_bodies(header: dict[str, Any], organizations: list[dict[str, Any]],
-                         licenses: dict[str, list[dict[str, Any]]], items: list[dict[str, Any]]
+def billing_month_bodies(header: dict[str, Any], organizations: list[dict[str, Any]], items: list[dict[str, Any]]
                          ) -> dict[tuple[str, str | None, str], bytes]:
     """Every body of one billing month (rule 14): {(part, organization or None, fmt): bytes}, parts
     ``report`` (GET /billing), ``items`` (GET /billing/items) and ``organizations`` (GET /billing?org=).
 
     ``header`` holds BILLING_HEADER but sha256, which is made here: a closed month's is the SHA-256 of
     the CSV it answers (rule 15: the report's CSV for the report and each organization, the items' for
-    the items), an open month's is null. Averages are exact hundredths (DECIMAL) written as numbers.
+    the items), an open month's is null. An organization's license rows are its ``license`` items.
+    Averages are exact hundredths (DECIMAL) written as numbers.
     """
-    organizations = [_numbers(row) for row in organizations]
-    items = [_numbers(row) for row in items]
+    organizations = [_numbers(row, BILLING_ORG_AVERAGES) for row in organizations]
+    items = [_numbers(row, ("average",)) for row in items]
     report_csv = csv_bytes(BILLING_ORG_FIELDS, organizations)
     items_csv = csv_bytes(BILLING_ITEM_FIELDS, items)
 
@@ -268,21 +276,28 @@ def billing_month_bodies(header: dict[str, Any], organizations: list[dict[str, A
     for field in BILLING_ORG_FIELDS[2:]:
         total = sum(row[field] for row in organizations)
         totals[f"total_{field}"] = round(total, 2) if field.endswith("_average") else total
+    report_head = head(report_csv)
     bodies = {
         ("report", None, "csv"): report_csv,
-        ("report", None, "json"): json_bytes({**head(report_csv), "organizations": organizations, "totals": totals}),
+        ("report", None, "json"): json_bytes({**report_head, "organizations": organizations, "totals": totals}),
         ("items", None, "csv"): items_csv,
         ("items", None, "json"): json_bytes({**head(items_csv), "items": items, "total_items": len(items)}),
     }
+    licenses: dict[str, list[dict[str, Any]]] = {row["organization_name"]: [] for row in organizations}
+    for item in items:
+        if item["item_kind"] == "license":
+            licenses[item["organization_name"]].append(
+                {"license_name": item["item"], **{f"users_{basis}": item[basis] for basis in BILLING_BASES}})
     for row in organizations:
         name = row["organization_name"]
-        rows = [_numbers(license) for license in licenses.get(name, [])]
-        bodies[("organizations", name, "csv")] = csv_bytes(BILLING_LICENSE_FIELDS, rows)
+        bodies[("organizations", name, "csv")] = csv_bytes(BILLING_LICENSE_FIELDS, licenses[name])
         bodies[("organizations", name, "json")] = json_bytes(
-            {**head(report_csv), "organization": name, "summary": row, "licenses": rows})
+            {**report_head, "organization": name, "summary": row, "licenses": licenses[name]})
     return bodies
 
 
-def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+def _numbers(row: dict[str, Any], averages: Sequence[str]) -> dict[str, Any]:
     """DuckDB's DECIMAL averages as JSON numbers (the nearest double of a 2-decimal value prints as it)."""
-    return {name: float(value) if isinstance(value, Decimal) else value for name, value in row.items()}
+    for name in averages:
+        row[name] = float(row[name])
+    return row

@@ -95,6 +95,27 @@ class VersionWriter:
         self.files[key] = {"path": relative, "content_type": content_type}
         return target
 
+    def link(self, previous: Path, entries: dict[str, dict[str, Any]]) -> bool:
+        """Take the finished files ``entries`` (key: manifest entry) of the earlier version at ``previous``, with
+        their gzip twins, as they are: by hard link, with the size and ETag the entries give. A version is never
+        modified once written, so the bytes are the same without copying, hashing and compressing them again.
+        All or nothing: False (and nothing taken) where a file is missing or the file system cannot link."""
+        linked: list[Path] = []
+        try:
+            for entry in entries.values():
+                for relative in (entry["path"], entry.get("gzip_path")):
+                    if relative:
+                        target = self.path / relative
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.link(previous / relative, target)
+                        linked.append(target)
+        except OSError:
+            for target in linked:
+                target.unlink()  # never written through: the inode is the earlier version's too
+            return False
+        self.files.update({key: dict(entry) for key, entry in entries.items()})
+        return True
+
     def add_organization(self, name: str, body: bytes) -> None:
         self.write_bytes(users_key(name), users_file_name(name), body, CONTENT_TYPES["json"])
         self.organizations[name] = users_key(name)
@@ -129,8 +150,9 @@ class VersionWriter:
 
     def seal(self, metadata: dict[str, Any], workers: int = 2) -> None:
         """Finish every file and write the manifest: the version is complete but not yet served."""
+        unfinished = [entry for entry in self.files.values() if "etag" not in entry]  # linked ones are finished
         with ThreadPoolExecutor(max_workers=workers) as pool:  # ISA-L and hashlib release the GIL
-            list(pool.map(self._finish_file, self.files.values()))
+            list(pool.map(self._finish_file, unfinished))
         manifest = {
             "version": self.version_id,
             "published_at": iso_z(self.published_at),

@@ -23,8 +23,15 @@ import pytest
 import requests
 
 import m365_pipeline
-from m365_pipeline.api_bodies import BILLING_ITEM_FIELDS, BILLING_LICENSE_FIELDS, BILLING_ORG_FIELDS
+from m365_pipeline.api_bodies import (
+    BILLING_ITEM_FIELDS,
+    BILLING_LICENSE_FIELDS,
+    BILLING_ORG_FIELDS,
+    BILLING_PARTS,
+    FORMATS,
+)
 from m365_pipeline.license_rules import RULES_FILE
+from m365_pipeline.publishing import PublishedVersion, current_version_dir, export_dir
 from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
@@ -190,6 +197,8 @@ def test_rule15_a_closed_month_answers_the_same_bytes_after_later_nights_whateve
     base_url, data_dir = billing
     orgs = [row["organization_name"] for row in get(base_url, "billing", month=CLOSED).json()["organizations"]]
     sealed = bodies(base_url, CLOSED, orgs)
+    served = PublishedVersion(current_version_dir(export_dir(data_dir)))
+    files = [served.billing(CLOSED, part, fmt).path for part in BILLING_PARTS for fmt in FORMATS]
     # The history the month was computed from changes under it (as a license-rule edit or a forgotten night
     # would change what it computes to), then a later night publishes.
     with duckdb.connect(str(data_dir / DUCKDB_FILE)) as conn:
@@ -206,6 +215,12 @@ def test_rule15_a_closed_month_answers_the_same_bytes_after_later_nights_whateve
             later = bodies(base_url, CLOSED, orgs)
             break
     assert later == sealed
+    # ... and the later version took the sealed files as they were (linked, not
+    # written, hashed or gzipped again).
+    now = PublishedVersion(current_version_dir(export_dir(data_dir)))
+    assert now.path != served.path
+    assert [now.billing(CLOSED, part, fmt).path.stat().st_ino for part in BILLING_PARTS for fmt in FORMATS] == \
+        [path.stat().st_ino for path in files]
     assert json.loads(sealed[("report", "json")])["sha256"] == hashlib.sha256(sealed[("report", "csv")]).hexdigest()
 
 

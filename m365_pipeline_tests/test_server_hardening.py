@@ -36,6 +36,7 @@ from m365_pipeline.publishing import (
     CURRENT,
     MANIFEST,
     VERSIONS,
+    PublishedVersion,
     VersionWriter,
     current_version_dir,
     export_dir,
@@ -744,6 +745,34 @@ def write_version(root: Path, label: str, records: int) -> bytes:
                            CONTENT_TYPES["csv"])
     writer.commit({"last_collected": "2026-01-21T00:00:00Z", "totals": {"total_organizations": 1}})
     return summary
+
+
+def test_a_version_takes_an_earlier_versions_files_by_link_all_or_nothing(tmp_path):
+    """What a sealed billing month's files rely on (assets/billing.py): linked with their ETag and gzip twin,
+    never written through, and nothing taken when one of them is missing."""
+    root = tmp_path / "export"
+    write_version(root, "one", 40)
+    previous = current_version_dir(root)
+    entries = json.loads((previous / MANIFEST).read_bytes())["files"]
+    taken = {key: entries[key] for key in ("summary", "export:json:organization_name")}
+    assert "gzip_path" in taken["export:json:organization_name"] and "gzip_path" not in taken["summary"]
+
+    writer = VersionWriter(root)
+    assert writer.link(previous, taken)
+    writer.commit({"last_collected": "2026-01-22T00:00:00Z"})
+    linked = PublishedVersion(current_version_dir(root))
+    for key, entry in taken.items():
+        assert linked.files[key].etag == entry["etag"]
+        for name in filter(None, (entry["path"], entry.get("gzip_path"))):
+            assert (linked.path / name).stat().st_ino == (previous / name).stat().st_ino
+            assert (linked.path / name).read_bytes() == (previous / name).read_bytes()
+
+    partial = VersionWriter(root)
+    missing = {**taken, "gone": {**taken["summary"], "path": "no-such-file.json"}}
+    assert not partial.link(previous, missing)
+    assert partial.files == {}
+    assert not any(path.is_file() for path in partial.path.rglob("*") if path.name != ".writer-pid")
+    partial.abandon()
 
 
 @pytest.mark.slow

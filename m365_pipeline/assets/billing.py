@@ -11,7 +11,7 @@ sealed month is announced once to the alert webhook.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -21,13 +21,15 @@ from m365_pipeline import alerts
 from m365_pipeline.api_bodies import (
     BILLING_BASES,
     BILLING_METRICS,
+    BILLING_PARTS,
     CONTENT_TYPES,
+    FORMATS,
     billing_file_name,
     billing_key,
     billing_month_bodies,
 )
 from m365_pipeline.duckdb_helpers import fetch_dicts, table_metadata, table_schema
-from m365_pipeline.publishing import VersionWriter
+from m365_pipeline.publishing import MANIFEST, VersionWriter, current_version_dir
 
 BILLING_SQL = "marts_billing.sql"
 SEALED_KEY = AssetKey(["marts", "billing_sealed"])
@@ -54,16 +56,14 @@ SEALED_PREVIEW = """
 
 
 def month_bodies(conn: duckdb.DuckDBPyConnection, month: str) -> dict[tuple[str, str | None, str], bytes]:
-    """Every body of ``month`` from the kept nights now (api_bodies.billing_month_bodies)."""
+    """Every body of ``month`` from the kept nights now (api_bodies.billing_month_bodies): each macro run
+    once, the organizations' license rows being the items' own."""
     closed, nights, first_night, last_night, days = conn.execute(
         "SELECT * FROM marts.billing_month_header($1)", [month]).fetchone()
     header = {"month": month, "closed": bool(closed), "nights": nights, "first_night": first_night.isoformat(),
               "last_night": last_night.isoformat(), "days": days}
-    licenses: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in fetch_dicts(conn.execute("SELECT * FROM marts.billing_licenses_all($1)", [month])):
-        licenses[row.pop("organization_name")].append(row)
     return billing_month_bodies(header, fetch_dicts(conn.execute("SELECT * FROM marts.billing_month($1)", [month])),
-                                licenses, fetch_dicts(conn.execute("SELECT * FROM marts.billing_items($1)", [month])))
+                                fetch_dicts(conn.execute("SELECT * FROM marts.billing_items($1)", [month])))
 
 
 def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonight: str
@@ -82,7 +82,12 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
                          [[month, part, org, fmt, body, tonight]
                           for (part, org, fmt), body in month_bodies(conn, month).items()])
     entry: dict[str, Any] = {}
+    previous = current_version_dir(writer.root)
+    previous_manifest = json.loads((previous / MANIFEST).read_bytes()) if previous else {}
     for month in sorted(sealed | set(sealing_now)):
+        if month in sealed and _link_sealed_month(writer, previous, previous_manifest, month):
+            entry[month] = previous_manifest["billing"][month]
+            continue
         rows = conn.execute("SELECT part, organization_name, fmt, body FROM marts.billing_sealed WHERE month = $1",
                             [month]).fetchall()
         entry[month] = _write_month(writer, month, {(part, org, fmt): body for part, org, fmt, body in rows}, True)
@@ -92,18 +97,29 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
     return {"billing": entry}, sealing_now
 
 
+def _link_sealed_month(writer: VersionWriter, previous: Path | None, manifest: dict[str, Any], month: str) -> bool:
+    """A sealed month's files as the version being served has them (written from its sealed bytes, never
+    changed since), taken by hard link; False where that version has not them all, closed."""
+    keys = [billing_key(month, part, fmt) for part in BILLING_PARTS for fmt in FORMATS]
+    files = manifest.get("files", {})
+    if previous is None or not manifest.get("billing", {}).get(month, {}).get("closed") \
+            or not all(key in files for key in keys):
+        return False
+    return writer.link(previous, {key: files[key] for key in keys})
+
+
 def _write_month(writer: VersionWriter, month: str, bodies: dict[tuple[str, str | None, str], bytes],
                  closed: bool) -> dict[str, Any]:
     """The month's files: report and items (each JSON and CSV) and every organization's bodies back to back in
     one file per format; returns the manifest's entry for the month, {closed, organizations: {name: [json
     offset, json length, csv offset, csv length]}}."""
-    for part in ("report", "items"):
-        for fmt in ("json", "csv"):
+    for part in BILLING_PARTS[:2]:
+        for fmt in FORMATS:
             writer.write_bytes(billing_key(month, part, fmt), billing_file_name(month, part, fmt),
                                bytes(bodies[(part, None, fmt)]), CONTENT_TYPES[fmt])
     names = sorted({org for part, org, _ in bodies if part == "organizations"})
     ranges: dict[str, list[int]] = {name: [] for name in names}
-    for fmt in ("json", "csv"):
+    for fmt in FORMATS:
         path = writer.adopt(billing_key(month, "organizations", fmt), billing_file_name(month, "organizations", fmt),
                             CONTENT_TYPES[fmt])
         with path.open("wb") as out:

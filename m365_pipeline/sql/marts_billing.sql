@@ -87,49 +87,45 @@ ORDER BY lower(organization_name), organization_name;
 
 -- billing_licenses_all(month): one row per organization and license (rule 6's names, equal ignoring case
 -- as one, spelled as the first by rule 9 on the nights in force) with a non-zero figure. A history row
--- [valid_from, valid_to) adds a holder from valid_from and removes one at valid_to, so the holders on a
--- night are a running sum of those steps: the work grows with the history rows, not rows × nights.
+-- [valid_from, valid_to) adds a holder from valid_from and removes one at valid_to, so the holders are a
+-- running sum of those steps, constant from one change to the next: each such level counts on the nights
+-- in force between its changes, weighted by the days each covers. The work grows with the history rows,
+-- not rows × days.
 CREATE OR REPLACE MACRO marts.billing_licenses_all(month) AS TABLE
-WITH days AS (SELECT * FROM marts.billing_days(month) WHERE night IS NOT NULL),
-window_ AS (SELECT min(night) AS first_night, max(night) AS last_night, max(day) AS last_day,
-                   (SELECT count(*) FROM marts.billing_days(month)) AS n FROM days),
+WITH days AS (SELECT * FROM marts.billing_days(month)),
+nights AS (  -- each night in force, the days it covers, and whether it is the one in force on the last day
+    SELECT night, count(*) AS days, bool_or(day = (SELECT max(day) FROM days)) AS on_last_day
+    FROM days WHERE night IS NOT NULL GROUP BY night
+),
+window_ AS (SELECT min(night) AS first_night, max(night) AS last_night, (SELECT count(*) FROM days) AS n
+            FROM nights),
 held AS (  -- the rows published on a night in force (every kept night between the first and last is)
-    SELECT u.organization_name, license.name AS license_name, u.valid_from, u.valid_to
-    FROM marts.published_users_history AS u
-    CROSS JOIN unnest(string_split(u.licenses, ', ')) AS license(name)
-    WHERE u.licenses <> '' AND u.valid_from <= (SELECT last_night FROM window_)
-      AND (u.valid_to IS NULL OR u.valid_to > (SELECT first_night FROM window_))
+    SELECT organization_name, lower(license_name) AS license_key, license_name, valid_from, valid_to FROM (
+        SELECT organization_name, unnest(string_split(licenses, ', ')) AS license_name, valid_from, valid_to
+        FROM marts.published_users_history
+        WHERE licenses <> '' AND valid_from <= (SELECT last_night FROM window_)
+          AND (valid_to IS NULL OR valid_to > (SELECT first_night FROM window_)))
 ),
 steps AS (
     SELECT organization_name, license_key, changed_on, sum(step) AS step FROM (
-        SELECT organization_name, lower(license_name) AS license_key, valid_from AS changed_on, 1 AS step FROM held
+        SELECT organization_name, license_key, valid_from AS changed_on, 1 AS step FROM held
         UNION ALL
-        SELECT organization_name, lower(license_name), valid_to, -1 FROM held WHERE valid_to IS NOT NULL
+        SELECT organization_name, license_key, valid_to, -1 FROM held WHERE valid_to IS NOT NULL
     ) GROUP BY ALL
 ),
-levels AS (
-    SELECT organization_name, license_key, changed_on,
-           sum(step) OVER (PARTITION BY organization_name, license_key ORDER BY changed_on) AS users
-    FROM steps
-),
-grid AS (
-    SELECT k.organization_name, k.license_key, d.day, d.night
-    FROM (SELECT DISTINCT organization_name, license_key FROM steps) AS k CROSS JOIN days AS d
-),
-counted AS (
-    SELECT g.organization_name, g.license_key, g.day, coalesce(l.users, 0) AS users
-    FROM grid AS g ASOF LEFT JOIN levels AS l
-      ON g.organization_name = l.organization_name AND g.license_key = l.license_key AND g.night >= l.changed_on
-),
-spelling AS (
-    SELECT organization_name, lower(license_name) AS license_key, min(license_name) AS license_name
-    FROM held GROUP BY ALL
+levels AS (  -- the holders from changed_on until the next change
+    SELECT organization_name, license_key, changed_on, lead(changed_on) OVER w AS next_change,
+           sum(step) OVER (w ROWS UNBOUNDED PRECEDING) AS users
+    FROM steps WINDOW w AS (PARTITION BY organization_name, license_key ORDER BY changed_on)
 ),
 figures AS (
-    SELECT organization_name, license_key, max(users) AS peak,
-           sum(users) FILTER (WHERE day = (SELECT last_day FROM window_)) AS last, sum(users) AS seat_days
-    FROM counted GROUP BY ALL
-)
+    SELECT l.organization_name, l.license_key, max(l.users) AS peak,
+           sum(l.users) FILTER (WHERE n.on_last_day) AS last, sum(l.users * n.days) AS seat_days
+    FROM levels AS l JOIN nights AS n
+      ON n.night >= l.changed_on AND (l.next_change IS NULL OR n.night < l.next_change)
+    GROUP BY ALL
+),
+spelling AS (SELECT organization_name, license_key, min(license_name) AS license_name FROM held GROUP BY ALL)
 SELECT f.organization_name, s.license_name, f.peak::BIGINT AS users_peak,
        coalesce(f.last, 0)::BIGINT AS users_end, f.seat_days::BIGINT AS users_seat_days,
        marts.billing_average(f.seat_days, (SELECT n FROM window_)) AS users_average
