@@ -40,6 +40,12 @@ def run_sql(conn: duckdb.DuckDBPyConnection, name: str, params: list[Any] | None
     conn.execute(read_sql(name), params or [])
 
 
+def marts_table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(conn.execute("""
+        SELECT count(*) FROM information_schema.tables WHERE table_schema = 'marts' AND table_name = $1""",
+                             [table]).fetchone()[0])
+
+
 def path_literal(path: object) -> str:
     """A file path as a SQL string literal: COPY and ATTACH take no parameter for it. Only for paths the
     pipeline makes (its data directory and version ids), never for vendor values."""

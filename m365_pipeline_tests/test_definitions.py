@@ -24,7 +24,7 @@ EXPECTED_ASSETS = {
     ("marts", "org_summary_history"), ("marts", "nights"), ("marts", "published_users_history"),
     ("export", "dashboard_api"), ("export", "analytics_db"),
     ("core", "backup_accounts"), ("core", "backup_coverage"), ("marts", "org_backup_coverage"),
-    ("marts", "billing_sealed"),
+    ("marts", "billing_sealed"), ("marts", "org_license_history"),
 }
 
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 import requests
 
+from m365_pipeline.assets.billing import record_license_counts
+from m365_pipeline.duckdb_helpers import read_sql
 from m365_pipeline.publishing import export_dir, published_manifest
 from m365_pipeline.settings import ANALYTICS_FILE, DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
@@ -118,6 +121,35 @@ def test_one_night_per_published_date_and_a_blocked_run_leaves_none(nights):
 def test_published_users_on_each_kept_night_equal_that_nights_ground_truth(nights, day):
     rows = dicts(nights.db, "SELECT * FROM marts.published_users_on($1::DATE)", [day])
     assert {r["user_principal_name"]: r for r in rows} == published(KEPT[day])
+
+
+def license_holders(shape: tuple[int, int]) -> Counter:
+    """(organization, license name as spelled) -> holders among the night's published users, from the truth."""
+    return Counter((u["organization_name"], name) for u in published(shape).values()
+                   for name in u["licenses"].split(", ") if u["licenses"])
+
+
+@pytest.mark.parametrize("day", list(KEPT))
+def test_each_kept_nights_license_holders_equal_that_nights_ground_truth(nights, day):
+    # The 21st was published twice: only the second run's counts are kept (the first's were forgotten).
+    rows = query(nights.db, "SELECT organization_name, license_name, users FROM marts.org_license_history "
+                            "WHERE collection_date = $1::DATE", [day])
+    assert {(org, name): users for org, name, users in rows} == license_holders(KEPT[day])
+
+
+def test_license_holders_of_nights_kept_before_the_table_are_filled_in_by_the_next_publish(nights, tmp_path):
+    """A database from before marts.org_license_history: the next publish records every kept night's, in order."""
+    copy = tmp_path / DUCKDB_FILE
+    shutil.copy(nights.db, copy)
+    with duckdb.connect(str(copy)) as conn:
+        conn.execute("DROP TABLE marts.org_license_history")
+        conn.execute(read_sql("marts_billing.sql"))
+        assert record_license_counts(conn) == list(KEPT)
+        for day, shape in KEPT.items():
+            rows = conn.execute("SELECT organization_name, license_name, users FROM marts.org_license_history "
+                                "WHERE collection_date = $1::DATE", [day]).fetchall()
+            assert {(org, name): users for org, name, users in rows} == license_holders(shape)
+        assert record_license_counts(conn) == []
 
 
 def test_history_storage_grows_with_changes_not_with_nights_times_users(nights):

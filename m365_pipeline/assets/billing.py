@@ -28,10 +28,11 @@ from m365_pipeline.api_bodies import (
     billing_key,
     billing_month_bodies,
 )
-from m365_pipeline.duckdb_helpers import fetch_dicts, table_metadata, table_schema
+from m365_pipeline.duckdb_helpers import fetch_dicts, read_sql, table_metadata, table_schema
 from m365_pipeline.publishing import MANIFEST, VersionWriter, current_version_dir
 
 BILLING_SQL = "marts_billing.sql"
+LICENSE_COUNTS_SQL = "marts_org_license_history.sql"
 SEALED_KEY = AssetKey(["marts", "billing_sealed"])
 SEALED_SCHEMA = table_schema(
     ("month", "VARCHAR", "The billing month, YYYY-MM (rule 14)."),
@@ -55,6 +56,20 @@ SEALED_PREVIEW = """
     FROM marts.billing_sealed GROUP BY month ORDER BY month DESC LIMIT 14"""
 
 
+def record_license_counts(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """In the open transaction, after tonight's night is recorded: marts.org_license_history for tonight, and
+    for every kept night before it without rows (those kept before the table was), in date order, since each
+    night's counts are the night before's plus its changes (sql/marts_org_license_history.sql). Returns them."""
+    nights = [night for (night,) in conn.execute("""
+        SELECT collection_date FROM marts.nights
+        ANTI JOIN (SELECT DISTINCT collection_date FROM marts.org_license_history) USING (collection_date)
+        ORDER BY 1""").fetchall()]
+    for night in nights:
+        conn.execute("CREATE OR REPLACE TEMP TABLE license_night AS SELECT $1::DATE AS d", [night])
+        conn.execute(read_sql(LICENSE_COUNTS_SQL))
+    return [night.isoformat() for night in nights]
+
+
 def month_bodies(conn: duckdb.DuckDBPyConnection, month: str) -> dict[tuple[str, str | None, str], bytes]:
     """Every body of ``month`` from the kept nights now (api_bodies.billing_month_bodies): each macro run
     once, the organizations' license rows being the items' own."""
@@ -73,14 +88,17 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
 
     Returns the manifest's ``billing`` entry and the months sealed now.
     """
+    record_license_counts(conn)
     months = [m for (m,) in conn.execute(
         "SELECT DISTINCT strftime(collection_date, '%Y-%m') FROM marts.nights ORDER BY 1").fetchall()]
     sealed = {m for (m,) in conn.execute("SELECT DISTINCT month FROM marts.billing_sealed").fetchall()}
     sealing_now = [m for m in months if m < tonight[:7] and m not in sealed]
     for month in sealing_now:
-        conn.executemany("INSERT INTO marts.billing_sealed VALUES ($1, $2, $3, $4, $5, $6::DATE, NULL)",
-                         [[month, part, org, fmt, body, tonight]
-                          for (part, org, fmt), body in month_bodies(conn, month).items()])
+        keys, bodies = zip(*month_bodies(conn, month).items(), strict=True)
+        conn.execute("""
+            INSERT INTO marts.billing_sealed
+            SELECT $1, unnest($2), unnest($3), unnest($4), unnest($5::BLOB[]), $6::DATE, NULL""",  # one statement
+                     [month, *map(list, zip(*keys, strict=True)), list(bodies), tonight])
     entry: dict[str, Any] = {}
     previous = current_version_dir(writer.root)
     previous_manifest = json.loads((previous / MANIFEST).read_bytes()) if previous else {}

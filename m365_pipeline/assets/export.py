@@ -162,6 +162,8 @@ NIGHT_PREVIEWS = (  # in the order of NIGHT_SPECS
     """SELECT collection_date, count(*) AS organizations, sum(es_user_count) AS es_users,
               sum(m365_licensed_user_count) AS m365_licensed_users
        FROM marts.org_summary_history GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
+    """SELECT collection_date, count(DISTINCT lower(license_name)) AS licenses, sum(users) AS license_holders
+       FROM marts.org_license_history GROUP BY 1 ORDER BY 1 DESC LIMIT 14""",
 )
 
 

@@ -32,6 +32,7 @@ from m365_pipeline.assets.marts import HISTORY_SCHEMA
 from m365_pipeline.duckdb_helpers import (
     LAST_COLLECTED_SQL,
     fetch_dicts,
+    marts_table_exists,
     path_literal,
     rows_by_first_column,
     run_sql,
@@ -45,6 +46,7 @@ GROUP = "marts"
 NIGHTS_KEY = AssetKey(["marts", "nights"])
 USERS_HISTORY_KEY = AssetKey(["marts", "published_users_history"])
 SUMMARY_HISTORY_KEY = AssetKey(["marts", "org_summary_history"])
+LICENSE_HISTORY_KEY = AssetKey(["marts", "org_license_history"])
 # Recorded in this order: the users' valid_from/valid_to need no other table, nights comes last.
 NIGHT_SQL = ("marts_org_summary_history.sql", "marts_published_users_history.sql", CHANGES_SQL, "marts_nights.sql",
              "marts_billing.sql")
@@ -62,6 +64,13 @@ USERS_HISTORY_SCHEMA = TableSchema(columns=[
     TableColumn("valid_from", "DATE", description="First kept night on which this row was published."),
     TableColumn("valid_to", "DATE", description="First kept night on which it no longer was; null: still is."),
 ])
+LICENSE_HISTORY_SCHEMA = table_schema(
+    ("collection_date", "DATE", "The published night (rule 11)."),
+    ("organization_name", "VARCHAR", "The organization (rule 3)."),
+    ("license_name", "VARCHAR", "A license name as published (rule 6); rule 14 counts names equal ignoring case "
+                                "as one license."),
+    ("users", "BIGINT", "The night's published users holding it, spelled so (never 0)."),
+)
 
 NIGHT_SPECS = [
     AssetSpec(NIGHTS_KEY, group_name=GROUP, kinds={"duckdb"},
@@ -76,6 +85,11 @@ NIGHT_SPECS = [
     AssetSpec(SUMMARY_HISTORY_KEY, group_name=GROUP, kinds={"duckdb"},
               description="One row = one organization on one published night. Re-running a day replaces that day.",
               metadata=table_metadata("marts.org_summary_history", HISTORY_SCHEMA)),
+    AssetSpec(LICENSE_HISTORY_KEY, group_name=GROUP, kinds={"duckdb"},
+              description="One row = one license name of one organization on one published night, with its "
+                          "holders. Rule 14's license figures (marts.billing_licenses) add these up over a month's "
+                          "days.",
+              metadata=table_metadata("marts.org_license_history", LICENSE_HISTORY_SCHEMA)),
 ]
 
 
@@ -104,7 +118,7 @@ def record_night(conn: duckdb.DuckDBPyConnection, served: dict[str, Any] | None)
     day, collected = conn.execute("SELECT collection_date, last_collected FROM tonight").fetchone()
     if day is None:
         raise RuntimeError("no raw table has a collected_at: nothing was collected tonight")
-    if _exists(conn, "nights"):
+    if marts_table_exists(conn, "nights"):
         served_nights = (served or {}).get("nights") or []
         # Without a served version (its directory removed) no kept night is presumed unserved.
         served_latest = dt.date.fromisoformat(served_nights[-1]["date"]) if served_nights else None
@@ -121,15 +135,12 @@ def record_night(conn: duckdb.DuckDBPyConnection, served: dict[str, Any] | None)
 
 
 def forget_nights(conn: duckdb.DuckDBPyConnection, since: dt.date | str) -> None:
-    """Forget every kept night dated ``since`` or later (see marts_nights_forget.sql)."""
+    """Forget every kept night dated ``since`` or later (see marts_nights_forget.sql), and its license counts
+    (a database from before them has the nights but not yet the table: billing.record_license_counts)."""
     conn.execute("CREATE OR REPLACE TEMP TABLE forget_from AS SELECT $1::DATE AS d", [since])
     run_sql(conn, "marts_nights_forget.sql")
-
-
-def _exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(conn.execute("""
-        SELECT count(*) FROM information_schema.tables WHERE table_schema = 'marts' AND table_name = $1""",
-                             [table]).fetchone()[0])
+    if marts_table_exists(conn, "org_license_history"):
+        conn.execute("DELETE FROM marts.org_license_history WHERE collection_date >= $1::DATE", [since])
 
 
 

@@ -3,6 +3,11 @@
 -- over the days of the month: all its calendar days once a later night is kept (closed), else day 1
 -- to its latest night; the count in force on a day is that of the latest kept night on or before it.
 
+-- marts.org_license_history: each night's holders of each license (marts_org_license_history.sql records it).
+CREATE TABLE IF NOT EXISTS marts.org_license_history (
+    collection_date DATE NOT NULL, organization_name VARCHAR NOT NULL, license_name VARCHAR NOT NULL,
+    users BIGINT NOT NULL);
+
 -- billing_days(month): one row per day of the month, with the night in force on it (null: none yet).
 CREATE OR REPLACE MACRO marts.billing_days(month) AS TABLE
 WITH bounds AS (
@@ -86,53 +91,33 @@ FROM report
 ORDER BY lower(organization_name), organization_name;
 
 -- billing_licenses_all(month): one row per organization and license (rule 6's names, equal ignoring case
--- as one, spelled as the first by rule 9 on the nights in force) with a non-zero figure. A history row
--- [valid_from, valid_to) adds a holder from valid_from and removes one at valid_to, so the holders are a
--- running sum of those steps, constant from one change to the next: each such level counts on the nights
--- in force between its changes, weighted by the days each covers. The work grows with the history rows,
--- not rows × days.
+-- as one, spelled as the first by rule 9 on the nights in force) with a non-zero figure, from each night's
+-- holders (marts.org_license_history, recorded by the publish step before this runs) on the days it is in force.
 CREATE OR REPLACE MACRO marts.billing_licenses_all(month) AS TABLE
 WITH days AS (SELECT * FROM marts.billing_days(month)),
 nights AS (  -- each night in force, the days it covers, and whether it is the one in force on the last day
     SELECT night, count(*) AS days, bool_or(day = (SELECT max(day) FROM days)) AS on_last_day
     FROM days WHERE night IS NOT NULL GROUP BY night
 ),
-window_ AS (SELECT min(night) AS first_night, max(night) AS last_night, (SELECT count(*) FROM days) AS n
-            FROM nights),
-held AS (  -- the rows published on a night in force (every kept night between the first and last is)
-    SELECT organization_name, lower(license_name) AS license_key, license_name, valid_from, valid_to FROM (
-        SELECT organization_name, unnest(string_split(licenses, ', ')) AS license_name, valid_from, valid_to
-        FROM marts.published_users_history
-        WHERE licenses <> '' AND valid_from <= (SELECT last_night FROM window_)
-          AND (valid_to IS NULL OR valid_to > (SELECT first_night FROM window_)))
-),
-steps AS (
-    SELECT organization_name, license_key, changed_on, sum(step) AS step FROM (
-        SELECT organization_name, license_key, valid_from AS changed_on, 1 AS step FROM held
-        UNION ALL
-        SELECT organization_name, license_key, valid_to, -1 FROM held WHERE valid_to IS NOT NULL
-    ) GROUP BY ALL
-),
-levels AS (  -- the holders from changed_on until the next change
-    SELECT organization_name, license_key, changed_on, lead(changed_on) OVER w AS next_change,
-           sum(step) OVER (w ROWS UNBOUNDED PRECEDING) AS users
-    FROM steps WINDOW w AS (PARTITION BY organization_name, license_key ORDER BY changed_on)
-),
-figures AS (
-    SELECT l.organization_name, l.license_key, max(l.users) AS peak,
-           sum(l.users) FILTER (WHERE n.on_last_day) AS last, sum(l.users * n.days) AS seat_days
-    FROM levels AS l JOIN nights AS n
-      ON n.night >= l.changed_on AND (l.next_change IS NULL OR n.night < l.next_change)
+holders AS (  -- per night in force, organization and license: its holders in every spelling, the first spelling
+    SELECT h.collection_date, h.organization_name, lower(h.license_name) AS license_key,
+           min(h.license_name) AS license_name, sum(h.users) AS users
+    FROM marts.org_license_history AS h SEMI JOIN nights AS n ON h.collection_date = n.night
     GROUP BY ALL
 ),
-spelling AS (SELECT organization_name, license_key, min(license_name) AS license_name FROM held GROUP BY ALL)
-SELECT f.organization_name, s.license_name, f.peak::BIGINT AS users_peak,
+figures AS (
+    SELECT h.organization_name, h.license_key, min(h.license_name) AS license_name, max(h.users) AS peak,
+           sum(h.users) FILTER (WHERE n.on_last_day) AS last, sum(h.users * n.days) AS seat_days
+    FROM holders AS h JOIN nights AS n ON h.collection_date = n.night
+    GROUP BY ALL
+)
+SELECT f.organization_name, f.license_name, f.peak::BIGINT AS users_peak,
        coalesce(f.last, 0)::BIGINT AS users_end, f.seat_days::BIGINT AS users_seat_days,
-       marts.billing_average(f.seat_days, (SELECT n FROM window_)) AS users_average
-FROM figures AS f JOIN spelling AS s USING (organization_name, license_key)
+       marts.billing_average(f.seat_days, (SELECT count(*) FROM days)) AS users_average
+FROM figures AS f
 SEMI JOIN marts.billing_month(month) AS r USING (organization_name)
 WHERE f.peak > 0
-ORDER BY lower(f.organization_name), f.organization_name, lower(s.license_name), s.license_name;
+ORDER BY lower(f.organization_name), f.organization_name, lower(f.license_name), f.license_name;
 
 -- billing_licenses(month, org): one organization's license rows.
 CREATE OR REPLACE MACRO marts.billing_licenses(month, org) AS TABLE
