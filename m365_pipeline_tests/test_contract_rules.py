@@ -64,7 +64,8 @@ CONTRACT_COLUMNS = {
     "marts.org_summary_history": {"collection_date", "organization_name", "es_user_count",
                                   "m365_licensed_user_count", "last_collected"},
     "marts.nights": {"collection_date", "last_collected"},
-    "marts.org_license_history": {"collection_date", "organization_name", "license_name", "users"},
+    "marts.org_license_history": {"collection_date", "organization_name", "license_name", "users",
+                                  "license_users", "first_spelling"},
     "marts.published_users_history": {"organization_name", "user_principal_name", "display_name", "licenses",
                                       "has_email_license", "valid_from", "valid_to"},
 }

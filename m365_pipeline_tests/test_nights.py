@@ -132,9 +132,18 @@ def license_holders(shape: tuple[int, int]) -> Counter:
 @pytest.mark.parametrize("day", list(KEPT))
 def test_each_kept_nights_license_holders_equal_that_nights_ground_truth(nights, day):
     # The 21st was published twice: only the second run's counts are kept (the first's were forgotten).
-    rows = query(nights.db, "SELECT organization_name, license_name, users FROM marts.org_license_history "
-                            "WHERE collection_date = $1::DATE", [day])
-    assert {(org, name): users for org, name, users in rows} == license_holders(KEPT[day])
+    rows = query(nights.db, "SELECT organization_name, license_name, users, license_users, first_spelling "
+                            "FROM marts.org_license_history WHERE collection_date = $1::DATE", [day])
+    holders = license_holders(KEPT[day])
+    assert {(org, name): users for org, name, users, _, _ in rows} == holders
+    # Rule 14: names equal ignoring case are one license, on the row of its first spelling.
+    licenses: dict[tuple[str, str], list[str]] = {}
+    for org, name in sorted(holders):
+        licenses.setdefault((org, name.lower()), []).append(name)
+    assert {(org, name.lower()): total for org, name, _, total, first in rows if first} == \
+        {key: sum(holders[(key[0], name)] for name in names) for key, names in licenses.items()}
+    assert {(org, name) for org, name, _, _, first in rows if first} == \
+        {(org, min(names)) for (org, _), names in licenses.items()}
 
 
 def test_license_holders_of_nights_kept_before_the_table_are_filled_in_by_the_next_publish(nights, tmp_path):

@@ -1,12 +1,12 @@
 """Billing months (docs/RULES.md, rules 14 and 15): computed, sealed and published by the publish step.
 
-The figures are the stored macros of sql/marts_billing.sql (marts.billing_month, billing_licenses_all,
-billing_items), run inside the publish step's transaction right after tonight's night is recorded. A
-month with a later kept night is closed: the first run that publishes such a night writes its bodies
-into marts.billing_sealed (rule 15), and every later version publishes exactly those bytes. The one
-open month (tonight's) is computed afresh at each publish. After the version is current, each newly
-sealed month is announced once to the alert webhook.
-"""
+Inside the publish step's transaction, right after tonight's night is recorded, tonight's license holders
+join marts.org_license_history; the figures are then the stored macros of sql/marts_billing.sql
+(marts.billing_month, billing_licenses_all, billing_items). A month with a later kept night is closed:
+the first run that publishes such a night writes its bodies into marts.billing_sealed (rule 15), and
+every later version publishes exactly those bytes (hard links to the served version's files where it has
+them). The one open month (tonight's) is computed afresh at each publish. After the version is current,
+each newly sealed month is announced once to the alert webhook."""
 
 from __future__ import annotations
 

@@ -70,6 +70,9 @@ LICENSE_HISTORY_SCHEMA = table_schema(
     ("license_name", "VARCHAR", "A license name as published (rule 6); rule 14 counts names equal ignoring case "
                                 "as one license."),
     ("users", "BIGINT", "The night's published users holding it, spelled so (never 0)."),
+    ("license_users", "BIGINT", "The night's published users holding the license in any spelling (rule 14)."),
+    ("first_spelling", "BOOLEAN", "Whether license_name is the license's first spelling by rule 9 that night: "
+                                  "one row per license and night is."),
 )
 
 NIGHT_SPECS = [

@@ -6,7 +6,7 @@
 -- marts.org_license_history: each night's holders of each license (marts_org_license_history.sql records it).
 CREATE TABLE IF NOT EXISTS marts.org_license_history (
     collection_date DATE NOT NULL, organization_name VARCHAR NOT NULL, license_name VARCHAR NOT NULL,
-    users BIGINT NOT NULL);
+    users BIGINT NOT NULL, license_users BIGINT NOT NULL, first_spelling BOOLEAN NOT NULL);
 
 -- billing_days(month): one row per day of the month, with the night in force on it (null: none yet).
 CREATE OR REPLACE MACRO marts.billing_days(month) AS TABLE
@@ -99,16 +99,12 @@ nights AS (  -- each night in force, the days it covers, and whether it is the o
     SELECT night, count(*) AS days, bool_or(day = (SELECT max(day) FROM days)) AS on_last_day
     FROM days WHERE night IS NOT NULL GROUP BY night
 ),
-holders AS (  -- per night in force, organization and license: its holders in every spelling, the first spelling
-    SELECT h.collection_date, h.organization_name, lower(h.license_name) AS license_key,
-           min(h.license_name) AS license_name, sum(h.users) AS users
-    FROM marts.org_license_history AS h SEMI JOIN nights AS n ON h.collection_date = n.night
-    GROUP BY ALL
-),
-figures AS (
-    SELECT h.organization_name, h.license_key, min(h.license_name) AS license_name, max(h.users) AS peak,
-           sum(h.users) FILTER (WHERE n.on_last_day) AS last, sum(h.users * n.days) AS seat_days
-    FROM holders AS h JOIN nights AS n ON h.collection_date = n.night
+figures AS (  -- one row per night and license: its first spelling's, with the license's holders
+    SELECT h.organization_name, lower(h.license_name) AS license_key, min(h.license_name) AS license_name,
+           max(h.license_users) AS peak, sum(h.license_users) FILTER (WHERE n.on_last_day) AS last,
+           sum(h.license_users * n.days) AS seat_days
+    FROM marts.org_license_history AS h JOIN nights AS n ON h.collection_date = n.night
+    WHERE h.first_spelling
     GROUP BY ALL
 )
 SELECT f.organization_name, f.license_name, f.peak::BIGINT AS users_peak,
