@@ -314,6 +314,18 @@ def billing_timings(children: Children, data_dir: Path, org: str, repeats: int) 
         children.stop(proc)
 
 
+def billing_cell(children: Children, data_dir: Path, org: str, log: Callable[[str], None], label: str
+                 ) -> dict[str, Any]:
+    """The billing endpoints timed on the cell's last version, with its billing files."""
+    billing = {"org": org, "organizations": organizations(data_dir / DUCKDB_FILE),
+               "serve": billing_timings(children, data_dir, org, repeats=7), **billing_files(data_dir),
+               "load": loadavg()}
+    for name, t in billing["serve"].items():
+        log(f"{label} serve {name}: {t['status']}, {t['bytes']:,} bytes, cold {t['first_ms']:.0f} ms, "
+            f"warm median {t['median_ms']:.1f} ms")
+    return billing
+
+
 def billing_files(data_dir: Path) -> dict[str, Any]:
     """The published version's billing files and their sizes, and the organizations they cover."""
     current = data_dir / "export" / "current"
@@ -515,12 +527,7 @@ def bench_nights(children: Children, work: Path, *, cells: tuple[str, ...] = CEL
         pipeline, _ = run_nights(work / "100k", orgs, users_per_org, nights, churn_divisor, log, kept)
         data_dir, database = work / "100k" / "data", work / "100k" / "data" / DUCKDB_FILE
         org, _ = largest_org(database)
-        results["100k"]["billing"] = {"org": org, "organizations": organizations(database),
-                                      "serve": billing_timings(children, data_dir, org, repeats=7),
-                                      **billing_files(data_dir), "load": loadavg()}
-        for name, t in results["100k"]["billing"]["serve"].items():
-            log(f"100k serve {name}: {t['status']}, {t['bytes']:,} bytes, cold {t['first_ms']:.0f} ms, "
-                f"warm median {t['median_ms']:.1f} ms")
+        results["100k"]["billing"] = billing_cell(children, data_dir, org, log, "100k")
         save(results)
         results["100k"]["coverage"] = coverage_ab(pipeline, pairs, log)
         results["100k"]["load"] = loadavg()
@@ -535,6 +542,8 @@ def bench_nights(children: Children, work: Path, *, cells: tuple[str, ...] = CEL
         for name, t in results["1m"]["serve"].items():
             log(f"1M serve {name}: {t['status']}, {t['bytes']:,} bytes, first {t['first_ms']:.0f} ms, "
                 f"median {t['median_ms']:.0f} ms")
+        save(results)
+        results["1m"]["billing"] = billing_cell(children, work / "1m" / "data", org, log, "1M")
         save(results)
         results["1m"]["coverage"] = coverage_ab(pipeline, pairs, log)
         results["1m"]["load"] = loadavg()
@@ -675,6 +684,13 @@ def section(results: dict[str, Any], command: str = "python bench/nights.py") ->
         history = max(t["max_ms"] for name, t in big["serve"].items() if name.startswith("history"))
         lines += ["", f"- `/api/m365/changes` under a second: slowest {changes:.0f} ms — {yes(changes < 1000)}; "
                   f"`/api/m365/history` under 50 ms: slowest {history:.1f} ms — {yes(history < 50)}."]
+    if big and "billing" in big:
+        lines += ["", "**1M users: billing** (the 1M cell's two nights, one open month).", "",
+                  *billing_section(big)]
+        cold = max(t["first_ms"] for t in big["billing"]["serve"].values())
+        warm = max(t["median_ms"] for t in big["billing"]["serve"].values())
+        lines += ["", f"- `/api/m365/billing` and `/billing/items` at 1M: warm under 50 ms (slowest median "
+                  f"{warm:.1f} ms) — {yes(warm < 50)}; cold under 1 s (slowest {cold:.0f} ms) — {yes(cold < 1000)}."]
     lines += ["", "## Backup coverage (rule 13): its share of the nightly transform", "",
               "On the same landed raw data (the last night of each cell), the transform (core.* and marts.* steps "
               "and their checks) run by Dagster with and without the coverage assets and their three WARN "

@@ -93,8 +93,10 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
         "SELECT DISTINCT strftime(collection_date, '%Y-%m') FROM marts.nights ORDER BY 1").fetchall()]
     sealed = {m for (m,) in conn.execute("SELECT DISTINCT month FROM marts.billing_sealed").fetchall()}
     sealing_now = [m for m in months if m < tonight[:7] and m not in sealed]
+    sealed_bodies: dict[str, dict[tuple[str, str | None, str], bytes]] = {}  # month: its sealed bodies
     for month in sealing_now:
-        keys, bodies = zip(*month_bodies(conn, month).items(), strict=True)
+        sealed_bodies[month] = month_bodies(conn, month)
+        keys, bodies = zip(*sealed_bodies[month].items(), strict=True)
         conn.execute("""
             INSERT INTO marts.billing_sealed
             SELECT $1, unnest($2), unnest($3), unnest($4), unnest($5::BLOB[]), $6::DATE, NULL""",  # one statement
@@ -106,9 +108,11 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
         if month in sealed and _link_sealed_month(writer, previous, previous_manifest, month):
             entry[month] = previous_manifest["billing"][month]
             continue
-        rows = conn.execute("SELECT part, organization_name, fmt, body FROM marts.billing_sealed WHERE month = $1",
-                            [month]).fetchall()
-        entry[month] = _write_month(writer, month, {(part, org, fmt): body for part, org, fmt, body in rows}, True)
+        if month not in sealed_bodies:  # sealed by an earlier run: its bytes as sealed
+            rows = conn.execute("SELECT part, organization_name, fmt, body FROM marts.billing_sealed WHERE month = $1",
+                                [month]).fetchall()
+            sealed_bodies[month] = {(part, org, fmt): body for part, org, fmt, body in rows}
+        entry[month] = _write_month(writer, month, sealed_bodies[month], True)
     open_month = months[-1] if months else None
     if open_month is not None and open_month not in entry:
         entry[open_month] = _write_month(writer, open_month, month_bodies(conn, open_month), False)
