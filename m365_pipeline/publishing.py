@@ -68,6 +68,15 @@ def iso_z(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def etag(body: bytes) -> str:
+    """A published file's ETag: the start of its SHA-256."""
+    return _etag(hashlib.sha256(body))
+
+
+def _etag(digest: Any) -> str:
+    return f'"{digest.hexdigest()[:32]}"'
+
+
 class VersionWriter:
     """Builds one version in a private directory; ``commit`` makes it current atomically."""
 
@@ -138,7 +147,7 @@ class VersionWriter:
                 size += len(chunk)
                 gz.write(chunk)
         entry["size"] = size
-        entry["etag"] = f'"{digest.hexdigest()[:32]}"'
+        entry["etag"] = _etag(digest)
         if compress:
             entry["gzip_path"] = entry["path"] + ".gz"
             entry["gzip_size"] = gz_path.stat().st_size

@@ -30,8 +30,9 @@ from m365_pipeline.api_bodies import (
     BILLING_PARTS,
     FORMATS,
 )
+from m365_pipeline.assets.billing import _link_sealed_month
 from m365_pipeline.license_rules import RULES_FILE
-from m365_pipeline.publishing import PublishedVersion, current_version_dir, export_dir
+from m365_pipeline.publishing import MANIFEST, PublishedVersion, VersionWriter, current_version_dir, export_dir
 from m365_pipeline.settings import DUCKDB_FILE
 from m365_pipeline.simulator import FaultConfig, Simulator, SimulatorConfig, ground_truth
 from m365_pipeline.simulator.dataset import DEPARTURE_NIGHT
@@ -222,6 +223,22 @@ def test_rule15_a_closed_month_answers_the_same_bytes_after_later_nights_whateve
     assert [now.billing(CLOSED, part, fmt).path.stat().st_ino for part in BILLING_PARTS for fmt in FORMATS] == \
         [path.stat().st_ino for path in files]
     assert json.loads(sealed[("report", "json")])["sha256"] == hashlib.sha256(sealed[("report", "csv")]).hexdigest()
+
+
+def test_rule15_a_sealed_month_is_linked_only_from_a_version_with_the_same_seal(billing, tmp_path):
+    """A database restored or replaced under the served version: its sealed bytes, not the served files, win."""
+    _, data_dir = billing
+    served = current_version_dir(export_dir(data_dir))
+    manifest = json.loads((served / MANIFEST).read_bytes())
+    copy = tmp_path / DUCKDB_FILE
+    shutil.copy(data_dir / DUCKDB_FILE, copy)
+    with duckdb.connect(str(copy)) as conn:
+        assert _link_sealed_month(conn, VersionWriter(tmp_path / "export"), served, manifest, CLOSED)
+        conn.execute("UPDATE marts.billing_sealed SET body = body || '\r\n'::BLOB "
+                     "WHERE month = $1 AND part = 'report' AND fmt = 'csv'", [CLOSED])
+        writer = VersionWriter(tmp_path / "export")
+        assert not _link_sealed_month(conn, writer, served, manifest, CLOSED)
+        assert writer.files == {}
 
 
 # -- a second history for what the first cannot show -----------------------------------------------

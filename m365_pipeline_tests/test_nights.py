@@ -159,6 +159,13 @@ def test_license_holders_of_nights_kept_before_the_table_are_filled_in_by_the_ne
                                 "WHERE collection_date = $1::DATE", [day]).fetchall()
             assert {(org, name): users for org, name, users in rows} == license_holders(shape)
         assert record_license_counts(conn) == []
+        # A forgotten night is recorded again from the night before it; while no published user holds a
+        # license there is nothing to record.
+        conn.execute("DELETE FROM marts.org_license_history WHERE collection_date = $1::DATE", [max(KEPT)])
+        assert record_license_counts(conn) == [max(KEPT)]
+        conn.execute("DELETE FROM marts.org_license_history")
+        conn.execute("UPDATE marts.published_users_history SET licenses = ''")
+        assert record_license_counts(conn) == []
 
 
 def test_history_storage_grows_with_changes_not_with_nights_times_users(nights):

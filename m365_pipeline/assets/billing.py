@@ -29,7 +29,7 @@ from m365_pipeline.api_bodies import (
     billing_month_bodies,
 )
 from m365_pipeline.duckdb_helpers import fetch_dicts, read_sql, table_metadata, table_schema
-from m365_pipeline.publishing import MANIFEST, VersionWriter, current_version_dir
+from m365_pipeline.publishing import MANIFEST, VersionWriter, current_version_dir, etag
 
 BILLING_SQL = "marts_billing.sql"
 LICENSE_COUNTS_SQL = "marts_org_license_history.sql"
@@ -57,12 +57,16 @@ SEALED_PREVIEW = """
 
 
 def record_license_counts(conn: duckdb.DuckDBPyConnection) -> list[str]:
-    """In the open transaction, after tonight's night is recorded: marts.org_license_history for tonight, and
-    for every kept night before it without rows (those kept before the table was), in date order, since each
-    night's counts are the night before's plus its changes (sql/marts_org_license_history.sql). Returns them."""
+    """In the open transaction, after tonight's night is recorded: marts.org_license_history for every kept
+    night after the latest it has (tonight; after a forgotten night, the nights from it; on a database from
+    before the table, all of them), in date order, since each night's holders are the night before's plus its
+    changes (sql/marts_org_license_history.sql). None while no published user ever held a license. Returns
+    the nights recorded."""
     nights = [night for (night,) in conn.execute("""
         SELECT collection_date FROM marts.nights
-        ANTI JOIN (SELECT DISTINCT collection_date FROM marts.org_license_history) USING (collection_date)
+        WHERE collection_date > coalesce((SELECT max(collection_date) FROM marts.org_license_history),
+                                         DATE '1970-01-01')
+          AND EXISTS (SELECT 1 FROM marts.published_users_history WHERE licenses <> '')
         ORDER BY 1""").fetchall()]
     for night in nights:
         conn.execute("CREATE OR REPLACE TEMP TABLE license_night AS SELECT $1::DATE AS d", [night])
@@ -105,7 +109,7 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
     previous = current_version_dir(writer.root)
     previous_manifest = json.loads((previous / MANIFEST).read_bytes()) if previous else {}
     for month in sorted(sealed | set(sealing_now)):
-        if month in sealed and _link_sealed_month(writer, previous, previous_manifest, month):
+        if month in sealed and _link_sealed_month(conn, writer, previous, previous_manifest, month):
             entry[month] = previous_manifest["billing"][month]
             continue
         if month not in sealed_bodies:  # sealed by an earlier run: its bytes as sealed
@@ -119,13 +123,20 @@ def seal_and_write(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, tonig
     return {"billing": entry}, sealing_now
 
 
-def _link_sealed_month(writer: VersionWriter, previous: Path | None, manifest: dict[str, Any], month: str) -> bool:
+def _link_sealed_month(conn: duckdb.DuckDBPyConnection, writer: VersionWriter, previous: Path | None,
+                       manifest: dict[str, Any], month: str) -> bool:
     """A sealed month's files as the version being served has them (written from its sealed bytes, never
-    changed since), taken by hard link; False where that version has not them all, closed."""
+    changed since), taken by hard link; False where that version has not them all, closed, or its seal (the
+    report CSV's ETag) is not the one in marts.billing_sealed (a database restored or replaced under it)."""
     keys = [billing_key(month, part, fmt) for part in BILLING_PARTS for fmt in FORMATS]
     files = manifest.get("files", {})
     if previous is None or not manifest.get("billing", {}).get(month, {}).get("closed") \
             or not all(key in files for key in keys):
+        return False
+    (report_csv,) = conn.execute("""
+        SELECT body FROM marts.billing_sealed WHERE month = $1 AND part = 'report' AND fmt = 'csv'""",
+                                 [month]).fetchone()
+    if files[billing_key(month, "report", "csv")]["etag"] != etag(bytes(report_csv)):
         return False
     return writer.link(previous, {key: files[key] for key in keys})
 

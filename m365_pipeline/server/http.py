@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from m365_pipeline.publishing import GZIP_MIN_BYTES
+from m365_pipeline.publishing import etag as strong_etag
 
 MAX_QUERY_LENGTH = 8192
 MAX_QUERY_FIELDS = 16
@@ -92,10 +92,6 @@ def fresh(headers: Any, etag: str, last_modified: datetime) -> bool:
         return etag_matches(if_none_match, etag)
     since = headers.get("if-modified-since")
     return since is not None and not_modified_since(since, last_modified)
-
-
-def strong_etag(body: bytes) -> str:
-    return f'"{hashlib.sha256(body).hexdigest()[:32]}"'
 
 
 def gzip_etag(etag: str) -> str:
